@@ -1,0 +1,179 @@
+"""Model configuration read from a Hugging Face ``config.json`` (transformers 4.x and 5.x spellings)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+class ConfigError(ValueError):
+    """A config.json that this library cannot serve, with the file and key at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # "llama" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 always; Llama with attention_bias
+    o_bias: bool  # Llama with attention_bias
+    mlp_bias: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else v * d
+        return v * d + self.num_layers * per_layer + d + head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d["rope"] = RopeConfig(**d["rope"])
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any] | str | Path, source: str = "config.json") -> "ModelConfig":
+        """Parse an HF config dict or the path of a config.json / a directory holding one."""
+        src = source
+        if not isinstance(hf, dict):
+            p = Path(hf)
+            p = p / "config.json" if p.is_dir() else p
+            src = str(p)
+            if not p.exists():
+                raise ConfigError(f"{src}: no such file (expected a Hugging Face config.json)")
+            try:
+                hf = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{src}: not valid JSON ({e})") from None
+        return _parse_hf(hf, src)
+
+
+def _parse_hf(hf: dict[str, Any], src: str) -> ModelConfig:
+    archs = hf.get("architectures") or []
+    arch_name = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+        hf.get("model_type", ""), hf.get("model_type", "<none>")
+    )
+    if arch_name not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{src}: architecture {arch_name!r} is not supported; supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+        )
+    arch = SUPPORTED_ARCHITECTURES[arch_name]
+
+    def need(key: str) -> Any:
+        if key not in hf:
+            raise ConfigError(f"{src}: missing key {key!r} required for {arch_name}")
+        return hf[key]
+
+    d = int(need("hidden_size"))
+    n_heads = int(need("num_attention_heads"))
+    n_kv = int(hf.get("num_key_value_heads") or n_heads)
+    head_dim = int(hf.get("head_dim") or d // n_heads)
+    if n_heads % n_kv:
+        raise ConfigError(f"{src}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+    if arch == "qwen2" and hf.get("use_sliding_window"):
+        raise ConfigError(f"{src}: use_sliding_window=true is not supported (set it to false)")
+
+    # transformers 5.x moves rope_theta and rope_scaling into rope_parameters.
+    rp = dict(hf.get("rope_parameters") or {})
+    rs = dict(hf.get("rope_scaling") or {})
+    theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {**rs, **{k: v for k, v in rp.items() if k != "rope_theta"}}
+    rtype = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if rtype not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{src}: rope type {rtype!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    rope = RopeConfig(
+        theta=float(theta),
+        type=rtype,
+        factor=float(scaling.get("factor", 1.0)),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{src}: hidden_act={act!r} is not supported (expected 'silu')")
+
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    attn_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        arch=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=d,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=int(need("num_hidden_layers")),
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope=rope,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=True if arch == "qwen2" else attn_bias,
+        o_bias=False if arch == "qwen2" else attn_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int):
+    """Inverse frequencies as in transformers' ROPE_INIT_FUNCTIONS (default, linear, llama3)."""
+    import numpy as np
+
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.type == "linear":
+        inv = inv / rope.factor
+    elif rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wl = old / rope.low_freq_factor
+        high_wl = old / rope.high_freq_factor
+        wl = 2 * math.pi / inv
+        scaled = np.where(wl > low_wl, inv / rope.factor, inv)
+        smooth = (old / wl - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wl < high_wl) & ~(wl > low_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)

@@ -1,0 +1,253 @@
+"""One decoder for Llama (2, 3, 3.1) and Qwen2 in Flax NNX.
+
+Row-vector convention: y = x @ W with W stored input-major ``[D_in, D_out]``, so a sparse input
+reads whole rows of W (DESIGN.md §2). Norms, RoPE tables, softmax and logits are float32; the
+matmuls run in the parameter dtype with float32 accumulation.
+
+Sparsity plugs in at four *sites* per layer, named after the paper's activation types:
+``qkv`` (attention input, rotated in La RoSA), ``o`` (o_proj input), ``gate_up`` (MLP input,
+rotated) and ``down`` (down_proj input). Each site is a call ``projection(site, layer, x, linears)``
+returning the outputs of ``linears`` on x; the dense model uses :func:`dense_projection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import ModelConfig, rope_inv_freq
+
+Array = jax.Array
+_List = getattr(nnx, "List", list)  # flax >= 0.12 wants nnx.List for lists of modules
+MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+
+
+# ----------------------------------------------------------------------------- KV cache
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Explicit cache pytree. Slot s of row b holds the token at position ``s - start[b]``.
+
+    ``k``/``v``: one ``[B, S_max, H_kv, head_dim]`` array per layer; ``pos``: slots filled so far
+    (same for every row: prompts are left-padded); ``start``: first real slot of each row.
+    """
+
+    k: list[Array]
+    v: list[Array]
+    pos: Array  # int32 scalar
+    start: Array  # int32 [B]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, start: Array | None = None) -> KVCache:
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+    return KVCache(
+        k=[zeros() for _ in range(cfg.num_layers)],
+        v=[zeros() for _ in range(cfg.num_layers)],
+        pos=jnp.zeros((), jnp.int32),
+        start=jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- layers
+def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
+    """HF's LlamaRMSNorm: normalise in float32, cast back, then multiply by the gain."""
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return y if scale is None else scale * y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is input-major ``[D_in, D_out]``."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        std = d_in**-0.5
+        self.kernel = nnx.Param((jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * std).astype(dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        w = self.kernel[...]
+        y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(w.dtype)
+
+
+Projection = Callable[[str, int, Array, Sequence[Linear]], tuple[Array, ...]]
+
+
+def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear]) -> tuple[Array, ...]:
+    del site, layer
+    return tuple(lin(x) for lin in linears)
+
+
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+    """cos/sin ``[B, T, head_dim]`` for integer positions ``[B, T]`` (HF rotate-half layout)."""
+    inv = jnp.asarray(rope_inv_freq(cfg.rope, cfg.head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x ``[B, T, H, hd]``; rotate-half as in transformers' apply_rotary_pos_emb, in float32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.q = Linear(d, cfg.q_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k = Linear(d, cfg.kv_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v = Linear(d, cfg.kv_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o = Linear(cfg.q_dim, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+
+def attend(q: Array, k: Array, v: Array, q_slots: Array, k_slots: Array, start: Array) -> Array:
+    """GQA attention. q ``[B,T,Hq,hd]``, k/v ``[B,S,Hkv,hd]``; key j is visible to query i when
+    ``start[b] <= slot_j <= slot_i`` (causal, left padding masked)."""
+    b, t, hq, hd = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd**-0.5)
+    visible = (k_slots[None, None, :] <= q_slots[None, :, None]) & (k_slots[None, None, :] >= start[:, None, None])
+    s = jnp.where(visible[:, None, None], s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, hq * hd).astype(q.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(
+        self,
+        h: Array,
+        layer: int,
+        cfg: ModelConfig,
+        rope: tuple[Array, Array],
+        kv: tuple[Array, Array] | None,
+        slots: tuple[Array, Array, Array],
+        proj: Projection,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """One decoder layer. ``slots`` = (write index, query slots [T], start [B])."""
+        b, t, _ = h.shape
+        write, q_slots, start = slots
+        x = self.attn_norm(h)
+        a = self.attn
+        q, k, v = proj("qkv", layer, x, (a.q, a.k, a.v))
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if kv is None:  # full forward without cache: keys are this call's tokens
+            keys, vals, k_slots = k, v, q_slots
+        else:
+            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write, 0, 0))
+            vals = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write, 0, 0))
+            kv = (keys, vals)
+            k_slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
+        o = attend(q, keys.astype(q.dtype), vals.astype(q.dtype), q_slots, k_slots, start)
+        (o,) = proj("o", layer, o, (a.o,))
+        h = h + o
+        x = self.mlp_norm(h)
+        m = self.mlp
+        g, u = proj("gate_up", layer, x, (m.gate, m.up))
+        act = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(g.dtype)
+        (y,) = proj("down", layer, act, (m.down,))
+        return h + y, kv
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM (LlamaForCausalLM / Qwen2ForCausalLM)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, adapters: bool = False):
+        """``adapters=True`` adds La RoSA's fused-mode residual adapters: after layer l < L-1 the
+        residual stream is multiplied by ``adapters[l]`` = Q_lᵀ·Q_{l+1} (DESIGN.md §1, fused mode)."""
+        rngs = rngs or nnx.Rngs(0)
+        self.config = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.layers = _List([Block(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        d = cfg.hidden_size
+        self.adapters = nnx.Param(jnp.broadcast_to(jnp.eye(d, dtype=dtype), (max(cfg.num_layers - 1, 0), d, d))) if adapters else None
+
+    @property
+    def dtype(self):
+        return self.embed.embedding.dtype
+
+    def __call__(
+        self, tokens: Array, cache: KVCache | None = None, *, start: Array | None = None, proj: Projection = dense_projection
+    ) -> tuple[Array, KVCache | None]:
+        """Float32 logits ``[B, T, V]`` for tokens ``[B, T]``.
+
+        With a cache the tokens fill slots ``cache.pos ...``; without one they are a whole
+        (optionally left-padded, ``start``) sequence.
+        """
+        h, cache, ctx = self.embed_and_context(tokens, cache, start)
+        new_k, new_v = [], []
+        for layer, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[layer], cache.v[layer])
+            h, kv = block(h, layer, self.config, ctx[0], kv, ctx[1], proj)
+            if self.adapters is not None and layer < self.config.num_layers - 1:
+                h = jnp.dot(h, self.adapters[layer], preferred_element_type=jnp.float32).astype(h.dtype)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        logits = self.logits(h)
+        if cache is not None:
+            cache = KVCache(k=new_k, v=new_v, pos=cache.pos + tokens.shape[1], start=cache.start)
+        return logits, cache
+
+    def embed_and_context(self, tokens: Array, cache: KVCache | None, start: Array | None):
+        """Embeddings plus what every layer needs: RoPE tables and slot bookkeeping."""
+        b, t = tokens.shape
+        if cache is None:
+            write = jnp.zeros((), jnp.int32)
+            start = jnp.zeros((b,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        else:
+            write, start = cache.pos, cache.start
+        q_slots = write + jnp.arange(t, dtype=jnp.int32)
+        positions = jnp.maximum(q_slots[None, :] - start[:, None], 0)
+        rope = rope_tables(self.config, positions)
+        h = self.embed(tokens)
+        return h, cache, (rope, (write, q_slots, start))
+
+    def logits(self, h: Array) -> Array:
+        x = self.norm(h)
+        if self.lm_head is None:
+            w = self.embed.embedding[...]
+            return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+        return jnp.dot(x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
