@@ -319,14 +319,50 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
 
 
 def load(path: str | Path, dtype=None) -> Transformer:
-    """Open a converted checkpoint as an NNX :class:`Transformer` (weights cast to ``dtype`` if given)."""
+    """Open a converted (or fused, see :func:`save`) checkpoint as an NNX :class:`Transformer`
+    (weights cast to ``dtype`` if given)."""
     path = Path(path)
     cfg, meta = read_config(path)
     dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
     st = SafeTensorsFile(path / "model.safetensors")
-    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    fused = bool(meta.get("fused", False))
+    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=fused))
     assign_params(model, lambda name: st[name] if name in st else None, where=str(st.path), dtype=dtype)
     return model
+
+
+def save(model: Transformer, out: str | Path, *, meta: dict | None = None, tokenizer_from: str | Path | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``model`` as a checkpoint directory (atomically: temporary dir, then rename).
+
+    ``meta`` goes into the config's ``larosa`` block (a fused model sets ``fused: true`` and the
+    rotations' metadata); tokenizer files are copied from ``tokenizer_from``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out}: already exists (pass --overwrite to replace it)")
+    params = {k: np.asarray(v) for k, v in params_of(model).items()}
+    dtype = str(model.dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        specs = [(k, a.shape, a.dtype) for k, a in params.items()]
+        write_safetensors(tmp / "model.safetensors", specs, params.items(), {"format": "larosa", "dtype": dtype})
+        hf = model.config.to_hf()
+        hf["larosa"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "layout": "input-major",
+                        "fused": model.adapters is not None, **(meta or {})}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if tokenizer_from is not None:
+            for fname in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / fname).exists():
+                    shutil.copy2(Path(tokenizer_from) / fname, tmp / fname)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def assign_params(model: nnx.Module, get: Callable[[str], np.ndarray | None], *, where: str, dtype=None) -> None:
@@ -336,17 +372,18 @@ def assign_params(model: nnx.Module, get: Callable[[str], np.ndarray | None], *,
             continue
         name = ".".join(str(p) for p in path)
         arr = get(name)
-        want = tuple(node.value.shape)
+        current = node.get_value()
+        want = tuple(current.shape)
         if arr is None:
             raise CheckpointError(f"{where}: tensor {name!r} is missing")
         if tuple(arr.shape) != want:
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)}, the model expects {want}")
-        node.value = jnp.asarray(arr, dtype=dtype or node.value.dtype)
+        node.set_value(jnp.asarray(arr, dtype=dtype or current.dtype))
 
 
 def params_of(model: nnx.Module) -> dict[str, jax.Array]:
     """Dotted name → array for every Param (the on-disk names)."""
-    return {".".join(str(p) for p in path): node.value for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
+    return {".".join(str(p) for p in path): node.get_value() for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
 
 
 def load_tokenizer(path: str | Path):

@@ -61,6 +61,27 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else v * d
         return v * d + self.num_layers * per_layer + d + head
 
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config.json dict (transformers 4.x spelling) that :meth:`from_hf` reads back equal."""
+        arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.arch]
+        r = self.rope
+        scaling = None if r.type == "default" else {
+            "rope_type": r.type, "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor, "original_max_position_embeddings": r.original_max_position_embeddings,
+        }
+        out = {
+            "architectures": [arch], "model_type": self.arch, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": r.theta, "rope_scaling": scaling, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu", "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids), "pad_token_id": self.pad_token_id,
+        }
+        if self.arch == "llama":
+            out["attention_bias"] = self.qkv_bias
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

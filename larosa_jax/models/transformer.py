@@ -6,8 +6,10 @@ matmuls run in the parameter dtype with float32 accumulation.
 
 Sparsity plugs in at four *sites* per layer, named after the paper's activation types:
 ``qkv`` (attention input, rotated in La RoSA), ``o`` (o_proj input), ``gate_up`` (MLP input,
-rotated) and ``down`` (down_proj input). Each site is a call ``projection(site, layer, x, linears)``
-returning the outputs of ``linears`` on x; the dense model uses :func:`dense_projection`.
+rotated) and ``down`` (down_proj input). Each site is a call ``proj(site, layer, x, linears, gain)``
+returning the outputs of ``linears`` on ``x * gain``; the dense model uses :func:`dense_projection`.
+At ``qkv``/``gate_up`` x is the gain-free ``norm(h)`` and ``gain`` the RMSNorm γ (La RoSA's fused
+flavour rotates norm(h) before γ); at ``o``/``down`` gain is None.
 """
 
 from __future__ import annotations
@@ -58,9 +60,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, st
 
 
 # ----------------------------------------------------------------------------- layers
+def acc_dtype(dtype):
+    """Accumulation / reduction dtype: float32, or float64 for float64 models (exactness tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
     """HF's LlamaRMSNorm: normalise in float32, cast back, then multiply by the gain."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc_dtype(x.dtype))
     y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
     return y if scale is None else scale * y
 
@@ -84,17 +91,18 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         w = self.kernel[...]
-        y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=acc_dtype(w.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + self.bias[...].astype(y.dtype)
         return y.astype(w.dtype)
 
 
-Projection = Callable[[str, int, Array, Sequence[Linear]], tuple[Array, ...]]
+Projection = Callable[[str, int, Array, Sequence[Linear], Array | None], tuple[Array, ...]]
 
 
-def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear]) -> tuple[Array, ...]:
+def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear], gain: Array | None = None) -> tuple[Array, ...]:
     del site, layer
+    x = x if gain is None else gain * x  # same op order as HF's RMSNorm: weight * normed
     return tuple(lin(x) for lin in linears)
 
 
@@ -108,7 +116,7 @@ def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """x ``[B, T, H, hd]``; rotate-half as in transformers' apply_rotary_pos_emb, in float32."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(acc_dtype(x.dtype))
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
@@ -136,13 +144,30 @@ def attend(q: Array, k: Array, v: Array, q_slots: Array, k_slots: Array, start: 
     ``start[b] <= slot_j <= slot_i`` (causal, left padding masked)."""
     b, t, hq, hd = q.shape
     hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd**-0.5)
     visible = (k_slots[None, None, :] <= q_slots[None, :, None]) & (k_slots[None, None, :] >= start[:, None, None])
+    if t == 1:
+        return _attend_one(q, k, v, visible[:, 0])
+    qg = q.reshape(b, t, hkv, hq // hkv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc_dtype(q.dtype)) * (hd**-0.5)
     s = jnp.where(visible[:, None, None], s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=acc_dtype(q.dtype))
     return o.reshape(b, t, hq * hd).astype(q.dtype)
+
+
+def _attend_one(q: Array, k: Array, v: Array, visible: Array) -> Array:
+    """Single-query (decode) attention as multiply + reduce: reads the cache in its
+    ``[B, S, H_kv, hd]`` layout (a batched dot makes XLA transpose the whole cache every step)
+    and needs no matrix unit for a 1-row product. ``visible`` is ``[B, S]``."""
+    b, _, hq, hd = q.shape
+    hkv = k.shape[2]
+    ct = acc_dtype(q.dtype)
+    qg = q.reshape(b, 1, hkv, hq // hkv, hd).astype(ct)
+    s = jnp.sum(qg * k.astype(ct)[:, :, :, None, :], axis=-1) * (hd**-0.5)  # [B, S, Hkv, G]
+    s = jnp.where(visible[:, :, None, None], s, MASK_VALUE)
+    p = jax.nn.softmax(s, axis=1).astype(v.dtype)
+    o = jnp.sum(p.astype(ct)[..., None] * v.astype(ct)[:, :, :, None, :], axis=1)  # [B, Hkv, G, hd]
+    return o.reshape(b, 1, hq * hd).astype(q.dtype)
 
 
 class Block(nnx.Module):
@@ -165,9 +190,9 @@ class Block(nnx.Module):
         """One decoder layer. ``slots`` = (write index, query slots [T], start [B])."""
         b, t, _ = h.shape
         write, q_slots, start = slots
-        x = self.attn_norm(h)
+        x = rms_norm(h, None, cfg.rms_norm_eps)
         a = self.attn
-        q, k, v = proj("qkv", layer, x, (a.q, a.k, a.v))
+        q, k, v = proj("qkv", layer, x, (a.q, a.k, a.v), self.attn_norm.scale[...])
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -179,13 +204,14 @@ class Block(nnx.Module):
             kv = (keys, vals)
             k_slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
         o = attend(q, keys.astype(q.dtype), vals.astype(q.dtype), q_slots, k_slots, start)
-        (o,) = proj("o", layer, o, (a.o,))
+        (o,) = proj("o", layer, o, (a.o,), None)
         h = h + o
-        x = self.mlp_norm(h)
+        x = rms_norm(h, None, cfg.rms_norm_eps)
         m = self.mlp
-        g, u = proj("gate_up", layer, x, (m.gate, m.up))
-        act = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(g.dtype)
-        (y,) = proj("down", layer, act, (m.down,))
+        g, u = proj("gate_up", layer, x, (m.gate, m.up), self.mlp_norm.scale[...])
+        ct = acc_dtype(g.dtype)
+        act = (jax.nn.silu(g.astype(ct)) * u.astype(ct)).astype(g.dtype)
+        (y,) = proj("down", layer, act, (m.down,), None)
         return h + y, kv
 
 
@@ -222,7 +248,7 @@ class Transformer(nnx.Module):
             kv = None if cache is None else (cache.k[layer], cache.v[layer])
             h, kv = block(h, layer, self.config, ctx[0], kv, ctx[1], proj)
             if self.adapters is not None and layer < self.config.num_layers - 1:
-                h = jnp.dot(h, self.adapters[layer], preferred_element_type=jnp.float32).astype(h.dtype)
+                h = jnp.dot(h, self.adapters[layer], preferred_element_type=acc_dtype(h.dtype)).astype(h.dtype)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -249,5 +275,5 @@ class Transformer(nnx.Module):
         x = self.norm(h)
         if self.lm_head is None:
             w = self.embed.embedding[...]
-            return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
-        return jnp.dot(x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+            return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=acc_dtype(x.dtype))
+        return jnp.dot(x, self.lm_head.kernel[...], preferred_element_type=acc_dtype(x.dtype))

@@ -1,0 +1,202 @@
+"""Calibration: per-layer covariance H_l = Σ XᵀX, damping, eigh → Q_l; thresholds for the baselines.
+
+DESIGN.md §1 "Calibration". Windows stream through the dense model *layer by layer*: the residual
+stream of all windows waits on the host between layers, and one jitted block step (compiled once,
+shared by every layer) sees one window batch at a time, so the device never holds more than one
+layer's activations for one batch. Per window batch H is accumulated in float32 on the device and
+summed across batches with Kahan compensation.
+
+Flavours of X (they give different Q): ``faithful`` X = norm(h)·γ_attn (the official code);
+``fused`` X = norm(h) (γ-free, what the folded model rotates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import __version__
+from .config import ModelConfig
+from .models.transformer import dense_projection, rms_norm, rope_tables
+from .safetensors_io import CheckpointError, SafeTensorsFile, save_tensors
+
+FLAVOURS = ("faithful", "fused")
+DAMP = 0.01  # H += 0.01 · mean(diag H) · I
+QUANTILE_GRID = np.linspace(0.0, 1.0, 1001)
+SAMPLES_PER_BATCH = 1 << 16  # |x| values per site and window batch used for the quantiles
+STAT_SITES = ("qkv", "o", "gate_up", "down", "cats")  # "cats": |SiLU(gate)|
+
+
+class CalibrationError(ValueError):
+    """Calibration refused: bad flavour, non-finite activations, mismatched model."""
+
+
+def fingerprint(model) -> str:
+    """Identity of a model's weights (config + embedding statistics), independent of dtype."""
+    cfg: ModelConfig = model.config
+    emb = np.asarray(jnp.asarray(model.embed.embedding[...], jnp.float32))
+    rows = emb[:: max(1, emb.shape[0] // 64)]
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(np.round(rows, 2).astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Everything ``sparsify`` needs: rotations Q_l and the baselines' activation quantiles."""
+
+    rotations: np.ndarray  # [L, d, d] float32, columns = eigenvectors of H_l (damped)
+    eigenvalues: np.ndarray  # [L, d]
+    quantiles: dict[str, np.ndarray]  # site → [L, len(QUANTILE_GRID)] quantiles of |x| (cats: |SiLU(g)|)
+    metadata: dict[str, str]
+
+    @property
+    def flavour(self) -> str:
+        return self.metadata["flavour"]
+
+    def teal_threshold(self, site: str, p: float) -> np.ndarray:
+        """Per-layer threshold zeroing a fraction p of the calibration activations at ``site``."""
+        return np.array([np.interp(p, QUANTILE_GRID, q) for q in self.quantiles[site]], np.float32)
+
+    def cats_threshold(self, p: float) -> np.ndarray:
+        return self.teal_threshold("cats", p)
+
+    def check_model(self, model, where: str = "rotations") -> None:
+        fp = fingerprint(model)
+        if self.metadata.get("model_fingerprint") != fp:
+            raise CalibrationError(
+                f"{where}: calibrated on model {self.metadata.get('model_fingerprint')} "
+                f"({self.metadata.get('model_source', '?')}), but this model is {fp}; calibrate this model"
+            )
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layers.{l}.Q": self.rotations[l] for l in range(len(self.rotations))}
+        tensors["eigenvalues"] = self.eigenvalues
+        tensors.update({f"quantiles.{s}": q.astype(np.float32) for s, q in self.quantiles.items()})
+        save_tensors(out / "rotations.safetensors", tensors, {k: str(v) for k, v in self.metadata.items()})
+        return out / "rotations.safetensors"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationStats":
+        p = Path(path)
+        p = p / "rotations.safetensors" if p.is_dir() else p
+        f = SafeTensorsFile(p)
+        n = sum(1 for k in f.keys() if k.endswith(".Q"))
+        if n == 0 or "eigenvalues" not in f:
+            raise CheckpointError(f"{p}: no layers.*.Q / eigenvalues tensors (not a rotations file from `larosa calibrate`)")
+        rot = np.stack([np.asarray(f[f"layers.{l}.Q"]) for l in range(n)])
+        q = {k.split(".", 1)[1]: np.asarray(f[k]) for k in f.keys() if k.startswith("quantiles.")}
+        return cls(rot, np.asarray(f["eigenvalues"]), q, dict(f.metadata))
+
+
+def _kahan(acc: tuple[jax.Array, jax.Array], x: jax.Array):
+    s, c = acc
+    y = x - c
+    t = s + y
+    return t, (t - s) - y
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "flavour", "cfg"), donate_argnames=("acc",))
+def _block_step(graphdef, state, h, rope, start, key, acc, *, flavour: str, cfg: ModelConfig):
+    """One decoder layer on one window batch: new h, updated H accumulator, |x| quantiles per site."""
+    block = nnx.merge(graphdef, state)
+    grid = jnp.asarray(QUANTILE_GRID, jnp.float32)
+    stats: dict[str, jax.Array] = {}
+    keys = dict(zip(STAT_SITES, jax.random.split(key, len(STAT_SITES))))
+
+    def quantiles(site, v):
+        flat = jnp.abs(v.astype(jnp.float32)).reshape(-1)
+        idx = jax.random.randint(keys[site], (SAMPLES_PER_BATCH,), 0, flat.shape[0])
+        stats[site] = jnp.quantile(flat[idx], grid)
+
+    def capture(site, layer, x, linears, gain=None):
+        xin = x if gain is None else gain * x
+        quantiles(site, xin)
+        if site == "qkv":
+            xc = (xin if flavour == "faithful" else x).astype(jnp.float32).reshape(-1, x.shape[-1])
+            stats["H"] = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
+        out = dense_projection(site, layer, x, linears, gain)
+        if site == "gate_up":
+            quantiles("cats", jax.nn.silu(out[0].astype(jnp.float32)))
+        return out
+
+    t = h.shape[1]
+    slots = (jnp.zeros((), jnp.int32), jnp.arange(t, dtype=jnp.int32), start)
+    h_out, _ = block(h, 0, cfg, rope, None, slots, capture)
+    finite = jnp.all(jnp.isfinite(h_out.astype(jnp.float32)), axis=(1, 2))  # per window
+    acc = _kahan(acc, stats.pop("H"))
+    return h_out, acc, stats, finite
+
+
+def calibrate(
+    model,
+    windows: np.ndarray,
+    *,
+    flavour: str = "fused",
+    batch_size: int = 4,
+    data_source: str = "",
+    seed: int = 0,
+    model_source: str = "",
+    progress: bool = True,
+) -> CalibrationStats:
+    """Run ``windows`` ``[N, T]`` through the dense ``model`` and return rotations + quantiles."""
+    from tqdm.auto import tqdm
+
+    if flavour not in FLAVOURS:
+        raise CalibrationError(f"unknown flavour {flavour!r}; valid: {', '.join(FLAVOURS)}")
+    cfg: ModelConfig = model.config
+    windows = np.asarray(windows, np.int32)
+    n, t = windows.shape
+    d, n_layers = cfg.hidden_size, cfg.num_layers
+    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    t0 = time.time()
+
+    # residual stream of every window, kept on the host between layers
+    embed = jax.jit(lambda e, ids: e[ids])
+    h_host = [np.asarray(embed(model.embed.embedding[...], windows[b])) for b in batches]
+    start = jnp.zeros((batches[0].stop - batches[0].start,), jnp.int32)
+    rope = rope_tables(cfg, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (start.shape[0], t)))
+    key = jax.random.key(seed)
+
+    rotations = np.zeros((n_layers, d, d), np.float32)
+    eigvals = np.zeros((n_layers, d), np.float32)
+    quant = {s: np.zeros((n_layers, len(QUANTILE_GRID)), np.float64) for s in STAT_SITES}
+    bar = tqdm(range(n_layers), desc="calibrate", unit="layer", disable=not progress)
+    for layer in bar:
+        graphdef, state = nnx.split(model.layers[layer])
+        acc = (jnp.zeros((d, d), jnp.float32), jnp.zeros((d, d), jnp.float32))
+        for bi, b in enumerate(batches):
+            nb = b.stop - b.start
+            r = rope if nb == start.shape[0] else tuple(x[:nb] for x in rope)
+            key, sub = jax.random.split(key)
+            h_new, acc, stats, finite = _block_step(
+                graphdef, state, jnp.asarray(h_host[bi]), r, start[:nb], sub, acc, flavour=flavour, cfg=cfg
+            )
+            finite = np.asarray(finite)
+            if not finite.all():
+                w = b.start + int(np.argmin(finite))
+                raise CalibrationError(f"non-finite activation (NaN or Inf) at layer {layer}, window {w}")
+            for s, q in stats.items():
+                quant[s][layer] += np.asarray(q, np.float64) * nb / n
+            h_host[bi] = np.asarray(h_new)
+        hmat = acc[0]
+        hmat = hmat + DAMP * jnp.mean(jnp.diag(hmat)) * jnp.eye(d, dtype=jnp.float32)
+        w, q = jnp.linalg.eigh(hmat)
+        rotations[layer], eigvals[layer] = np.asarray(q), np.asarray(w)
+    meta = {
+        "model_fingerprint": fingerprint(model), "model_source": model_source, "flavour": flavour,
+        "data_source": data_source, "tokens": str(n * t), "samples": str(n), "seqlen": str(t), "seed": str(seed),
+        "damp": str(DAMP), "version": __version__, "seconds": f"{time.time() - t0:.1f}",
+    }
+    return CalibrationStats(rotations, eigvals, {s: q.astype(np.float32) for s, q in quant.items()}, meta)

@@ -1,0 +1,196 @@
+"""``larosa`` command line: convert | generate | calibrate | search | ppl | demo.
+
+Errors the user can fix (bad paths, bad configs, bad values) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (dir, hub id or .gguf) to a larosa checkpoint")
+    p.add_argument("--model", required=True, help="local HF directory, hub id (owner/name) or .gguf file")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import convert
+
+    out = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate text from a converted checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="cast weights on load (default: as stored)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> None:
+    from .checkpoint import load, load_tokenizer
+    from .generate import generate
+
+    model = load(args.ckpt, dtype=args.dtype)
+    tok = load_tokenizer(args.ckpt)
+    stream = _Streamer(tok, args.prompt) if len(args.prompt) == 1 else None
+    out = generate(
+        model, args.prompt, tokenizer=tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, on_tokens=stream,
+    )
+    if stream is not None:
+        print()
+    else:
+        for prompt, ids in zip(args.prompt, out):
+            print(f"--- {prompt}{tok.decode(ids, skip_special_tokens=True)}")
+
+
+class _Streamer:
+    """Prints the new text of a single prompt as chunks of tokens arrive."""
+
+    def __init__(self, tok, prompts):
+        self.tok, self.shown = tok, ""
+        print(prompts[0], end="", flush=True)
+
+    def __call__(self, ids) -> None:
+        text = self.tok.decode(ids[0].tolist(), skip_special_tokens=True)
+        print(text[len(self.shown):], end="", flush=True)
+        self.shown = text
+
+
+def _add_data_args(p, samples: int, seqlen: int):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="wikitext2", help="wikitext2 (through datasets; needs the hub)")
+    g.add_argument("--data-file", default=None, help="local text file instead (offline)")
+    g.add_argument("--samples", type=int, default=samples)
+    g.add_argument("--seqlen", type=int, default=seqlen)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch", type=int, default=1, help="windows per device step")
+
+
+def _windows(args, tok, split: str, *, skip: int = 0, samples: int | None = None):
+    from . import data
+
+    text, source = data.load_text(args.data, args.data_file, split=split)
+    ids = data.tokenize(tok, text)
+    win = data.calibration_windows(ids, samples or args.samples, args.seqlen, args.seed, skip=skip, source=source)
+    return win, source
+
+
+def _add_calibrate(sub):
+    p = sub.add_parser("calibrate", help="La RoSA calibration: rotations Q_l and baseline thresholds")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--flavour", default="fused", choices=["faithful", "fused"])
+    p.add_argument("--out", required=True, help="directory for rotations.safetensors")
+    _add_data_args(p, 16, 2048)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> None:
+    from .calibration import calibrate
+    from .checkpoint import load, load_tokenizer
+
+    model = load(args.ckpt)
+    win, source = _windows(args, load_tokenizer(args.ckpt), "train")
+    stats = calibrate(model, win, flavour=args.flavour, batch_size=args.batch, data_source=source, seed=args.seed,
+                      model_source=str(args.ckpt))
+    path = stats.save(args.out)
+    ev = stats.eigenvalues
+    print(f"wrote {path}: {len(ev)} layers, flavour {args.flavour}, {stats.metadata['tokens']} tokens from {source}, "
+          f"{stats.metadata['seconds']} s; eigenvalue spread (max/median) per layer: "
+          + " ".join(f"{e.max() / np.median(e):.0f}" for e in ev))
+
+
+def _add_search(sub):
+    p = sub.add_parser("search", help="α grid search (paper's Algorithm 1) on held-out calibration windows")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--rotations", required=True, help="directory written by larosa calibrate")
+    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--mode", default="faithful", choices=["faithful", "fused"])
+    p.add_argument("--points", type=int, default=9, help="grid points over α_rot")
+    _add_data_args(p, 4, 2048)
+    p.add_argument("--calib-samples", type=int, default=16, help="windows used by calibrate (held-out ones come after)")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> None:
+    from .calibration import CalibrationStats
+    from .checkpoint import load, load_tokenizer
+    from .search import search_alpha, store_alpha
+
+    model = load(args.ckpt)
+    stats = CalibrationStats.load(args.rotations)
+    stats.check_model(model, where=args.rotations)
+    # the same seed and window order as calibration, skipping its windows: held-out, never test
+    win, source = _windows(args, load_tokenizer(args.ckpt), "train", skip=args.calib_samples)
+    res = search_alpha(model, stats, args.sparsity, win, mode=args.mode, batch_size=args.batch)
+    print(f"α search, larosa {args.mode}, p = {args.sparsity:g}, {len(win)} held-out windows of {args.seqlen} from {source}")
+    print(f"{'α_rot':>7} {'α_plain':>8} {'nominal p':>10} {'effective':>10} {'ppl':>9}")
+    for r in res.table:
+        mark = " *" if (r["alpha_rot"], r["alpha_plain"]) == res.best else ""
+        print(f"{r['alpha_rot']:7.3f} {r['alpha_plain']:8.3f} {args.sparsity:10.3f} {r['effective']:10.3f} {r['ppl']:9.3f}{mark}")
+    print(f"best α = ({res.best[0]:.3f}, {res.best[1]:.3f}) stored in {store_alpha(args.rotations, res)}")
+
+
+def _add_fuse(sub):
+    p = sub.add_parser("fuse", help="fold rotations into the weights and save the fused (deployable) model")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--rotations", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_fuse)
+
+
+def cmd_fuse(args) -> None:
+    from .calibration import CalibrationStats
+    from .checkpoint import load, save
+    from .fusion import fuse
+
+    model = load(args.ckpt)
+    stats = CalibrationStats.load(args.rotations)
+    stats.check_model(model, where=args.rotations)
+    meta = {f"rotations_{k}": v for k, v in stats.metadata.items()}
+    out = save(fuse(model, stats.rotations), args.out, meta=meta, tokenizer_from=args.ckpt, overwrite=args.overwrite)
+    print(f"wrote fused checkpoint {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="larosa", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    from .checkpoint import ConversionError
+    from .config import ConfigError
+    from .safetensors_io import CheckpointError
+
+    try:
+        args.func(args)
+    except (ConversionError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("LAROSA_DEBUG"):
+            raise
+        print(f"larosa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Fused (deployable) La RoSA: fold γ and Q_l into the weights, add the residual adapters.
+
+DESIGN.md §1 "Fused mode". The residual stream of layer l lives in its basis, r = h·Q_l:
+  E ← E·Q_0
+  W_{q,k,v} ← Q_lᵀ·diag(γ_attn)·W,  W_{gate,up} ← Q_lᵀ·diag(γ_mlp)·W   (biases unchanged)
+  W_o ← W_o·Q_l,  W_down ← W_down·Q_l  (and their biases ·Q_l)
+  r ← r·(Q_lᵀ·Q_{l+1}) between layers (the d × d adapter)
+  W_head ← Q_{L−1}ᵀ·diag(γ_final)·W_head  (tied embeddings are untied)
+All RMSNorm gains become 1, since norm(r) = norm(h)·Q_l (Q orthogonal). Folding runs in float64
+on the host and casts once to the model dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .checkpoint import assign_params, params_of
+from .models import Transformer
+
+
+def fuse(model: Transformer, rotations: np.ndarray, dtype=None) -> Transformer:
+    """A new Transformer computing the same function in rotated bases (exactly, at p = 0)."""
+    cfg = model.config
+    dtype = jnp.dtype(dtype or model.dtype)
+    q = np.asarray(rotations, np.float64)
+    if q.shape != (cfg.num_layers, cfg.hidden_size, cfg.hidden_size):
+        raise ValueError(f"rotations have shape {q.shape}, the model needs {(cfg.num_layers, cfg.hidden_size, cfg.hidden_size)}")
+    src = {k: np.asarray(jnp.asarray(v, jnp.float32), np.float64) for k, v in params_of(model).items()}
+    out: dict[str, np.ndarray] = {"embed.embedding": src["embed.embedding"] @ q[0]}
+    for l in range(cfg.num_layers):
+        p = f"layers.{l}."
+        ql = q[l]
+        for norm, names in (("attn_norm", ("attn.q", "attn.k", "attn.v")), ("mlp_norm", ("mlp.gate", "mlp.up"))):
+            g = src[p + norm + ".scale"]
+            out[p + norm + ".scale"] = np.ones_like(g)
+            for n in names:
+                out[p + n + ".kernel"] = ql.T @ (g[:, None] * src[p + n + ".kernel"])
+                if p + n + ".bias" in src:
+                    out[p + n + ".bias"] = src[p + n + ".bias"]
+        for n in ("attn.o", "mlp.down"):
+            out[p + n + ".kernel"] = src[p + n + ".kernel"] @ ql
+            if p + n + ".bias" in src:
+                out[p + n + ".bias"] = src[p + n + ".bias"] @ ql
+    head = src["embed.embedding"].T if cfg.tie_word_embeddings else src["lm_head.kernel"]
+    out["lm_head.kernel"] = q[-1].T @ (src["norm.scale"][:, None] * head)
+    out["norm.scale"] = np.ones_like(src["norm.scale"])
+    out["adapters"] = np.stack([q[l].T @ q[l + 1] for l in range(cfg.num_layers - 1)]) if cfg.num_layers > 1 else np.zeros((0, cfg.hidden_size, cfg.hidden_size))
+
+    fused_cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    fused = nnx.eval_shape(lambda: Transformer(fused_cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=True))
+    assign_params(fused, out.get, where="fuse", dtype=dtype)
+    return fused

@@ -1,0 +1,91 @@
+"""α search, the paper's Algorithm 1: grid over α_rot; α_plain keeps effective sparsity at p.
+
+With k = α(1 − p)D the skipped fraction of a site is 1 − α(1 − p), so effective sparsity equals p
+exactly when W_rot·α_rot + W_plain·α_plain = W (W_* = weights behind rotated / plain inputs), for
+every p. Integer k moves the realised value by at most 1/D per site; it is reported beside p.
+The objective is perplexity on held-out calibration windows, never on test data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .perplexity import perplexity
+from .sparse_model import sparsify
+from .sparsity import SITE_TYPE, SITES, SparseConfig, SparsityError, effective_sparsity_of, site_ks, site_params
+
+
+def alpha_plain_for(cfg: ModelConfig, alpha_rot: float) -> float:
+    w = site_params(cfg)
+    w_rot = sum(w[s] for s in SITES if SITE_TYPE[s] == "rot")
+    w_plain = sum(w[s] for s in SITES if SITE_TYPE[s] == "plain")
+    return (w_rot + w_plain - w_rot * alpha_rot) / w_plain
+
+
+def alpha_grid(cfg: ModelConfig, p: float, points: int = 9, lo: float = 0.85, cap: float = 1.4) -> list[tuple[float, float]]:
+    """Valid (α_rot, α_plain) pairs on an even grid of α_rot between ``lo`` and the largest α_rot
+    that still leaves α_plain a k ≥ 1 and α_rot a k ≤ D."""
+    hi = 1.0 / (1.0 - p)
+    for a in np.linspace(hi, lo, 400):  # largest α_rot whose α_plain still gives k >= 1
+        try:
+            site_ks(cfg, SparseConfig("topk", "faithful", p, (float(a), alpha_plain_for(cfg, float(a)))))
+            hi = float(a)
+            break
+        except SparsityError:
+            continue
+    return [(float(a), alpha_plain_for(cfg, float(a))) for a in np.linspace(lo, min(hi, cap), points)]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    sparsity: float
+    mode: str
+    table: list[dict]  # one row per grid point
+    best: tuple[float, float]
+
+    def to_dict(self) -> dict:
+        return {"sparsity": self.sparsity, "mode": self.mode, "best": list(self.best), "table": self.table}
+
+
+def search_alpha(model, stats, p: float, windows: np.ndarray, *, mode: str = "faithful", points: int = 9,
+                 batch_size: int = 1, progress: bool = True) -> SearchResult:
+    from tqdm.auto import tqdm
+
+    cfg = model.config
+    rows = []
+    for a_rot, a_plain in tqdm(alpha_grid(cfg, p, points), desc=f"α search p={p}", unit="α", disable=not progress):
+        sc = SparseConfig("larosa", mode, p, (a_rot, a_plain))
+        ppl = perplexity(sparsify(model, stats, sc), windows, batch_size=batch_size)
+        rows.append({"alpha_rot": a_rot, "alpha_plain": a_plain, "effective": effective_sparsity_of(cfg, sc), "ppl": ppl})
+    best = min(rows, key=lambda r: r["ppl"])
+    return SearchResult(p, mode, rows, (best["alpha_rot"], best["alpha_plain"]))
+
+
+ALPHA_FILE = "alpha.json"
+
+
+def store_alpha(rotations_dir: str | Path, result: SearchResult) -> Path:
+    """Record the winner in ``<rotations_dir>/alpha.json`` under its sparsity and mode."""
+    path = Path(rotations_dir) / ALPHA_FILE
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault(f"{result.sparsity:g}", {})[result.mode] = result.to_dict()
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def stored_alpha(rotations_dir: str | Path, p: float, mode: str) -> tuple[float, float]:
+    path = Path(rotations_dir) / ALPHA_FILE
+    data = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return tuple(data[f"{p:g}"][mode]["best"])  # type: ignore[return-value]
+    except KeyError:
+        raise SparsityError(
+            f"{path}: no searched α for sparsity {p:g} mode {mode}; run larosa search --sparsity {p:g} --mode {mode}"
+        ) from None

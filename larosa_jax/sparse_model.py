@@ -1,0 +1,61 @@
+"""``sparsify(model, stats, SparseConfig)``: a model whose forward and generate apply the sparsity."""
+
+from __future__ import annotations
+
+import warnings
+
+from flax import nnx
+
+from .calibration import CalibrationStats
+from .fusion import fuse
+from .models import Transformer
+from .sparsity import SparseConfig, effective_sparsity_of, make_projection
+
+
+class SparseModel(nnx.Module):
+    """A :class:`Transformer` plus the projection hook of a :class:`SparseConfig`.
+
+    Same call convention as the dense model, so ``generate``, perplexity and the benchmarks take
+    either. For ``larosa`` in ``fused`` mode ``base`` is the folded model (adapters, untied head).
+    """
+
+    def __init__(self, base: Transformer, sparse: SparseConfig, proj):
+        self.base = base
+        self.sparse = sparse
+        self.proj = proj
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def effective_sparsity(self) -> float:
+        return effective_sparsity_of(self.config, self.sparse)
+
+    def __call__(self, tokens, cache=None, *, start=None):
+        if self.proj is None:
+            return self.base(tokens, cache, start=start)
+        return self.base(tokens, cache, start=start, proj=self.proj)
+
+
+def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig) -> SparseModel:
+    """Apply ``sc`` to a dense (or already fused) model. Checks that ``stats`` belong to ``model``."""
+    if isinstance(model, SparseModel):
+        model = model.base
+    fused_already = model.adapters is not None
+    if stats is not None and not fused_already:
+        stats.check_model(model)
+    if sc.method == "larosa" and sc.mode == "fused" and not fused_already:
+        if stats is None:
+            raise ValueError("larosa fused mode needs rotations (larosa calibrate --flavour fused)")
+        if stats.flavour != "fused":
+            warnings.warn("folding rotations of the 'faithful' flavour: fused mode rotates norm(h) without γ; "
+                          "calibrate with --flavour fused for the matching rotations", stacklevel=2)
+        model = fuse(model, stats.rotations)
+    elif fused_already and sc.method not in ("dense", "larosa") or (fused_already and sc.mode != "fused" and sc.method == "larosa"):
+        raise ValueError(f"a fused model only runs method 'larosa' mode 'fused' (or 'dense'), not {sc.method}/{sc.mode}")
+    return SparseModel(model, sc, make_projection(model.config, sc, stats))

@@ -1,0 +1,219 @@
+"""Activation sparsity: Top-K, α → k, effective sparsity, and the sparse projections of every method.
+
+DESIGN.md §1. Per token vector a of width D keep the k entries of largest |a|;
+k = round(α_type · (1 − p) · D) clipped to [1, D]. Activation types: ``rot`` (q/k/v input and
+gate/up input; rotated by La RoSA) and ``plain`` (o_proj and down_proj inputs). Effective sparsity
+is the parameter-weighted fraction of weight rows a decode step skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+from .models.transformer import Linear, dense_projection
+
+Array = jax.Array
+METHODS = ("dense", "topk", "teal", "cats", "larosa")
+MODES = ("faithful", "fused")
+SITES = ("qkv", "o", "gate_up", "down")
+SITE_TYPE = {"qkv": "rot", "gate_up": "rot", "o": "plain", "down": "plain"}
+
+
+class SparsityError(ValueError):
+    """Invalid sparsity settings, with the allowed range."""
+
+
+# ----------------------------------------------------------------------------- config and k
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """What to sparsify and how much.
+
+    ``alpha``: ``(α_rot, α_plain)``, or ``"official"`` — the paper's public code, sparsity 0.8p on
+    rotated and 1.2p on plain inputs, i.e. α_rot = (1 − 0.8p)/(1 − p), α_plain = (1 − 1.2p)/(1 − p) —
+    or ``"uniform"`` (α = 1 everywhere). Used by ``larosa`` and ``topk``; ``teal``/``cats`` apply p
+    uniformly through calibrated thresholds.
+    """
+
+    method: str = "larosa"
+    mode: str = "faithful"
+    sparsity: float = 0.0
+    alpha: tuple[float, float] | str = "official"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise SparsityError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise SparsityError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SparsityError(f"sparsity={self.sparsity}: must be in [0, 1)")
+        if isinstance(self.alpha, str) and self.alpha not in ("official", "uniform"):
+            raise SparsityError(f"alpha={self.alpha!r}: expected (α_rot, α_plain), 'official' or 'uniform'")
+
+    def alphas(self) -> tuple[float, float]:
+        p = self.sparsity
+        if self.alpha == "official":
+            return ((1 - 0.8 * p) / (1 - p), (1 - 1.2 * p) / (1 - p))
+        if self.alpha == "uniform":
+            return (1.0, 1.0)
+        return tuple(float(a) for a in self.alpha)  # type: ignore[return-value]
+
+
+def site_dims(cfg: ModelConfig) -> dict[str, int]:
+    """Input width D of each site."""
+    return {"qkv": cfg.hidden_size, "o": cfg.q_dim, "gate_up": cfg.hidden_size, "down": cfg.intermediate_size}
+
+
+def site_params(cfg: ModelConfig) -> dict[str, int]:
+    """Weights read behind each site (per layer): the rows a sparse input lets us skip."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return {"qkv": d * (cfg.q_dim + 2 * cfg.kv_dim), "o": cfg.q_dim * d, "gate_up": 2 * d * f, "down": f * d}
+
+
+def k_for(alpha: float, p: float, dim: int, *, what: str = "") -> int:
+    """k = round(α · (1 − p) · D); an α that leaves k outside [1, D] is an error naming the allowed α range."""
+    k = int(round(alpha * (1.0 - p) * dim))
+    if k < 1 or k > dim:
+        lo, hi = 0.5 / ((1 - p) * dim), 1.0 / (1 - p)
+        raise SparsityError(
+            f"{what}α={alpha:.4g} at p={p} gives k={k} of D={dim}; α must lie in [{lo:.4g}, {hi:.4g}]"
+        )
+    return k
+
+
+def site_ks(cfg: ModelConfig, sc: SparseConfig) -> dict[str, int]:
+    """k per site for the Top-K methods (larosa, topk)."""
+    a_rot, a_plain = sc.alphas()
+    dims = site_dims(cfg)
+    return {s: k_for(a_rot if SITE_TYPE[s] == "rot" else a_plain, sc.sparsity, dims[s], what=f"{s}: ") for s in SITES}
+
+
+def effective_sparsity(cfg: ModelConfig, site_sparsity: dict[str, float]) -> float:
+    """Parameter-weighted sparsity Σ_W s_W·|W| / Σ_W |W| over the seven projections."""
+    w = site_params(cfg)
+    return sum(site_sparsity.get(s, 0.0) * w[s] for s in SITES) / sum(w.values())
+
+
+def effective_sparsity_of(cfg: ModelConfig, sc: SparseConfig) -> float:
+    """Effective sparsity a config asks for (thresholds aim at p on their sites: teal all, cats gate/up→down)."""
+    p = sc.sparsity
+    if sc.method == "dense" or p == 0:
+        return 0.0
+    if sc.method == "teal":
+        return effective_sparsity(cfg, {s: p for s in SITES})
+    if sc.method == "cats":  # gate stays dense; up columns and down rows of masked entries are skipped
+        f, d = cfg.intermediate_size, cfg.hidden_size
+        w = site_params(cfg)
+        return p * 2 * f * d / sum(w.values())
+    dims, ks = site_dims(cfg), site_ks(cfg, sc)
+    return effective_sparsity(cfg, {s: 1.0 - ks[s] / dims[s] for s in SITES})
+
+
+# ----------------------------------------------------------------------------- Top-K
+def topk(x: Array, k: int) -> Array:
+    """Keep exactly the k entries of largest |x| along the last axis (ties broken by index), zero the rest."""
+    d = x.shape[-1]
+    if k >= d:
+        return x
+    _, idx = jax.lax.top_k(jnp.abs(x).astype(jnp.float32), k)
+    mask = jnp.zeros(x.shape, bool)
+    mask = jnp.put_along_axis(mask, idx, True, axis=-1, inplace=False)
+    return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+def threshold(x: Array, t: Array) -> Array:
+    """TEAL/CATS magnitude threshold: zero entries with |x| <= t."""
+    return jnp.where(jnp.abs(x) > t.astype(x.dtype), x, jnp.zeros((), x.dtype))
+
+
+# ----------------------------------------------------------------------------- projections
+class Stat(nnx.Variable):
+    """Calibrated, non-trainable state carried by a sparse projection (rotations, thresholds)."""
+
+
+def _gained(x: Array, gain: Array | None) -> Array:
+    return x if gain is None else gain * x
+
+
+class TopKProjection(nnx.Module):
+    """Plain Top-K at every site (the ``topk`` baseline, and La RoSA's fused mode on folded weights)."""
+
+    def __init__(self, ks: dict[str, int]):
+        self.ks = tuple(sorted(ks.items()))  # static (hashable) part of the graph
+
+    def __call__(self, site, layer, x, linears, gain=None):
+        return dense_projection(site, layer, topk(_gained(x, gain), dict(self.ks)[site]), linears)
+
+
+class RotatedTopKProjection(nnx.Module):
+    """La RoSA faithful mode (simulation): x̂ = TopK(x·Q_l)·Q_lᵀ at qkv/gate_up, plain Top-K at o/down.
+
+    With ``gamma_free`` (rotations of the fused flavour) the rotation acts on norm(h) and γ is applied
+    after, x̂ = (TopK(norm(h)·Q_l)·Q_lᵀ)·γ — the same function as the fused, folded model.
+    """
+
+    def __init__(self, ks: dict[str, int], rotations: Array, gamma_free: bool):
+        self.ks = tuple(sorted(ks.items()))  # static (hashable) part of the graph
+        self.rotations = Stat(jnp.asarray(rotations))  # [L, d, d]
+        self.gamma_free = gamma_free
+
+    def __call__(self, site, layer, x, linears, gain=None):
+        if SITE_TYPE[site] == "plain":
+            return dense_projection(site, layer, topk(x, dict(self.ks)[site]), linears)
+        xin = x if self.gamma_free else _gained(x, gain)
+        ct = jnp.promote_types(xin.dtype, jnp.float32)  # select in ≥ fp32: near-ties must not flip
+        q = self.rotations[layer].astype(ct)
+        a = jnp.dot(xin.astype(ct), q)
+        xh = jnp.dot(topk(a, dict(self.ks)[site]), q.T).astype(x.dtype)
+        return dense_projection(site, layer, xh, linears, gain if self.gamma_free else None)
+
+
+class TealProjection(nnx.Module):
+    """TEAL: per-layer, per-site magnitude thresholds (calibration quantiles at p)."""
+
+    def __init__(self, thresholds: dict[str, Array]):
+        self.thresholds = Stat(jnp.stack([jnp.asarray(thresholds[s], jnp.float32) for s in SITES]))  # [site, L]
+
+    def __call__(self, site, layer, x, linears, gain=None):
+        t = self.thresholds[SITES.index(site), layer]
+        return dense_projection(site, layer, threshold(_gained(x, gain), t), linears)
+
+
+class CatsProjection(nnx.Module):
+    """CATS: zero MLP activations where |SiLU(gate)| is under the layer's threshold.
+
+    The down input is SiLU(g)·u, so zeroing u where |SiLU(g)| is small zeroes exactly those
+    entries (and is what lets a kernel skip the matching up columns and down rows).
+    """
+
+    def __init__(self, thresholds: Array):
+        self.thresholds = Stat(jnp.asarray(thresholds, jnp.float32))  # [L]
+
+    def __call__(self, site, layer, x, linears, gain=None):
+        out = dense_projection(site, layer, x, linears, gain)
+        if site != "gate_up":
+            return out
+        g, u = out
+        keep = jnp.abs(jax.nn.silu(g.astype(jnp.float32))) > self.thresholds[layer]
+        return g, jnp.where(keep, u, jnp.zeros((), u.dtype))
+
+
+def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
+    """The projection hook for ``sc`` (None for dense / p = 0)."""
+    if sc.method == "dense" or sc.sparsity == 0.0:
+        return None
+    if sc.method == "topk" or (sc.method == "larosa" and sc.mode == "fused"):
+        return TopKProjection(site_ks(cfg, sc))
+    if stats is None:
+        raise SparsityError(f"method {sc.method!r} needs calibration statistics (larosa calibrate)")
+    if sc.method == "larosa":
+        return RotatedTopKProjection(site_ks(cfg, sc), stats.rotations, gamma_free=stats.flavour == "fused")
+    if sc.method == "teal":
+        return TealProjection({s: stats.teal_threshold(s, sc.sparsity) for s in SITES})
+    return CatsProjection(stats.cats_threshold(sc.sparsity))
