@@ -172,6 +172,7 @@ def calibrate(
     rotations = np.zeros((n_layers, d, d), np.float32)
     eigvals = np.zeros((n_layers, d), np.float32)
     quant = {s: np.zeros((n_layers, len(QUANTILE_GRID)), np.float64) for s in STAT_SITES}
+    t_eigh = 0.0
     bar = tqdm(range(n_layers), desc="calibrate", unit="layer", disable=not progress)
     for layer in bar:
         graphdef, state = nnx.split(model.layers[layer])
@@ -190,13 +191,15 @@ def calibrate(
             for s, q in stats.items():
                 quant[s][layer] += np.asarray(q, np.float64) * nb / n
             h_host[bi] = np.asarray(h_new)
+        te = time.time()
         hmat = acc[0]
         hmat = hmat + DAMP * jnp.mean(jnp.diag(hmat)) * jnp.eye(d, dtype=jnp.float32)
         w, q = jnp.linalg.eigh(hmat)
         rotations[layer], eigvals[layer] = np.asarray(q), np.asarray(w)
+        t_eigh += time.time() - te
     meta = {
         "model_fingerprint": fingerprint(model), "model_source": model_source, "flavour": flavour,
         "data_source": data_source, "tokens": str(n * t), "samples": str(n), "seqlen": str(t), "seed": str(seed),
-        "damp": str(DAMP), "version": __version__, "seconds": f"{time.time() - t0:.1f}",
+        "damp": str(DAMP), "version": __version__, "seconds": f"{time.time() - t0:.1f}", "eigh_seconds": f"{t_eigh:.1f}",
     }
     return CalibrationStats(rotations, eigvals, {s: q.astype(np.float32) for s, q in quant.items()}, meta)

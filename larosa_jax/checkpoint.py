@@ -228,6 +228,16 @@ def resolve_source(model: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- conversion
+def _tmp_dir(out: Path) -> Path:
+    """A sibling temporary directory (same filesystem, so the final rename is atomic), with the
+    permissions a plain mkdir would give (mkdtemp makes it private)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def convert(model: str, out: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True) -> Path:
     """Convert an HF checkpoint (dir, hub id or .gguf) into a larosa checkpoint directory.
 
@@ -285,7 +295,7 @@ def convert(model: str, out: str | Path, *, dtype: str = "bfloat16", overwrite: 
             yield ours, a.astype(np_dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _tmp_dir(out)
     try:
         bar = tqdm(total=len(specs), desc=f"convert {src.name}", unit="tensor", disable=not progress)
         write_safetensors(tmp / "model.safetensors", specs, tensors(), {"format": "larosa", "dtype": dtype}, bar)
@@ -295,7 +305,7 @@ def convert(model: str, out: str | Path, *, dtype: str = "bfloat16", overwrite: 
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         for fname in TOKENIZER_FILES:
             if (root / fname).exists():
-                shutil.copy2(root / fname, tmp / fname)
+                shutil.copyfile(root / fname, tmp / fname)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -344,7 +354,7 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
     params = {k: np.asarray(v) for k, v in params_of(model).items()}
     dtype = str(model.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _tmp_dir(out)
     try:
         specs = [(k, a.shape, a.dtype) for k, a in params.items()]
         write_safetensors(tmp / "model.safetensors", specs, params.items(), {"format": "larosa", "dtype": dtype})
@@ -355,7 +365,7 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
         if tokenizer_from is not None:
             for fname in TOKENIZER_FILES:
                 if (Path(tokenizer_from) / fname).exists():
-                    shutil.copy2(Path(tokenizer_from) / fname, tmp / fname)
+                    shutil.copyfile(Path(tokenizer_from) / fname, tmp / fname)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

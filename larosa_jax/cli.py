@@ -170,6 +170,119 @@ def cmd_fuse(args) -> None:
     print(f"wrote fused checkpoint {out}")
 
 
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def _add_ppl(sub):
+    p = sub.add_parser("ppl", help="perplexity grid over methods × sparsities; writes json + md + png")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--rotations", default=None, help="directory from larosa calibrate (larosa, teal, cats need it)")
+    p.add_argument("--methods", type=_csv(str), default=["dense", "larosa", "teal", "cats", "topk"])
+    p.add_argument("--sparsity", type=_csv(float), default=[0.25, 0.4, 0.5])
+    p.add_argument("--mode", type=_csv(str), default=["faithful"], help="larosa modes, e.g. faithful,fused")
+    p.add_argument("--alpha", type=_csv(str), default=["official"], help="official, uniform, searched (comma list)")
+    p.add_argument("--protocol", default="full", choices=["full", "random"])
+    p.add_argument("--samples", type=int, default=128, help="windows for --protocol random")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--data-file", default=None, help="local text file (offline), e.g. wiki.test.raw")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--out", required=True, help="results path without extension, e.g. eval/results/smollm2_ppl")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue a partial grid in --out")
+    p.set_defaults(func=cmd_ppl)
+
+
+def cmd_ppl(args) -> None:
+    from . import data
+    from .calibration import CalibrationStats
+    from .checkpoint import load, load_tokenizer
+    from .evaluate import Variant, eval_windows, run_grid, variants
+    from .search import stored_alpha
+
+    vs = variants(args.methods, args.mode, args.alpha)  # validate names before the slow parts
+    model, tok = load(args.ckpt), load_tokenizer(args.ckpt)
+    stats = None
+    if any(v.method in ("larosa", "teal", "cats") for v in vs):
+        if args.rotations is None:
+            raise ValueError("methods larosa, teal and cats need --rotations (from larosa calibrate)")
+        stats = CalibrationStats.load(args.rotations)
+        stats.check_model(model, where=args.rotations)
+    text, source = data.load_text(args.data, args.data_file, split="test")
+    ids = data.tokenize(tok, text)
+    win = eval_windows(ids, args.protocol, args.seqlen, args.samples, args.seed, source)
+    if args.limit:
+        win = win[: args.limit]
+    meta = {"model": str(args.ckpt), "data": source, "protocol": args.protocol,
+            "calibration": None if stats is None else f"{stats.metadata.get('data_source')} "
+            f"({stats.metadata.get('samples')} x {stats.metadata.get('seqlen')}, flavour {stats.flavour})",
+            "limit": args.limit}
+    grid = [(v, p) for p in args.sparsity for v in vs]
+    for v, p in grid:  # fail now, not an hour into the grid
+        if v.alpha == "searched":
+            stored_alpha(args.rotations, p, v.mode)
+    res = run_grid(model, stats, win, grid, out=args.out, meta=meta, batch_size=args.batch, resume=args.resume,
+                   overwrite=args.overwrite, alpha_lookup=lambda p, mode: stored_alpha(args.rotations, p, mode))
+    from .evaluate import markdown
+
+    print(markdown(res))
+    print(f"wrote {args.out}.json, .md, .png")
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the whole pipeline on the bundled stories260K model and TinyStories text (CPU, ~1 min)")
+    p.add_argument("--out", default="runs/demo", help="working directory (checkpoint, rotations)")
+    p.add_argument("--sparsity", type=float, default=0.4)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> None:
+    """convert → calibrate → perplexity of dense / larosa / teal → a short sparse generation."""
+    import time
+
+    from . import data
+    from .calibration import calibrate
+    from .checkpoint import convert, load, load_tokenizer
+    from .generate import generate
+    from .perplexity import perplexity
+    from .sparse_model import sparsify
+    from .sparsity import SparseConfig
+
+    t0 = time.time()
+    out = Path(args.out)
+    ckpt = convert(str(ASSETS / "stories260K"), out / "stories260K", dtype="float32", overwrite=True)
+    model, tok = load(ckpt), load_tokenizer(ckpt)
+    text_file = ASSETS / "tinystories-valid-head.txt"
+    ids = data.tokenize(tok, text_file.read_text())
+    seqlen, n_cal, n_eval = 256, 16, 32
+    cal = data.calibration_windows(ids, n_cal, seqlen, seed=0, source=str(text_file))
+    held = data.calibration_windows(ids, n_eval, seqlen, seed=0, skip=n_cal, source=str(text_file))
+    stats = calibrate(model, cal, flavour="fused", batch_size=8, data_source=text_file.name, model_source=str(ckpt))
+    stats.save(out / "rotations")
+    p = args.sparsity
+    rows = []
+    for name, sc in (
+        ("dense", SparseConfig("dense")),
+        ("larosa fused (official α)", SparseConfig("larosa", "fused", p)),
+        ("topk (official α)", SparseConfig("topk", "faithful", p)),
+        ("teal", SparseConfig("teal", "faithful", p)),
+    ):
+        m = sparsify(model, stats, sc)
+        rows.append((name, sc.sparsity, m.effective_sparsity, perplexity(m, held, batch_size=8)))
+    sparse = sparsify(model, stats, SparseConfig("larosa", "fused", p))
+    prompt = "Once upon a time"
+    text = tok.decode(generate(sparse, [prompt], tokenizer=tok, max_new_tokens=48)[0], skip_special_tokens=True)
+    print(f"\nstories260K, {n_eval} held-out TinyStories windows of {seqlen} tokens (calibration: {n_cal} others)")
+    print(f"{'method':<28}{'nominal p':>10}{'effective':>10}{'ppl':>9}{'Δ dense':>9}")
+    for name, nom, eff, ppl in rows:
+        print(f"{name:<28}{nom:>10.2f}{eff:>10.3f}{ppl:>9.3f}{ppl - rows[0][3]:>+9.3f}")
+    print(f"\nlarosa fused at p={p}: {prompt}{text}")
+    print(f"\ndone in {time.time() - t0:.0f} s; checkpoint and rotations in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="larosa", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConversionError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConversionError, ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("LAROSA_DEBUG"):
             raise
         print(f"larosa {args.command}: error: {e}", file=sys.stderr)
@@ -190,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse]
+_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse, _add_ppl, _add_demo]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,7 +39,7 @@ def load_text(data: str = "wikitext2", data_file: str | Path | None = None, spli
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
     """The whole text as one id stream (BOS as the tokenizer adds it, once at the start)."""
-    return np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
+    return np.asarray(tokenizer(text, verbose=False)["input_ids"], dtype=np.int32)
 
 
 def calibration_windows(

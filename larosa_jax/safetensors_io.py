@@ -53,9 +53,25 @@ class SafeTensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{self.path}: not a safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file (header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self.header = header
         self._base = 8 + n
+        for name, info in header.items():
+            try:
+                a, b = (int(x) for x in info["data_offsets"])
+                shape = [int(x) for x in info["shape"]]
+                code = info["dtype"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            if code in DTYPES and b - a != int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} ({code} {tuple(shape)}) needs "
+                    f"{int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize} bytes, its data_offsets span {b - a}"
+                )
+            if not 0 <= a <= b:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has invalid data_offsets [{a}, {b}]")
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if self._base + end > size:
             raise CheckpointError(

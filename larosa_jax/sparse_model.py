@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import jax.numpy as jnp
 from flax import nnx
 
 from .calibration import CalibrationStats
 from .fusion import fuse
 from .models import Transformer
-from .sparsity import SparseConfig, effective_sparsity_of, make_projection
+from .sparsity import SparseConfig, Stat, effective_sparsity_of, make_projection
 
 
 class SparseModel(nnx.Module):
@@ -21,8 +22,10 @@ class SparseModel(nnx.Module):
 
     def __init__(self, base: Transformer, sparse: SparseConfig, proj):
         self.base = base
-        self.sparse = sparse
         self.proj = proj
+        # only the method and mode are static: other p or α reuse the compiled model
+        self.method, self.mode = sparse.method, sparse.mode
+        self.numbers = Stat(jnp.asarray([sparse.sparsity, *sparse.alphas(), effective_sparsity_of(base.config, sparse)]))
 
     @property
     def config(self):
@@ -33,8 +36,13 @@ class SparseModel(nnx.Module):
         return self.base.dtype
 
     @property
+    def sparse(self) -> SparseConfig:
+        p, a_rot, a_plain, _ = (float(v) for v in self.numbers[...])
+        return SparseConfig(self.method, self.mode, p, (a_rot, a_plain))
+
+    @property
     def effective_sparsity(self) -> float:
-        return effective_sparsity_of(self.config, self.sparse)
+        return float(self.numbers[3])
 
     def __call__(self, tokens, cache=None, *, start=None):
         if self.proj is None:

@@ -1,0 +1,545 @@
+"""Dense batch-1 decode throughput against the HBM roofline.
+
+Random bf16 weights are built on the device (no checkpoint) for real model shapes; a prompt of
+``--prompt`` tokens is prefilled, then ``--new`` tokens are decoded by one call of
+:func:`larosa_jax.generate.decode` (a single ``lax.while_loop`` jit). Only that call is timed,
+after a warm-up call on the same shapes; the median of ``--repeats`` runs is reported.
+
+Roofline: bytes read per decode step = every weight matrix (the lm_head in full; the embedding
+row is negligible) + the KV cache of the live context (mean over the decoded steps), divided by
+the copy bandwidth measured in the same run (a large device-to-device copy, read + write bytes).
+
+    python eval/bench_decode.py --models llama2-7b,llama3-8b,qwen2-7b --prompt 128 --new 256 \\
+        --out eval/results/dense_decode_h100
+    python eval/bench_decode.py --tiny            # CPU smoke test
+
+``--profile MODEL`` adds a jax.profiler trace of one decode call of that model and prints the
+GPU kernel time per step by kernel (where the time goes); ``--dump`` writes XLA's optimized HLO
+of the decode jit. With ``$OUT`` set, results (and diagnostics) are also written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import glob
+import json
+import os
+import platform
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _pre_jax_flags(argv):
+    """XLA flags must be set before jax is imported."""
+    if "--dump" in argv:
+        d = os.path.join(tempfile.gettempdir(), "xla_dump_decode")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_dump_to={d} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*"
+        ).strip()
+        return d
+    return None
+
+
+DUMP_DIR = _pre_jax_flags(sys.argv)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from larosa_jax.config import ModelConfig  # noqa: E402
+from larosa_jax.generate import DecodeState, SamplingConfig, decode, prefill  # noqa: E402
+from larosa_jax.models import Transformer, init_cache  # noqa: E402
+
+HF_CONFIGS = {
+    "llama2-7b": {
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+    },
+    "llama3-8b": {
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+    "qwen2-7b": {
+        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+    },
+}
+
+
+def tiny(hf: dict) -> dict:
+    """Same architecture (GQA ratio, biases, rope) at a CPU-friendly size."""
+    h = dict(hf)
+    ratio = hf["num_attention_heads"] // hf["num_key_value_heads"]
+    h.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=max(4 // ratio, 1), vocab_size=512)
+    return h
+
+
+# ----------------------------------------------------------------------------- random weights on device
+def build_random(cfg: ModelConfig, dtype, seed: int = 0):
+    """(graphdef, state) of a Transformer with random weights, made by one jit on the device:
+    the module is traced abstractly (no host arrays), then every leaf is drawn in ``dtype``."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abs_state)
+    specs = tuple((jax.tree_util.keystr(p), tuple(l.shape), jnp.dtype(l.dtype)) for p, l in flat)
+    keys = jax.random.split(jax.random.key(seed), len(specs))
+    leaves = []
+    for k, (name, shape, dt) in zip(keys, specs):
+        if "scale" in name:  # RMSNorm gains: near 1, not exactly (never time on constants)
+            kind, scale = 1, 0.05
+        elif "bias" in name:
+            kind, scale = 0, 0.02
+        elif "embedding" in name:
+            kind, scale = 0, 1.0
+        else:  # kernels [D_in, D_out]
+            kind, scale = 0, shape[0] ** -0.5
+        leaves.append(_random_leaf(k, shape, dt, kind, scale))
+    state = jax.tree_util.tree_unflatten(treedef, leaves)
+    return graphdef, state, specs
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _random_leaf(key, shape, dtype, kind, scale):
+    """One parameter drawn on the device; one compile per distinct shape (a few per model)."""
+    x = jax.random.normal(key, shape, jnp.float32) * scale + kind
+    return x.astype(dtype)
+
+
+def weight_bytes_per_step(cfg: ModelConfig, specs) -> int:
+    """Bytes of weights read by one decode step: everything except the embedding table (one row
+    is gathered), unless it doubles as the lm_head (tied)."""
+    total = 0
+    for name, shape, dt in specs:
+        n = int(np.prod(shape)) * dt.itemsize
+        if "embedding" in name and not cfg.tie_word_embeddings:
+            n = shape[-1] * dt.itemsize
+        total += n
+    return total
+
+
+def kv_bytes_per_step(cfg: ModelConfig, prompt: int, new: int, itemsize: int) -> float:
+    """KV bytes read per step, mean over the ``new`` decode steps (step i attends prompt+i+1 slots)."""
+    mean_ctx = prompt + (new + 1) / 2
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * mean_ctx
+
+
+# ----------------------------------------------------------------------------- bandwidth
+def copy_bandwidth(nbytes: int, repeats: int = 10) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written per second); two buffers rotate."""
+    n = nbytes // 4
+    copy = jax.jit(lambda x: x + jnp.uint32(1))  # elementwise: one read + one write per element
+    xs = [jax.random.bits(jax.random.key(i), (n,), jnp.uint32) for i in range(2)]
+    jax.block_until_ready(copy(xs[0]))
+    ts = []
+    for i in range(repeats):
+        x = xs[i % 2]
+        jax.block_until_ready(x)
+        t0 = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        ts.append(time.perf_counter() - t0)
+    t = statistics.median(ts)
+    plain = jax.jit(lambda x: jnp.copy(x))  # a plain device-to-device copy (the output may not alias x)
+    jax.block_until_ready(plain(xs[0]))
+    tc = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(plain(xs[i % 2]))
+        tc.append(time.perf_counter() - t0)
+    add_bw = 2 * 4 * n / t / 1e9
+    t = min(t, statistics.median(tc))
+    # read-only bandwidth, for reference (a full reduction)
+    red = jax.jit(lambda x: jnp.sum(x, dtype=jnp.uint32))
+    jax.block_until_ready(red(xs[0]))
+    tr = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(red(xs[i % 2]))
+        tr.append(time.perf_counter() - t0)
+    del xs
+    return {"bytes": 2 * 4 * n, "seconds": t, "copy_GBps": 2 * 4 * n / t / 1e9, "add_one_GBps": add_bw,
+            "plain_copy_GBps": 2 * 4 * n / statistics.median(tc) / 1e9,
+            "read_only_GBps": 4 * n / statistics.median(tr) / 1e9}
+
+
+# ----------------------------------------------------------------------------- decode benchmark
+NO_EOS = jnp.asarray([-1], jnp.int32)  # never sampled: every run decodes exactly --new tokens
+
+
+def _fresh_state(graphdef, state, cfg, prompt_ids, max_len, cache_dtype, new):
+    cache = init_cache(cfg, 1, max_len, cache_dtype)
+    logits, cache = prefill(graphdef, state, prompt_ids, cache)
+    return DecodeState(
+        cache=cache, logits=logits, tokens=jnp.zeros((1, new), jnp.int32),
+        step=jnp.zeros((), jnp.int32), done=jnp.zeros((1,), bool), key=jax.random.key(0),
+    )
+
+
+def bench_model(name: str, hf: dict, args) -> dict:
+    cfg = ModelConfig.from_hf(hf, source=name)
+    dtype = jnp.bfloat16
+    t0 = time.perf_counter()
+    graphdef, state, specs = build_random(cfg, dtype)
+    jax.block_until_ready(state)
+    t_build = time.perf_counter() - t0
+
+    rng = np.random.RandomState(0)
+    prompt_ids = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, args.prompt)), jnp.int32)
+    max_len = -(-(args.prompt + args.new) // 64) * 64
+    sampling = SamplingConfig()
+    pad = jnp.asarray(0, jnp.int32)
+    run = functools.partial(decode, graphdef, state, eos=NO_EOS, pad_id=pad, sampling=sampling, steps=args.new)
+
+    def measure():
+        t0 = time.perf_counter()
+        ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
+        jax.block_until_ready(ds)
+        t_prefill_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = run(ds)  # warm-up: compiles and runs the same shapes
+        jax.block_until_ready(out)
+        t_warm = time.perf_counter() - t0
+        assert int(out.step) == args.new, f"decoded {int(out.step)} tokens, expected {args.new}"
+        first_tokens = np.asarray(out.tokens[0, :8]).tolist()
+        del out
+
+        times = []
+        for _ in range(args.repeats):
+            ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
+            jax.block_until_ready(ds)
+            t0 = time.perf_counter()
+            out = run(ds)
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t0)
+            assert int(out.step) == args.new
+            del out
+        return t_prefill_first, t_warm, first_tokens, times
+
+    pallas_error = None
+    try:
+        t_prefill_first, t_warm, first_tokens, times = measure()
+    except Exception as e:  # noqa: BLE001  (a kernel that does not build here: measure the XLA path)
+        pallas_error = f"{type(e).__name__}: {str(e)[:1500]}"
+        print(f"{name}: default path failed ({pallas_error[:500]}); retrying with LAROSA_PALLAS=0", flush=True)
+        saved = os.environ.get("LAROSA_PALLAS")
+        os.environ["LAROSA_PALLAS"] = "0"
+        jax.clear_caches()
+        try:
+            t_prefill_first, t_warm, first_tokens, times = measure()
+        finally:
+            os.environ.pop("LAROSA_PALLAS") if saved is None else os.environ.__setitem__("LAROSA_PALLAS", saved)
+    t = statistics.median(times)
+
+    wbytes = weight_bytes_per_step(cfg, specs)
+    kvbytes = kv_bytes_per_step(cfg, args.prompt, args.new, jnp.dtype(dtype).itemsize)
+    bw = args.bandwidth["copy_GBps"] * 1e9
+    ms_tok = t / args.new * 1e3
+    roof_ms = (wbytes + kvbytes) / bw * 1e3
+    res = {
+        "model": name, "params": sum(int(np.prod(s)) for _, s, _ in specs), "layers": cfg.num_layers,
+        "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "heads": cfg.num_heads,
+        "kv_heads": cfg.num_kv_heads, "vocab": cfg.vocab_size, "prompt": args.prompt, "new_tokens": args.new,
+        "cache_slots": max_len, "decode_seconds": times, "median_seconds": t,
+        "tokens_per_s": args.new / t, "ms_per_token": ms_tok,
+        "weight_bytes_per_step": wbytes, "kv_bytes_per_step_mean": kvbytes,
+        "roofline_ms_per_token": roof_ms, "pct_of_roofline": 100 * roof_ms / ms_tok,
+        "build_seconds": t_build, "first_prefill_seconds": t_prefill_first, "warmup_decode_seconds": t_warm,
+        "first_tokens": first_tokens, "pallas": "0 (fallback)" if pallas_error else os.environ.get("LAROSA_PALLAS", "gemv,attn"),
+        "pallas_error": pallas_error,
+    }
+    print(f"{name}: {res['tokens_per_s']:.1f} tok/s, {ms_tok:.3f} ms/tok, roofline {roof_ms:.3f} ms/tok "
+          f"({res['pct_of_roofline']:.1f}%), times {[round(x, 4) for x in times]}, build {t_build:.1f}s, "
+          f"prefill+compile {t_prefill_first:.1f}s, warm-up {t_warm:.1f}s", flush=True)
+
+    if args.step_check == name or args.step_check == "all":
+        res["single_step_ms"] = single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args)
+        print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
+    if args.profile == name or args.profile == "all":
+        res["profile"] = profile_decode(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, run)
+    if args.variants and (args.variants_model in (name, "all")):
+        res["variants"] = decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args,
+                                          args.variants.split(","))
+    del state
+    return res
+
+
+def single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args) -> float:
+    """Time per token when every step is its own jit call (no while_loop)."""
+
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def step(state, tok, cache):
+        model = nnx.merge(graphdef, state)
+        logits, cache = model(tok, cache)
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
+
+    ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
+    tok, cache = jnp.zeros((1, 1), jnp.int32), ds.cache
+    tok, cache = step(state, tok, cache)
+    jax.block_until_ready(cache)
+    n = min(args.new - 1, 64)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok, cache = step(state, tok, cache)
+    jax.block_until_ready((tok, cache))
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def profile_decode(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, run) -> dict:
+    """Trace one decode call and sum the GPU kernel time per kernel name (per decode step)."""
+    d = tempfile.mkdtemp(prefix="trace_")
+    ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
+    jax.block_until_ready(ds)
+    with jax.profiler.trace(d):
+        t0 = time.perf_counter()
+        out = run(ds)
+        jax.block_until_ready(out)
+        wall = time.perf_counter() - t0
+    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    summary = {"wall_seconds": wall, "files": files}
+    if not files:
+        print("profile: no xplane.pb written")
+        return summary
+    try:
+        try:
+            from jax.profiler import ProfileData
+        except ImportError:
+            from jaxlib.xla_client.profiler import ProfileData  # type: ignore
+        pd = ProfileData.from_file(files[0])
+    except Exception as e:  # noqa: BLE001
+        print(f"profile: could not parse ({type(e).__name__}: {e})")
+        return summary
+    kernels = {}
+    intervals = []
+    lines_seen = set()
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            lines_seen.add(line.name)
+            if "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                s, dur = ev.start_ns, ev.duration_ns
+                intervals.append((s, s + dur))
+                op = None
+                try:
+                    for k, v in ev.stats:
+                        if k in ("hlo_op", "tf_op", "name"):
+                            op = str(v)
+                            break
+                except Exception:  # noqa: BLE001
+                    pass
+                key = ev.name if op is None else f"{ev.name} [{op}]"
+                e = kernels.setdefault(key, [0, 0.0])
+                e[0] += 1
+                e[1] += dur
+    summary["gpu_lines"] = sorted(lines_seen)
+    if not intervals:
+        print(f"profile: no GPU stream events; lines: {sorted(lines_seen)}")
+        return summary
+    intervals.sort()
+    busy, cur_s, cur_e = 0.0, *intervals[0]
+    for s, e in intervals[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = intervals[-1][1] - intervals[0][0]
+    steps = args.new
+    total = sum(v[1] for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    summary.update(
+        steps=steps, span_ms_per_step=span / steps / 1e6, busy_ms_per_step=busy / steps / 1e6,
+        kernel_sum_ms_per_step=total / steps / 1e6, kernels_per_step=sum(v[0] for v in kernels.values()) / steps,
+        top=[{"kernel": k, "count_per_step": v[0] / steps, "us_per_step": v[1] / steps / 1e3,
+              "us_per_call": v[1] / v[0] / 1e3} for k, v in top[:40]],
+    )
+    print(f"profile {name}: wall {wall / steps * 1e3:.3f} ms/step, GPU span {summary['span_ms_per_step']:.3f}, "
+          f"busy {summary['busy_ms_per_step']:.3f}, kernel sum {summary['kernel_sum_ms_per_step']:.3f} ms/step, "
+          f"{summary['kernels_per_step']:.0f} kernels/step")
+    print(f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel")
+    for r in summary["top"][:30]:
+        print(f"{r['us_per_step']:9.1f} {r['count_per_step']:10.1f} {r['us_per_call']:8.2f}  {r['kernel'][:150]}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- diagnostics
+def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, variants) -> dict:
+    """The whole decode call with parts of the GPU path switched off (A/B against the default).
+
+    ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel;
+    ``nograph``: default kernels, XLA command buffers (CUDA graphs) off.
+    """
+    flags_for = {"xla": "0", "gemv": "gemv", "attn": "attn", "nograph": None, "default": None}
+    opts_for = {"nograph": {"xla_gpu_enable_command_buffer": ""}}
+    saved = os.environ.get("LAROSA_PALLAS")
+    out = {}
+    for v in variants:
+        jax.clear_caches()
+        if flags_for.get(v) is not None:
+            os.environ["LAROSA_PALLAS"] = flags_for[v]
+        try:
+            ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
+            kw = dict(sampling=SamplingConfig(), steps=args.new)
+            pad = jnp.asarray(0, jnp.int32)
+            lowered = decode.lower(graphdef, state, ds, NO_EOS, pad, **kw)
+            opts = opts_for.get(v)
+            c = lowered.compile(compiler_options=opts) if opts else lowered.compile()
+            res = c(state, ds, NO_EOS, pad)
+            jax.block_until_ready(res)
+            toks = np.asarray(res.tokens[0, :8]).tolist()
+            ts = []
+            for _ in range(3):
+                ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
+                jax.block_until_ready(ds)
+                t0 = time.perf_counter()
+                jax.block_until_ready(c(state, ds, NO_EOS, pad))
+                ts.append(time.perf_counter() - t0)
+            ms = statistics.median(ts) / args.new * 1e3
+            out[v] = {"ms_per_token": ms, "seconds": ts, "first_tokens": toks}
+            print(f"{name} variant {v}: {ms:.3f} ms/token, first tokens {toks}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            out[v] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
+            print(f"{name} variant {v}: ERROR {out[v]['error']}", flush=True)
+        finally:
+            if saved is None:
+                os.environ.pop("LAROSA_PALLAS", None)
+            else:
+                os.environ["LAROSA_PALLAS"] = saved
+    jax.clear_caches()
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+_VARIANT_LABEL = {"xla": "XLA only (LAROSA_PALLAS=0)", "gemv": "Pallas GEMV, XLA attention",
+                  "attn": "Pallas attention, XLA GEMV", "nograph": "default, no CUDA graphs"}
+
+
+def markdown(meta: dict, results: list[dict]) -> str:
+    lines = [
+        "# Dense batch-1 decode throughput",
+        "",
+        f"Device: {meta['device']}; jax {meta['jax']} (jaxlib {meta['jaxlib']}), flax {meta['flax']}; {meta['date']}.",
+        f"Random bf16 weights, bf16 KV cache, prompt {meta['prompt']} tokens, {meta['new']} new tokens decoded by one "
+        f"`lax.while_loop` jit (`larosa_jax.generate.decode`); median of {meta['repeats']} timed calls after a warm-up.",
+        f"Roofline: (weights read per step incl. lm_head + mean live KV cache) / copy bandwidth "
+        f"{meta['bandwidth']['copy_GBps']:.0f} GB/s (device-to-device copy, read + write bytes, measured in the same run; "
+        f"read-only reduction {meta['bandwidth']['read_only_GBps']:.0f} GB/s).",
+        "",
+        "| model | weights GB/step | KV MB/step | tokens/s | ms/token | roofline ms/token | % of roofline |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['weight_bytes_per_step'] / 1e9:.2f} | {r['kv_bytes_per_step_mean'] / 1e6:.0f} | "
+            f"{r['tokens_per_s']:.1f} | {r['ms_per_token']:.3f} | {r['roofline_ms_per_token']:.3f} | "
+            f"{r['pct_of_roofline']:.1f} |"
+        )
+    var = [r for r in results if r.get("variants")]
+    if var:
+        names = sorted({v for r in var for v in r["variants"]})
+        lines += ["", "Same decode call with parts of the GPU path switched off (`LAROSA_PALLAS`; ms/token, % of roofline):", "",
+                  "| model | default (Pallas GEMV + attention) | " + " | ".join(_VARIANT_LABEL.get(n, n) for n in names) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+        for r in var:
+            cells = []
+            for n in names:
+                v = r["variants"].get(n, {})
+                cells.append(f"{v['ms_per_token']:.3f} ({100 * r['roofline_ms_per_token'] / v['ms_per_token']:.1f}%)"
+                             if "ms_per_token" in v else "error" if v else "")
+            lines.append(f"| {r['model']} | {r['ms_per_token']:.3f} ({r['pct_of_roofline']:.1f}%) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Reproduce: `python eval/bench_decode.py --models " + ",".join(r["model"] for r in results)
+                 + f" --prompt {meta['prompt']} --new {meta['new']} --out <prefix>`")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama2-7b,llama3-8b,qwen2-7b")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="path prefix for <prefix>.json and <prefix>.md")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke test")
+    ap.add_argument("--bw-bytes", type=float, default=4e9, help="bytes per buffer of the copy-bandwidth test")
+    ap.add_argument("--profile", default=None, help="model name (or 'all') to trace one decode call of")
+    ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
+    ap.add_argument("--variants", default=None, help="comma list of xla,gemv,attn,nograph (decode A/B)")
+    ap.add_argument("--variants-model", default="all", help="model name (or 'all') for --variants")
+    ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")
+    args = ap.parse_args(argv)
+    if args.repeats < 3:
+        ap.error("--repeats must be >= 3")
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for n in names:
+        if n not in HF_CONFIGS:
+            ap.error(f"unknown model {n!r}; known: {', '.join(HF_CONFIGS)}")
+    if args.tiny:
+        args.bw_bytes = min(args.bw_bytes, 64e6)
+
+    dev = jax.devices()[0]
+    import flax
+    import jaxlib
+
+    meta = {
+        "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__, "flax": flax.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "prompt": args.prompt, "new": args.new, "repeats": args.repeats, "tiny": args.tiny,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", "gemv,attn (default)"),
+    }
+    print(json.dumps({k: meta[k] for k in ("device", "platform", "jax", "jaxlib", "flax", "python")}), flush=True)
+    bw = copy_bandwidth(int(args.bw_bytes))
+    meta["bandwidth"] = bw
+    args.bandwidth = bw
+    print(f"copy bandwidth {bw['copy_GBps']:.0f} GB/s (read+write, {bw['bytes'] / 1e9:.1f} GB moved in "
+          f"{bw['seconds'] * 1e3:.2f} ms); read-only {bw['read_only_GBps']:.0f} GB/s", flush=True)
+
+    results = []
+    for n in names:
+        hf = tiny(HF_CONFIGS[n]) if args.tiny else HF_CONFIGS[n]
+        results.append(bench_model(n, hf, args))
+        jax.clear_caches()
+
+    doc = {"meta": meta, "results": results}
+    md = markdown(meta, results)
+    print()
+    print(md)
+    outs = []
+    if args.out:
+        outs.append(Path(args.out))
+    if os.environ.get("OUT"):
+        outs.append(Path(os.environ["OUT"]) / Path(args.out or "dense_decode").name)
+    for o in outs:
+        o.parent.mkdir(parents=True, exist_ok=True)
+        o.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        o.with_suffix(".md").write_text(md)
+    if DUMP_DIR and os.environ.get("OUT") and os.path.isdir(DUMP_DIR):
+        with tarfile.open(os.path.join(os.environ["OUT"], "xla_dump_decode.tgz"), "w:gz") as tf:
+            for f in sorted(glob.glob(os.path.join(DUMP_DIR, "*"))):
+                if "after_optimizations" in f or "buffer-assignment" in f:
+                    tf.add(f, arcname=os.path.basename(f))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
