@@ -59,7 +59,8 @@ from flax import nnx  # noqa: E402
 
 from larosa_jax.config import ModelConfig  # noqa: E402
 from larosa_jax.generate import DecodeState, SamplingConfig, decode, prefill  # noqa: E402
-from larosa_jax.models import Transformer, init_cache  # noqa: E402
+from larosa_jax.models import init_cache  # noqa: E402
+from larosa_jax.models.random_init import random_model  # noqa: E402
 
 HF_CONFIGS = {
     "llama2-7b": {
@@ -93,33 +94,11 @@ def tiny(hf: dict) -> dict:
 
 # ----------------------------------------------------------------------------- random weights on device
 def build_random(cfg: ModelConfig, dtype, seed: int = 0):
-    """(graphdef, state) of a Transformer with random weights, made by one jit on the device:
-    the module is traced abstractly (no host arrays), then every leaf is drawn in ``dtype``."""
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, abs_state = nnx.split(abstract)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abs_state)
+    """(graphdef, state, specs) of a Transformer with random weights made on the device."""
+    graphdef, state = nnx.split(random_model(cfg, dtype, seed))
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
     specs = tuple((jax.tree_util.keystr(p), tuple(l.shape), jnp.dtype(l.dtype)) for p, l in flat)
-    keys = jax.random.split(jax.random.key(seed), len(specs))
-    leaves = []
-    for k, (name, shape, dt) in zip(keys, specs):
-        if "scale" in name:  # RMSNorm gains: near 1, not exactly (never time on constants)
-            kind, scale = 1, 0.05
-        elif "bias" in name:
-            kind, scale = 0, 0.02
-        elif "embedding" in name:
-            kind, scale = 0, 1.0
-        else:  # kernels [D_in, D_out]
-            kind, scale = 0, shape[0] ** -0.5
-        leaves.append(_random_leaf(k, shape, dt, kind, scale))
-    state = jax.tree_util.tree_unflatten(treedef, leaves)
     return graphdef, state, specs
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _random_leaf(key, shape, dtype, kind, scale):
-    """One parameter drawn on the device; one compile per distinct shape (a few per model)."""
-    x = jax.random.normal(key, shape, jnp.float32) * scale + kind
-    return x.astype(dtype)
 
 
 def weight_bytes_per_step(cfg: ModelConfig, specs) -> int:
@@ -272,7 +251,7 @@ def bench_model(name: str, hf: dict, args) -> dict:
         print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
     if args.profile == name or args.profile == "all":
         res["profile"] = profile_decode(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, run)
-    if args.variants and (args.variants_model in (name, "all")):
+    if args.variants and (name in args.variants_model.split(",") or args.variants_model == "all"):
         res["variants"] = decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args,
                                           args.variants.split(","))
     del state
@@ -484,7 +463,7 @@ def main(argv=None):
     ap.add_argument("--profile", default=None, help="model name (or 'all') to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
     ap.add_argument("--variants", default=None, help="comma list of xla,gemv,attn,nograph (decode A/B)")
-    ap.add_argument("--variants-model", default="all", help="model name (or 'all') for --variants")
+    ap.add_argument("--variants-model", default="all", help="comma list of model names (or 'all') for --variants")
     ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")
     args = ap.parse_args(argv)
     if args.repeats < 3:
@@ -514,25 +493,28 @@ def main(argv=None):
     print(f"copy bandwidth {bw['copy_GBps']:.0f} GB/s (read+write, {bw['bytes'] / 1e9:.1f} GB moved in "
           f"{bw['seconds'] * 1e3:.2f} ms); read-only {bw['read_only_GBps']:.0f} GB/s", flush=True)
 
-    results = []
-    for n in names:
-        hf = tiny(HF_CONFIGS[n]) if args.tiny else HF_CONFIGS[n]
-        results.append(bench_model(n, hf, args))
-        jax.clear_caches()
-
-    doc = {"meta": meta, "results": results}
-    md = markdown(meta, results)
-    print()
-    print(md)
     outs = []
     if args.out:
         outs.append(Path(args.out))
     if os.environ.get("OUT"):
         outs.append(Path(os.environ["OUT"]) / Path(args.out or "dense_decode").name)
-    for o in outs:
-        o.parent.mkdir(parents=True, exist_ok=True)
-        o.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        o.with_suffix(".md").write_text(md)
+
+    def write(doc, md):
+        for o in outs:
+            o.parent.mkdir(parents=True, exist_ok=True)
+            Path(str(o) + ".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+            Path(str(o) + ".md").write_text(md)
+
+    results = []
+    for n in names:
+        hf = tiny(HF_CONFIGS[n]) if args.tiny else HF_CONFIGS[n]
+        results.append(bench_model(n, hf, args))
+        jax.clear_caches()
+        doc = {"meta": meta, "results": results}
+        md = markdown(meta, results)
+        write(doc, md)  # after every model, so a cut-off run keeps what it measured
+    print()
+    print(md)
     if DUMP_DIR and os.environ.get("OUT") and os.path.isdir(DUMP_DIR):
         with tarfile.open(os.path.join(os.environ["OUT"], "xla_dump_decode.tgz"), "w:gz") as tf:
             for f in sorted(glob.glob(os.path.join(DUMP_DIR, "*"))):

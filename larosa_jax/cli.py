@@ -15,6 +15,10 @@ import numpy as np
 ASSETS = Path(__file__).parent / "assets"
 
 
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (dir, hub id or .gguf) to a larosa checkpoint")
     p.add_argument("--model", required=True, help="local HF directory, hub id (owner/name) or .gguf file")
@@ -121,7 +125,7 @@ def _add_search(sub):
     p = sub.add_parser("search", help="α grid search (paper's Algorithm 1) on held-out calibration windows")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--rotations", required=True, help="directory written by larosa calibrate")
-    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--sparsity", type=_csv(float), required=True, help="one or more, e.g. 0.25,0.4,0.5")
     p.add_argument("--mode", default="faithful", choices=["faithful", "fused"])
     p.add_argument("--points", type=int, default=9, help="grid points over α_rot")
     _add_data_args(p, 4, 2048)
@@ -139,13 +143,14 @@ def cmd_search(args) -> None:
     stats.check_model(model, where=args.rotations)
     # the same seed and window order as calibration, skipping its windows: held-out, never test
     win, source = _windows(args, load_tokenizer(args.ckpt), "train", skip=args.calib_samples)
-    res = search_alpha(model, stats, args.sparsity, win, mode=args.mode, batch_size=args.batch)
-    print(f"α search, larosa {args.mode}, p = {args.sparsity:g}, {len(win)} held-out windows of {args.seqlen} from {source}")
-    print(f"{'α_rot':>7} {'α_plain':>8} {'nominal p':>10} {'effective':>10} {'ppl':>9}")
-    for r in res.table:
-        mark = " *" if (r["alpha_rot"], r["alpha_plain"]) == res.best else ""
-        print(f"{r['alpha_rot']:7.3f} {r['alpha_plain']:8.3f} {args.sparsity:10.3f} {r['effective']:10.3f} {r['ppl']:9.3f}{mark}")
-    print(f"best α = ({res.best[0]:.3f}, {res.best[1]:.3f}) stored in {store_alpha(args.rotations, res)}")
+    for p in args.sparsity:
+        res = search_alpha(model, stats, p, win, mode=args.mode, points=args.points, batch_size=args.batch)
+        print(f"α search, larosa {args.mode}, p = {p:g}, {len(win)} held-out windows of {args.seqlen} from {source}")
+        print(f"{'α_rot':>7} {'α_plain':>8} {'nominal p':>10} {'effective':>10} {'ppl':>9}")
+        for r in res.table:
+            mark = " *" if (r["alpha_rot"], r["alpha_plain"]) == res.best else ""
+            print(f"{r['alpha_rot']:7.3f} {r['alpha_plain']:8.3f} {p:10.3f} {r['effective']:10.3f} {r['ppl']:9.3f}{mark}")
+        print(f"best α = ({res.best[0]:.3f}, {res.best[1]:.3f}) stored in {store_alpha(args.rotations, res)}")
 
 
 def _add_fuse(sub):
@@ -168,10 +173,6 @@ def cmd_fuse(args) -> None:
     meta = {f"rotations_{k}": v for k, v in stats.metadata.items()}
     out = save(fuse(model, stats.rotations), args.out, meta=meta, tokenizer_from=args.ckpt, overwrite=args.overwrite)
     print(f"wrote fused checkpoint {out}")
-
-
-def _csv(kind):
-    return lambda s: [kind(x) for x in s.split(",") if x]
 
 
 def _add_ppl(sub):
@@ -266,13 +267,14 @@ def cmd_demo(args) -> None:
     rows = []
     for name, sc in (
         ("dense", SparseConfig("dense")),
-        ("larosa fused (official α)", SparseConfig("larosa", "fused", p)),
-        ("topk (official α)", SparseConfig("topk", "faithful", p)),
+        # α = 1 on every site: all three sparse rows skip the same share of weights (effective = p)
+        ("larosa fused (α = 1)", SparseConfig("larosa", "fused", p, "uniform")),
+        ("topk (α = 1)", SparseConfig("topk", "faithful", p, "uniform")),
         ("teal", SparseConfig("teal", "faithful", p)),
     ):
         m = sparsify(model, stats, sc)
         rows.append((name, sc.sparsity, m.effective_sparsity, perplexity(m, held, batch_size=8)))
-    sparse = sparsify(model, stats, SparseConfig("larosa", "fused", p))
+    sparse = sparsify(model, stats, SparseConfig("larosa", "fused", p, "uniform"))
     prompt = "Once upon a time"
     text = tok.decode(generate(sparse, [prompt], tokenizer=tok, max_new_tokens=48)[0], skip_special_tokens=True)
     print(f"\nstories260K, {n_eval} held-out TinyStories windows of {seqlen} tokens (calibration: {n_cal} others)")

@@ -15,21 +15,18 @@ flavour rotates norm(h) before γ); at ``o``/``down`` gain is None.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.experimental import pallas as pl
 
+from .. import pallas as ops
 from ..config import ModelConfig, rope_inv_freq
 
 Array = jax.Array
 _List = getattr(nnx, "List", list)  # flax >= 0.12 wants nnx.List for lists of modules
-MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+MASK_VALUE = ops.MASK_VALUE  # finite, so fully-masked (padding) rows stay NaN-free
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -64,9 +61,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, st
 
 
 # ----------------------------------------------------------------------------- layers
-def acc_dtype(dtype):
-    """Accumulation / reduction dtype: float32, or float64 for float64 models (exactness tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
+acc_dtype = ops.acc_dtype
 
 
 def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
@@ -94,13 +89,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x: Array) -> Array:
-        w = self.kernel[...]
-        if _use_gemv(x, (w,)):
-            return _gemv_linears(x, (self,))[0]
-        y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=acc_dtype(w.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y.astype(w.dtype)
+        return project(x, (self,))[0]
 
 
 Projection = Callable[[str, int, Array, Sequence[Linear], Array | None], tuple[Array, ...]]
@@ -109,176 +98,15 @@ Projection = Callable[[str, int, Array, Sequence[Linear], Array | None], tuple[A
 def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear], gain: Array | None = None) -> tuple[Array, ...]:
     del site, layer
     x = x if gain is None else gain * x  # same op order as HF's RMSNorm: weight * normed
-    if len(linears) > 1 and _use_gemv(x, tuple(lin.kernel[...] for lin in linears)):
-        return _gemv_linears(x, tuple(linears))  # one kernel for q/k/v (gate/up) at decode
-    return tuple(lin(x) for lin in linears)
+    return project(x, linears)
 
 
-# ----------------------------------------------------------------------------- GPU decode kernels
-# At batch-1 decode every projection is a matrix-vector product that must stream its weights at
-# HBM speed. XLA picks poor kernels for some of these shapes (on H100 it turns [1,4096]x[4096,1024]
-# into a materialised f32 product + reduction, ~5x slower than streaming the weights), and a
-# separate launch per matrix costs a ramp-up each. So on GPU, bf16 single-row products go through
-# one Pallas (Triton) split-K kernel per site (q/k/v together, gate/up together); decode attention
-# is one Pallas kernel per layer plus a small XLA combine. Float32 models and CPU keep the XLA path
-# (exact parity). ``LAROSA_PALLAS`` lists what is enabled: "gemv,attn" (default) or "0".
-def _pallas_enabled(what: str) -> bool:
-    flags = os.environ.get("LAROSA_PALLAS", "gemv,attn")
-    on = jax.default_backend() == "gpu" or os.environ.get("LAROSA_PALLAS_INTERPRET") == "1"  # CPU: tests only
-    return on and what in flags.split(",")
-
-
-_GEMV_BK, _GEMV_BN, _GEMV_PROGRAMS = 64, 128, 264  # rows / columns per step; programs to aim for (2 per SM)
-
-
-def _gemv_split(k: int, n_blocks: int) -> int | None:
-    """Split of the K rows over programs (it must divide K / _GEMV_BK); None if K does not tile."""
-    if k % _GEMV_BK:
-        return None
-    nkb = k // _GEMV_BK
-    cands = [d for d in range(1, min(nkb, 16) + 1) if nkb % d == 0]
-    for d in cands:
-        if n_blocks * d >= _GEMV_PROGRAMS:
-            return d
-    return cands[-1]
-
-
-def _use_gemv(x: Array, ws: Sequence[Array]) -> bool:
-    if not _pallas_enabled("gemv") or x.ndim < 1 or int(np.prod(x.shape[:-1])) != 1:
-        return False
-    k = x.shape[-1]
-    return all(w.dtype == jnp.bfloat16 and w.ndim == 2 and w.shape[0] == k and w.shape[1] % _GEMV_BN == 0 for w in ws) \
-        and _gemv_split(k, sum(w.shape[1] // _GEMV_BN for w in ws)) is not None
-
-
-def _gemv_kernel(x_ref, *refs, n_blocks, nk):
-    """Program (j, s): column block j of the concatenated outputs, row slice s; f32 partial sums."""
-    m = len(n_blocks)
-    w_refs, o_refs = refs[:m], refs[m:]
-    j, s = pl.program_id(0), pl.program_id(1)
-    base = s * (nk * _GEMV_BK)
-    first = 0
-    for w_ref, o_ref, nb in zip(w_refs, o_refs, n_blocks):
-
-        @pl.when((j >= first) & (j < first + nb))
-        def _(w_ref=w_ref, o_ref=o_ref, first=first):
-            col = pl.ds(pl.multiple_of((j - first) * _GEMV_BN, _GEMV_BN), _GEMV_BN)
-
-            def body(i, acc):
-                k0 = pl.multiple_of(base + i * _GEMV_BK, _GEMV_BK)
-                xk = x_ref[pl.ds(k0, _GEMV_BK)].astype(jnp.float32)
-                return acc + xk[:, None] * w_ref[pl.ds(k0, _GEMV_BK), col].astype(jnp.float32)
-
-            acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((_GEMV_BK, _GEMV_BN), jnp.float32))
-            o_ref[...] = jnp.sum(acc, axis=0)
-
-        first += nb
-
-
-def _gemv_partials(x: Array, ws: tuple[Array, ...]) -> list[Array]:
-    """Float32 split-K partial sums ``[split, N_i]`` of ``x[K] @ w_i`` for every w_i, one launch."""
-    k = x.shape[0]
-    n_blocks = tuple(w.shape[1] // _GEMV_BN for w in ws)
-    split = _gemv_split(k, sum(n_blocks))
-    firsts = np.cumsum((0,) + n_blocks[:-1]).tolist()
-
-    def out_map(first, nb):
-        return lambda j, s: (s, jnp.clip(j - first, 0, nb - 1))
-
-    return pl.pallas_call(
-        functools.partial(_gemv_kernel, n_blocks=n_blocks, nk=k // (_GEMV_BK * split)),
-        out_shape=[jax.ShapeDtypeStruct((split, w.shape[1]), jnp.float32) for w in ws],
-        grid=(sum(n_blocks), split),
-        out_specs=[pl.BlockSpec((None, _GEMV_BN), out_map(f, nb)) for f, nb in zip(firsts, n_blocks)],
-        compiler_params=_triton_params(num_warps=4, num_stages=3),
-        interpret=jax.default_backend() == "cpu",
-    )(x, *ws)
-
-
-def _gemv_linears(x: Array, linears: Sequence["Linear"]) -> tuple[Array, ...]:
+def project(x: Array, linears: Sequence[Linear]) -> tuple[Array, ...]:
+    """x @ W_i (+ b_i) for several linears sharing one input: one Pallas launch at bf16 batch-1
+    decode on GPU (q/k/v together, gate/up together), XLA dots otherwise."""
     ws = tuple(lin.kernel[...] for lin in linears)
-    lead = x.shape[:-1]
-    parts = _gemv_partials(x.reshape(-1).astype(ws[0].dtype), ws)
-    out = []
-    for lin, w, p in zip(linears, ws, parts):
-        y = jnp.sum(p, axis=0)
-        if lin.bias is not None:
-            y = y + lin.bias[...].astype(y.dtype)
-        out.append(y.astype(w.dtype).reshape(*lead, w.shape[1]))
-    return tuple(out)
-
-
-_ATTN_BS, _ATTN_GP = 64, 16  # cache slots per program; query rows padded to 16 for the matrix unit
-
-
-def _use_attn(q: Array, k: Array) -> bool:
-    b, t, hq, hd = q.shape
-    return (_pallas_enabled("attn") and t == 1 and q.dtype == jnp.bfloat16 and k.dtype == jnp.bfloat16
-            and k.shape[1] % _ATTN_BS == 0 and hd in (64, 128, 256) and hq // k.shape[2] <= _ATTN_GP)
-
-
-def _attn_kernel(bounds_ref, q_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *, scale):
-    """Program (b, h, c): query heads of KV head h against slots [c*BS, (c+1)*BS) of row b."""
-    c = pl.program_id(2)
-    lo, hi = bounds_ref[0], bounds_ref[1]  # visible slots: lo <= slot <= hi
-    s0 = c * _ATTN_BS
-
-    @pl.when((s0 <= hi) & (s0 + _ATTN_BS > lo))
-    def _():
-        q = q_ref[...]  # [GP, hd]
-        kk = k_ref[...]  # [BS, hd]
-        s = jax.lax.dot_general(q, kk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        slot = s0 + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where((slot >= lo) & (slot <= hi), s, MASK_VALUE)
-        m = jnp.max(s, axis=1)
-        p = jnp.exp(s - m[:, None])
-        m_ref[...] = m
-        l_ref[...] = jnp.sum(p, axis=1)
-        o_ref[...] = jax.lax.dot_general(p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-
-    @pl.when((s0 > hi) | (s0 + _ATTN_BS <= lo))
-    def _():  # nothing visible in this block: neutral partials, no cache read
-        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
-
-
-def _attend_one_pallas(q: Array, k: Array, v: Array, q_slot: Array, start: Array) -> Array:
-    """Split-S (flash-decoding) attention for one query per row; combine in float32."""
-    b, _, hq, hd = q.shape
-    s_max, hkv = k.shape[1], k.shape[2]
-    g = hq // hkv
-    nc = s_max // _ATTN_BS
-    qp = jnp.pad(q.reshape(b, hkv, g, hd), ((0, 0), (0, 0), (0, _ATTN_GP - g), (0, 0)))
-    bounds = jnp.stack([start.astype(jnp.int32), jnp.broadcast_to(q_slot.astype(jnp.int32), (b,))], axis=1)
-    m, l, o = pl.pallas_call(
-        functools.partial(_attn_kernel, scale=hd**-0.5),
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, nc, _ATTN_GP), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, nc, _ATTN_GP), jnp.float32),
-                   jax.ShapeDtypeStruct((b, hkv, nc, _ATTN_GP, hd), jnp.float32)],
-        grid=(b, hkv, nc),
-        in_specs=[pl.BlockSpec((None, 2), lambda i, h, c: (i, 0)),
-                  pl.BlockSpec((None, None, _ATTN_GP, hd), lambda i, h, c: (i, h, 0, 0)),
-                  pl.BlockSpec((None, _ATTN_BS, None, hd), lambda i, h, c: (i, c, h, 0)),
-                  pl.BlockSpec((None, _ATTN_BS, None, hd), lambda i, h, c: (i, c, h, 0))],
-        out_specs=[pl.BlockSpec((None, None, None, _ATTN_GP), lambda i, h, c: (i, h, c, 0)),
-                   pl.BlockSpec((None, None, None, _ATTN_GP), lambda i, h, c: (i, h, c, 0)),
-                   pl.BlockSpec((None, None, None, _ATTN_GP, hd), lambda i, h, c: (i, h, c, 0, 0))],
-        compiler_params=_triton_params(num_warps=4, num_stages=2),
-        interpret=jax.default_backend() == "cpu",
-    )(bounds, qp, k, v)
-    m, l, o = m[..., :g], l[..., :g], o[..., :g, :]
-    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, Hkv, C, G]
-    out = jnp.sum(w[..., None] * o, axis=2) / jnp.sum(w * l, axis=2)[..., None]
-    return out.reshape(b, 1, hq * hd).astype(q.dtype)
-
-
-def _triton_params(**kw):
-    from jax.experimental.pallas import triton as plgpu
-
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(**kw)
+    bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
+    return ops.matvec(x, ws, bs)
 
 
 def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
@@ -319,32 +147,15 @@ def attend(q: Array, k: Array, v: Array, q_slots: Array, k_slots: Array, start: 
     ``start[b] <= slot_j <= slot_i`` (causal, left padding masked)."""
     b, t, hq, hd = q.shape
     hkv = k.shape[2]
+    if t == 1:  # decode: the cache's slots are 0..S-1
+        return ops.decode_attention(q, k, v, q_slots[0], start)
     visible = (k_slots[None, None, :] <= q_slots[None, :, None]) & (k_slots[None, None, :] >= start[:, None, None])
-    if t == 1:
-        if _use_attn(q, k):
-            return _attend_one_pallas(q, k, v, q_slots[0], start)
-        return _attend_one(q, k, v, visible[:, 0])
     qg = q.reshape(b, t, hkv, hq // hkv, hd)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc_dtype(q.dtype)) * (hd**-0.5)
     s = jnp.where(visible[:, None, None], s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=acc_dtype(q.dtype))
     return o.reshape(b, t, hq * hd).astype(q.dtype)
-
-
-def _attend_one(q: Array, k: Array, v: Array, visible: Array) -> Array:
-    """Single-query (decode) attention as multiply + reduce: reads the cache in its
-    ``[B, S, H_kv, hd]`` layout (a batched dot makes XLA transpose the whole cache every step)
-    and needs no matrix unit for a 1-row product. ``visible`` is ``[B, S]``."""
-    b, _, hq, hd = q.shape
-    hkv = k.shape[2]
-    ct = acc_dtype(q.dtype)
-    qg = q.reshape(b, 1, hkv, hq // hkv, hd).astype(ct)
-    s = jnp.sum(qg * k.astype(ct)[:, :, :, None, :], axis=-1) * (hd**-0.5)  # [B, S, Hkv, G]
-    s = jnp.where(visible[:, :, None, None], s, MASK_VALUE)
-    p = jax.nn.softmax(s, axis=1).astype(v.dtype)
-    o = jnp.sum(p.astype(ct)[..., None] * v.astype(ct)[:, :, :, None, :], axis=1)  # [B, Hkv, G, hd]
-    return o.reshape(b, 1, hq * hd).astype(q.dtype)
 
 
 class Block(nnx.Module):

@@ -1,0 +1,38 @@
+"""What every kernel module shares: when the Pallas path is on, Triton compiler params, dtypes."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+
+
+def acc_dtype(dtype):
+    """Accumulation / reduction dtype: float32, or float64 for float64 models (exactness tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def enabled(what: str) -> bool:
+    """Whether kernel ``what`` ("gemv", "attn") replaces its jnp twin.
+
+    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled kernels ("gemv,attn", or "0" for none).
+    ``LAROSA_PALLAS_INTERPRET=1`` turns them on elsewhere in Pallas interpret mode (tests).
+    """
+    flags = os.environ.get("LAROSA_PALLAS", "gemv,attn")
+    on = jax.default_backend() == "gpu" or os.environ.get("LAROSA_PALLAS_INTERPRET") == "1"
+    return on and what in flags.split(",")
+
+
+def interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def triton_params(**kw):
+    """``pltriton.CompilerParams`` (named ``TritonCompilerParams`` in older jax)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+    return cls(**kw)
