@@ -305,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse, _add_ppl, _add_demo]
+from .zeroshot import add_parser as _add_zeroshot  # noqa: E402  (imports lm_eval only when run)
+
+_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse, _add_ppl, _add_demo, _add_zeroshot]
 
 if __name__ == "__main__":
     sys.exit(main())
