@@ -217,6 +217,9 @@ def cmd_ppl(args) -> None:
     win = eval_windows(ids, args.protocol, args.seqlen, args.samples, args.seed, source)
     if args.limit:
         win = win[: args.limit]
+    if args.seqlen > model.config.max_position_embeddings:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
     meta = {"model": str(args.ckpt), "data": source, "protocol": args.protocol,
             "calibration": None if stats is None else f"{stats.metadata.get('data_source')} "
             f"({stats.metadata.get('samples')} x {stats.metadata.get('seqlen')}, flavour {stats.flavour})",
