@@ -137,7 +137,10 @@ def cmd_search(args) -> None:
     from .calibration import CalibrationStats
     from .checkpoint import load, load_tokenizer
     from .search import search_alpha, store_alpha
+    from .sparsity import SparseConfig
 
+    for p in args.sparsity:  # refuse bad p before loading anything
+        SparseConfig("larosa", args.mode, p)
     model = load(args.ckpt)
     stats = CalibrationStats.load(args.rotations)
     stats.check_model(model, where=args.rotations)

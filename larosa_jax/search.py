@@ -30,15 +30,21 @@ def alpha_plain_for(cfg: ModelConfig, alpha_rot: float) -> float:
 def alpha_grid(cfg: ModelConfig, p: float, points: int = 9, lo: float = 0.85, cap: float = 1.4) -> list[tuple[float, float]]:
     """Valid (α_rot, α_plain) pairs on an even grid of α_rot between ``lo`` and the largest α_rot
     that still leaves α_plain a k ≥ 1 and α_rot a k ≤ D."""
-    hi = 1.0 / (1.0 - p)
-    for a in np.linspace(hi, lo, 400):  # largest α_rot whose α_plain still gives k >= 1
+    SparseConfig("topk", "faithful", p)  # validates p before any arithmetic on it
+
+    def valid(a: float) -> bool:
         try:
-            site_ks(cfg, SparseConfig("topk", "faithful", p, (float(a), alpha_plain_for(cfg, float(a)))))
-            hi = float(a)
-            break
+            site_ks(cfg, SparseConfig("topk", "faithful", p, (a, alpha_plain_for(cfg, a))))
+            return True
         except SparsityError:
-            continue
-    return [(float(a), alpha_plain_for(cfg, float(a))) for a in np.linspace(lo, min(hi, cap), points)]
+            return False
+
+    scan = np.linspace(lo, 1.0 / (1.0 - p), 400)
+    ok = [float(a) for a in scan if valid(float(a))]
+    if not ok:
+        raise SparsityError(f"no α_rot in [{lo}, {1.0 / (1.0 - p):.3g}] keeps every k in [1, D] at p={p}")
+    lo, hi = ok[0], min(ok[-1], cap)  # both ends valid: α_plain may leave [1, D] at either end
+    return [(float(a), alpha_plain_for(cfg, float(a))) for a in np.linspace(lo, max(hi, lo), points)]
 
 
 @dataclasses.dataclass

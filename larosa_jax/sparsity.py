@@ -80,7 +80,7 @@ def k_for(alpha: float, p: float, dim: int, *, what: str = "") -> int:
     """k = round(α · (1 − p) · D); an α that leaves k outside [1, D] is an error naming the allowed α range."""
     k = int(round(alpha * (1.0 - p) * dim))
     if k < 1 or k > dim:
-        lo, hi = 0.5 / ((1 - p) * dim), 1.0 / (1 - p)
+        lo, hi = 1.0 / ((1 - p) * dim), 1.0 / (1 - p)
         raise SparsityError(
             f"{what}α={alpha:.4g} at p={p} gives k={k} of D={dim}; α must lie in [{lo:.4g}, {hi:.4g}]"
         )

@@ -10,7 +10,8 @@ GPT-2-style one such as SmolLM2's adds nothing), an empty context becomes ``pref
 EOS), and a context + continuation longer than ``max_length + 1`` tokens is cut from the left.
 
 Scoring is one jitted function over right-padded batches: requests are sorted by length (longest
-first) and padded into a few length buckets, so jit compiles a handful of shapes per task.
+first), cut into batches of ``batch_size`` rows, and each batch is padded to a length bucket (and the
+last one to ``batch_size`` rows), so jit compiles a handful of shapes per task.
 
 ``lm_eval`` is imported only when a function here needs it (``LarosaLM`` is built on first access),
 so ``larosa`` commands other than ``zeroshot`` do not pay for it or need it installed.
@@ -104,9 +105,10 @@ def local_tasks(data_dir: str | Path | None = None, out_dir: str | Path | None =
 
 # ----------------------------------------------------------------------------- scoring
 def _bucket(n: int, cap: int) -> int:
-    """Round a length up to one of 4 steps per octave (16, 32, 48, 64, 80, 96, 112, 128, 160, …)."""
-    n = max(16, n)
-    step = 1 << max(4, (n - 1).bit_length() - 3)
+    """Round a length up to a multiple of 8 below 128, then to one of 8 steps per octave
+    (128, 144, …, 256, 288, …), at most ``cap``: a handful of shapes per task, ~10-20% padding."""
+    n = max(8, n)
+    step = 1 << max(3, (n - 1).bit_length() - 4)
     return min(-(-n // step) * step, max(cap, n))
 
 
@@ -228,12 +230,10 @@ def _make_lm_class():
             bar = tqdm(total=len(seqs), desc="loglikelihood", disable=disable_tqdm or not self.progress, leave=False)
             t0 = time.perf_counter()
             i = 0
-            while i < len(order):
+            while i < len(order):  # longest first: a batch's first row sets its bucket
                 T = _bucket(len(seqs[order[i]]) - 1, L)
                 rows = max(1, min(self.batch_size, self.max_batch_tokens // T))
-                batch = [order[i]]
-                while len(batch) < rows and i + len(batch) < len(order) and _bucket(len(seqs[order[i + len(batch)]]) - 1, L) == T:
-                    batch.append(order[i + len(batch)])
+                batch = order[i : i + rows]
                 i += len(batch)
                 tokens = np.zeros((rows, T), np.int32)
                 targets = np.zeros((rows, T), np.int32)
@@ -294,8 +294,11 @@ def _make_lm_class():
                 if eos not in until:
                     until.append(eos)
                 max_gen = int(next((kw.pop(a) for a in ("max_gen_toks", "max_new_tokens", "max_tokens") if a in kw), self.max_gen_toks))
-                do_sample = bool(kw.pop("do_sample", False))
-                temperature = float(kw.pop("temperature", 0.0)) if do_sample else 0.0
+                # lm-eval's rule: no do_sample → sample iff temperature > 0; do_sample False → greedy
+                temperature = float(kw.pop("temperature", 0.0) or 0.0)
+                do_sample = kw.pop("do_sample", None)
+                do_sample = temperature > 0 if do_sample is None else bool(do_sample)
+                temperature = (temperature or 1.0) if do_sample else 0.0
                 top_p = float(kw.pop("top_p", 1.0) or 1.0) if do_sample else 1.0
                 # our generate pads prompts to a multiple of 8: keep prompt + generation inside max_length
                 room = (self.max_length - max_gen) // 8 * 8
@@ -373,9 +376,8 @@ def run_zeroshot(model, tok, tasks: Sequence[str], limit: int | float | None = N
     tm = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        avail = [t for t in tm.all_subtasks] if not include_defaults else ["(the harness's tasks and)"] + [
-            p.stem for p in Path(include_path or ".").glob("*.yaml")]
-        raise ZeroShotError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; available: {', '.join(avail)}")
+        avail = ", ".join(tm.all_subtasks) if not include_defaults else "see `lm_eval ls tasks`"
+        raise ZeroShotError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; available: {avail}")
     if lm is None:
         lm = _lm_class()(model, tok, batch_size=batch_size, **lm_kwargs)
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=tm,
@@ -384,7 +386,7 @@ def run_zeroshot(model, tok, tasks: Sequence[str], limit: int | float | None = N
 
 # ----------------------------------------------------------------------------- results files
 def _run_label(method: str, mode: str, alpha) -> str:
-    a = alpha if isinstance(alpha, str) else f"α {alpha[0]:g},{alpha[1]:g}"
+    a = alpha if alpha is None or isinstance(alpha, str) else f"α {alpha[0]:g},{alpha[1]:g}"
     if method == "larosa":
         return f"larosa {mode} ({a})"
     if method == "topk":

@@ -110,7 +110,7 @@ def test_alpha_giving_k_below_one_is_an_error_with_a_valid_range(p, dim):
             pytest.fail(f"α={a} lies in the range the error states ([{lo}, {hi}]) but is refused: {e}")
         assert 1 <= k <= dim
     with pytest.raises(SparsityError):
-        k_for(lo * 0.5, p, dim)
+        k_for(lo * 0.4, p, dim)
     # and through a SparseConfig: the site is named
     with pytest.raises(SparsityError, match=r"α must lie in"):
         site_ks(stories().config, SparseConfig("topk", "faithful", 0.5, (1.0, 1e-3)))
@@ -148,6 +148,9 @@ def test_unknown_method_mode_alpha_list_the_valid_ones():
 
 
 # ----------------------------------------------------------------------------- Top-K
+_jit_topk = jax.jit(topk)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 5, 64), (2, 172), (1, 1, 7)])
 def test_topk_keeps_exactly_k_with_ties(dtype, shape):
@@ -155,14 +158,12 @@ def test_topk_keeps_exactly_k_with_ties(dtype, shape):
     x = jnp.asarray(tied_values(rng, shape), dtype)
     d = shape[-1]
     xs = np.asarray(x.astype(jnp.float32))
-    jitted = jax.jit(topk)
-    for k in sorted({1, 2, d // 3, d // 2, d - 1, d}):
-        if k < 1:
-            continue
-        out = np.asarray(topk(x, k).astype(jnp.float32))
-        assert np.asarray(topk(x, k)).dtype == np.dtype(dtype)
-        # traced k (one compiled model serves every α and p) gives the same result
-        np.testing.assert_array_equal(np.asarray(jitted(x, jnp.int32(k)).astype(jnp.float32)), out)
+    # a Python int k (eager) and a traced k (one compiled model serves every α and p) agree
+    eager = topk(x, d // 2)
+    assert eager.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(eager), np.asarray(_jit_topk(x, jnp.int32(d // 2))))
+    for k in sorted({1, 2, d // 3, d // 2, d - 1, d} - {0}):
+        out = np.asarray(_jit_topk(x, jnp.int32(k)).astype(jnp.float32))
         kept = out != 0
         assert (kept.sum(-1) == k).all(), f"k={k}: kept {np.unique(kept.sum(-1))}"
         np.testing.assert_array_equal(np.where(kept, xs, 0.0), out)  # kept entries unchanged
@@ -171,19 +172,16 @@ def test_topk_keeps_exactly_k_with_ties(dtype, shape):
         max_dropped = np.where(kept, -np.inf, mag).max(-1)
         assert (min_kept >= max_dropped).all(), f"k={k}: a dropped entry is larger than a kept one"
         # ties at the threshold: lower index first (documented)
-        flat_kept, flat_mag = kept.reshape(-1, d), mag.reshape(-1, d)
-        for row_kept, row_mag in zip(flat_kept, flat_mag):
-            t = row_mag[row_kept].min()
-            at_t = np.flatnonzero(row_mag == t)
-            kept_at_t = row_kept[at_t]
-            assert not (np.diff(kept_at_t.astype(int)) > 0).any(), "a tied later entry kept before an earlier one"
+        for row_kept, row_mag in zip(kept.reshape(-1, d), mag.reshape(-1, d)):
+            at_t = row_kept[row_mag == row_mag[row_kept].min()]
+            assert not (np.diff(at_t.astype(int)) > 0).any(), f"k={k}: a later tied entry kept, an earlier dropped"
 
 
 def test_topk_continuous_values_match_sort():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 6, 200)).astype(np.float32)
     for k in (1, 37, 120, 200):
-        out = np.asarray(topk(jnp.asarray(x), k))
+        out = np.asarray(_jit_topk(jnp.asarray(x), jnp.int32(k)))
         idx = np.argsort(-np.abs(x), axis=-1, kind="stable")[..., :k]
         ref = np.zeros_like(x)
         np.put_along_axis(ref, idx, np.take_along_axis(x, idx, -1), -1)
@@ -239,44 +237,46 @@ def test_projections_keep_exactly_k_at_every_site_with_ties(kind, monkeypatch):
             np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
-def _topk_calls(monkeypatch, model, tokens):
-    """Run ``model`` once, recording (kept per token, zeros in the input per token, k) of every Top-K call."""
+@pytest.mark.parametrize("method,mode", [("topk", "faithful"), ("larosa", "faithful"), ("larosa", "fused")])
+def test_real_activations_keep_exactly_k_at_every_site(method, mode, monkeypatch):
+    """Spy on every Top-K call of a stories260K forward: one per site and layer, each keeping exactly k."""
+    s = stories()
+    stats = stories_stats("fused" if mode == "fused" else "faithful")
     calls = []
     orig = sparsity.topk
 
     def spy(x, k):
         out = orig(x, k)
-        calls.append((jnp.sum(out != 0, axis=-1), jnp.sum(x == 0, axis=-1), jnp.asarray(k), x.shape[-1]))
+        calls.append((jnp.sum(out != 0, axis=-1), jnp.sum(x == 0, axis=-1), jnp.asarray(k)))
+        widths.append(x.shape[-1])  # static, recorded while tracing
         return out
 
     monkeypatch.setattr(sparsity, "topk", spy)
-    graphdef, state = nnx.split(model)
+    widths = []
 
-    def run(state, tokens):
+    def run(graphdef, state, tokens):
         calls.clear()
+        widths.clear()
         nnx.merge(graphdef, state)(tokens)
-        return [c[:3] for c in calls], tuple(c[3] for c in calls)
+        return list(calls)
 
-    arrays, widths = jax.jit(run)(state, jnp.asarray(tokens))  # widths: static ints from the trace
-    return jax.device_get(arrays), widths
-
-
-@pytest.mark.parametrize("method,mode", [("topk", "faithful"), ("larosa", "faithful"), ("larosa", "fused")])
-@pytest.mark.parametrize("p", [0.25, 0.5])
-def test_real_activations_keep_exactly_k_at_every_site(method, mode, p, monkeypatch):
-    s = stories()
-    stats = stories_stats("fused" if mode == "fused" else "faithful")
-    sm = sparsify(s.model, stats, SparseConfig(method, mode, p))
-    expected = site_ks(s.config, SparseConfig(method, mode, p))
-    calls, widths = _topk_calls(monkeypatch, sm, held_windows(1, 128))
-    assert len(calls) == 4 * s.config.num_layers, "one Top-K per site and layer"
+    compiled = {}
+    tokens = jnp.asarray(held_windows(1, 128))
     dims = site_dims(s.config)
-    for i, ((kept, zeros, k), width) in enumerate(zip(calls, widths)):
-        site, layer = SITES[i % 4], i // 4
-        assert width == dims[site], (site, layer, width)
-        assert int(k) == expected[site], f"{site} layer {layer}: k={int(k)}, expected {expected[site]}"
-        assert (zeros == 0).all(), "test premise: real activations have no exact zeros"
-        assert (kept == expected[site]).all(), f"{site} layer {layer}: kept {np.unique(kept)} != {expected[site]}"
+    for p in (0.25, 0.5):  # k is state: both p share one compilation
+        sc = SparseConfig(method, mode, p)
+        graphdef, state = nnx.split(sparsify(s.model, stats, sc))
+        fn = compiled.setdefault(graphdef, jax.jit(run, static_argnums=0))
+        got = jax.device_get(fn(graphdef, state, tokens))
+        expected = site_ks(s.config, sc)
+        assert len(got) == 4 * s.config.num_layers, "one Top-K per site and layer"
+        assert widths == [dims[SITES[i % 4]] for i in range(len(got))], widths
+        for i, (kept, zeros, k) in enumerate(got):
+            site, layer = SITES[i % 4], i // 4
+            assert int(k) == expected[site], f"p={p} {site} layer {layer}: k={int(k)}, expected {expected[site]}"
+            assert (zeros == 0).all(), "test premise: real activations have no exact zeros"
+            assert (kept == expected[site]).all(), f"p={p} {site} layer {layer}: kept {np.unique(kept)} != k"
+    assert len(compiled) == 1
 
 
 # ----------------------------------------------------------------------------- p = 0 and no-sparsity hooks
@@ -296,37 +296,32 @@ def test_p_zero_is_the_identity(method, mode):
         np.testing.assert_array_equal(out, dense)
 
 
-def test_hooks_without_sparsity_are_the_identity():
-    """k = D everywhere / thresholds below every |x|: the hooks themselves must not change the model."""
+def test_hooks_without_sparsity_are_the_identity_and_sparsify_with_it():
+    """k = D everywhere / thresholds below every |x|: the hooks themselves must not change the model;
+    the same hooks (same compiled graph, other state) at p = 0.5 must change it."""
     s = stories()
     cfg = s.config
     tokens = held_windows(2, 128)
     dense = logits(s.model, tokens)
-    full = site_dims(cfg)
-    sc = SparseConfig("topk", "faithful", 0.0)
-    L = cfg.num_layers
-    hooks = {
-        "topk": TopKProjection(full),
-        "larosa faithful": RotatedTopKProjection(full, stories_stats("faithful").rotations, gamma_free=False),
-        "larosa γ-free": RotatedTopKProjection(full, stories_stats("fused").rotations, gamma_free=True),
-        "teal": TealProjection({site: np.full(L, -1.0) for site in SITES}),
-        "cats": CatsProjection(np.full(L, -1.0)),
+    full, L = site_dims(cfg), cfg.num_layers
+    faithful, fused = stories_stats("faithful"), stories_stats("fused")
+    cases = {  # name: (hook with no sparsity, the same method at p = 0.5 via sparsify, tolerance)
+        "topk": (TopKProjection(full), sparsify(s.model, faithful, SparseConfig("topk", "faithful", 0.5)), 1e-6),
+        "larosa faithful": (RotatedTopKProjection(full, faithful.rotations, gamma_free=False),
+                            sparsify(s.model, faithful, SparseConfig("larosa", "faithful", 0.5)), 1e-4),
+        "larosa γ-free": (RotatedTopKProjection(full, fused.rotations, gamma_free=True),
+                          sparsify(s.model, fused, SparseConfig("larosa", "faithful", 0.5)), 1e-4),
+        "teal": (TealProjection({site: np.full(L, -1.0) for site in SITES}),
+                 sparsify(s.model, faithful, SparseConfig("teal", "faithful", 0.5)), 1e-6),
+        "cats": (CatsProjection(np.full(L, -1.0)), sparsify(s.model, faithful, SparseConfig("cats", "faithful", 0.5)), 1e-6),
     }
-    for name, hook in hooks.items():
-        err = rel_err(logits(SparseModel(s.model, sc, hook), tokens), dense)
-        assert err <= (1e-6 if name in ("topk", "teal", "cats") else 1e-4), f"{name}: {err:.3g}"
-
-
-def test_sparse_model_at_p_actually_sparsifies():
-    """Guard for the identity tests above: at p > 0 every method changes the logits."""
-    s = stories()
-    tokens = held_windows(1, 128)
-    dense = logits(s.model, tokens)
-    for method, mode in [("topk", "faithful"), ("teal", "faithful"), ("cats", "faithful"), ("larosa", "faithful"),
-                         ("larosa", "fused")]:
-        stats = stories_stats("fused" if mode == "fused" else "faithful")
-        out = logits(sparsify(s.model, stats, SparseConfig(method, mode, 0.5)), tokens)
-        assert rel_err(out, dense) > 1e-3, f"{method}/{mode} at p=0.5 left the logits unchanged"
+    for name, (hook, sparse, tol) in cases.items():
+        assert type(sparse.proj) is type(hook), name
+        assert getattr(sparse.proj, "gamma_free", None) == getattr(hook, "gamma_free", None), name
+        off = SparseConfig(sparse.method, sparse.mode, 0.0)  # same static fields: one compilation per hook
+        err = rel_err(logits(SparseModel(s.model, off, hook), tokens), dense)
+        assert err <= tol, f"{name} without sparsity: logits moved by {err:.3g}"
+        assert rel_err(logits(sparse, tokens), dense) > 1e-3, f"{name} at p=0.5 left the logits unchanged"
 
 
 # ----------------------------------------------------------------------------- effective sparsity
@@ -356,23 +351,40 @@ def test_effective_sparsity_by_hand():
     assert sm.effective_sparsity == pytest.approx(effective_sparsity_of(s.config, sc), abs=1e-6)
 
 
-@pytest.mark.parametrize("cfg_name", ["small", "stories", "llama7b"])
+CONFIGS = {"small": small_config, "stories": lambda: stories().config, "llama7b": llama7b_config}
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
 def test_alpha_plain_keeps_effective_sparsity_at_p(cfg_name):
-    cfg = {"small": small_config, "stories": lambda: stories().config, "llama7b": llama7b_config}[cfg_name]()
+    cfg = CONFIGS[cfg_name]()
     tol = max(1.0 / d for d in site_dims(cfg).values())
     checked = 0
-    for p in (0.1, 0.25, 0.4, 0.5, 0.6):
+    for p in (0.25, 0.4, 0.5, 0.6):
         for a_rot in (0.9, 1.0, 1.1, 1.2):
             a_plain = alpha_plain_for(cfg, a_rot)
-            try:
-                sc = SparseConfig("larosa", "faithful", p, (a_rot, a_plain))
-                eff = effective_sparsity_of(cfg, sc)
-            except SparsityError:  # α_plain out of range at this p: alpha_grid never offers it
-                continue
+            if not 0.5 / ((1 - p) * min(site_dims(cfg).values())) < a_plain <= 1 / (1 - p):
+                continue  # α_plain out of range at this p (k < 1 or k > D)
+            eff = effective_sparsity_of(cfg, SparseConfig("larosa", "faithful", p, (a_rot, a_plain)))
             assert abs(eff - p) <= tol, f"p={p} α=({a_rot}, {a_plain:.4f}): effective {eff:.5f}"
             checked += 1
-        for a_rot, a_plain in alpha_grid(cfg, p, points=5):
-            eff = effective_sparsity_of(cfg, SparseConfig("larosa", "faithful", p, (a_rot, a_plain)))
-            assert abs(eff - p) <= tol, f"grid p={p} α=({a_rot}, {a_plain:.4f}): effective {eff:.5f}"
-            checked += 1
-    assert checked >= 25
+    assert checked >= 8
+
+
+@pytest.mark.parametrize("cfg_name,p", [("stories", 0.25), ("stories", 0.5), ("llama7b", 0.25), ("llama7b", 0.4),
+                                        ("llama7b", 0.5), ("small", 0.5)])
+def test_alpha_grid_points_are_valid_and_keep_effective_sparsity(cfg_name, p):
+    """Every point the α search will try must be a valid setting (k in [1, D] at every site) whose
+    effective sparsity is p within rounding."""
+    cfg = CONFIGS[cfg_name]()
+    tol = max(1.0 / d for d in site_dims(cfg).values())
+    grid = alpha_grid(cfg, p, points=9)
+    assert len(grid) == 9 and len({a for a, _ in grid}) == 9
+    for a_rot, a_plain in grid:
+        sc = SparseConfig("larosa", "faithful", p, (a_rot, a_plain))
+        try:
+            ks = site_ks(cfg, sc)
+        except SparsityError as e:
+            pytest.fail(f"alpha_grid({cfg_name}, p={p}) offers an invalid point α=({a_rot:.4f}, {a_plain:.4f}): {e}")
+        assert all(1 <= ks[s] <= d for s, d in site_dims(cfg).items())
+        eff = effective_sparsity_of(cfg, sc)
+        assert abs(eff - p) <= tol, f"α=({a_rot:.4f}, {a_plain:.4f}): effective {eff:.5f} at p={p}"

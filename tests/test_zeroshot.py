@@ -36,6 +36,14 @@ TINY_TASK = "tiny_arc"
 STORY = (Path(larosa_jax.__file__).parent / "assets" / "tinystories-valid-head.txt").read_text()
 
 
+@pytest.fixture(autouse=True)
+def _no_env_report(monkeypatch):
+    """simple_evaluate's environment report runs torch's collect_env (pip, nvidia-smi): ~6 s a call."""
+    import lm_eval.evaluator
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+
+
 @pytest.fixture(scope="module")
 def tok(stories_ckpt):
     """A tokenizer of our own: HFLM sets a pad token on the tokenizer it is given."""
@@ -129,20 +137,27 @@ def test_simple_evaluate_matches_hflm(stories_model, stories_hf, tok, tiny_dir):
 
 
 def test_sparse_model_scores_like_unpadded_forward(stories_model, tok, tiny_requests):
-    """Batching, right padding and buckets must not change a sparse model's scores (Top-K per token)."""
+    """Batching, right padding and buckets must not change a sparse model's scores (Top-K per token).
+    Reference: requests of one total length stacked without padding (two lengths: two compiles)."""
     sparse = sparsify(stories_model, None, SparseConfig("topk", "faithful", 0.5, "uniform"))
-    reqs = tiny_requests[:12]
     lm = LarosaLM(sparse, tok, batch_size=4, progress=False)
-    got = np.array([a for a, _ in lm.loglikelihood(reqs)])
-    want = []
-    for req in reqs:
+    by_len: dict[int, list] = {}
+    for req in tiny_requests:
         ctx, cont = lm._encode_pair(*req.args)
-        seq = np.array(ctx + cont, np.int32)
-        logits = forward(sparse, seq[None, :-1])[0].astype(np.float64)
+        by_len.setdefault(len(ctx) + len(cont), []).append((req, ctx, cont))
+    groups = sorted(by_len.values(), key=len)[-2:]
+    assert sum(map(len, groups)) >= 5
+    reqs, want = [], []
+    for g in groups:
+        seqs = np.array([ctx + cont for _, ctx, cont in g], np.int32)
+        logits = forward(sparse, seqs[:, :-1]).astype(np.float64)
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-        want.append(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+        for row, (req, ctx, cont) in zip(logp, g):
+            reqs.append(req)
+            want.append(sum(row[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+    got = np.array([a for a, _ in lm.loglikelihood(reqs, disable_tqdm=True)])
     np.testing.assert_allclose(got, want, atol=1e-3)
-    dense = np.array([a for a, _ in LarosaLM(stories_model, tok, batch_size=4, progress=False).loglikelihood(reqs)])
+    dense = np.array([a for a, _ in LarosaLM(stories_model, tok, batch_size=4, progress=False).loglikelihood(reqs, disable_tqdm=True)])
     assert np.abs(dense - got).max() > 1e-2, "Top-K at p = 0.5 should change the scores"
 
 
@@ -230,5 +245,5 @@ def test_cli(stories_ckpt, tmp_path, capsys):
     assert "limit 4 examples per task" in md and "| topk (uniform) | 0.60 |" in md and "jax" in md
     assert main(argv) == 2  # results exist
     assert "results exist" in capsys.readouterr().err
-    assert main(argv[:4] + ["--tasks", "arc_easy,mmlu", "--out", str(tmp_path / "x")]) == 2
+    assert main(argv[:3] + ["--tasks", "arc_easy,mmlu", "--out", str(tmp_path / "x")]) == 2
     assert "unknown task 'mmlu'; available: arc_easy" in capsys.readouterr().err
