@@ -302,17 +302,23 @@ def convert(model: str, out: str | Path, *, dtype: str = "bfloat16", overwrite: 
         bar.close()
         hf_cfg = dict(hf_cfg)
         hf_cfg["larosa"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "source": str(model), "layout": "input-major"}
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        for fname in TOKENIZER_FILES:
-            if (root / fname).exists():
-                shutil.copyfile(root / fname, tmp / fname)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _finish(tmp, out, hf_cfg, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _finish(tmp: Path, out: Path, config: dict, tokenizer_from: str | Path | None) -> None:
+    """Write config.json and the tokenizer files into ``tmp``, then move it to ``out`` in one rename."""
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_from is not None:
+        for fname in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / fname).exists():
+                shutil.copyfile(Path(tokenizer_from) / fname, tmp / fname)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -361,14 +367,7 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
         hf = model.config.to_hf()
         hf["larosa"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "layout": "input-major",
                         "fused": model.adapters is not None, **(meta or {})}
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        if tokenizer_from is not None:
-            for fname in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / fname).exists():
-                    shutil.copyfile(Path(tokenizer_from) / fname, tmp / fname)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _finish(tmp, out, hf, tokenizer_from)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
