@@ -1,4 +1,4 @@
-"""``larosa`` command line: convert | generate | calibrate | search | ppl | demo.
+"""``larosa`` command line: convert | generate | calibrate | search | fuse | ppl | zeroshot | demo.
 
 Errors the user can fix (bad paths, bad configs, bad values) print one line and exit 2.
 """
