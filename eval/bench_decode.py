@@ -120,41 +120,36 @@ def kv_bytes_per_step(cfg: ModelConfig, prompt: int, new: int, itemsize: int) ->
 
 
 # ----------------------------------------------------------------------------- bandwidth
-def copy_bandwidth(nbytes: int, repeats: int = 10) -> dict:
-    """Device-to-device copy bandwidth (bytes read + written per second); two buffers rotate."""
-    n = nbytes // 4
-    copy = jax.jit(lambda x: x + jnp.uint32(1))  # elementwise: one read + one write per element
-    xs = [jax.random.bits(jax.random.key(i), (n,), jnp.uint32) for i in range(2)]
-    jax.block_until_ready(copy(xs[0]))
+def _median_seconds(fn, xs, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls alternating between the buffers ``xs``,
+    after one warm-up call (compile)."""
+    jax.block_until_ready(fn(xs[0]))
     ts = []
     for i in range(repeats):
         x = xs[i % 2]
         jax.block_until_ready(x)
         t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
+        jax.block_until_ready(fn(x))
         ts.append(time.perf_counter() - t0)
-    t = statistics.median(ts)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 10) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written per second); two buffers rotate."""
+    n = nbytes // 4
+    copy = jax.jit(lambda x: x + jnp.uint32(1))  # elementwise: one read + one write per element
+    xs = [jax.random.bits(jax.random.key(i), (n,), jnp.uint32) for i in range(2)]
+    t = _median_seconds(copy, xs, repeats)
     plain = jax.jit(lambda x: jnp.copy(x))  # a plain device-to-device copy (the output may not alias x)
-    jax.block_until_ready(plain(xs[0]))
-    tc = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(plain(xs[i % 2]))
-        tc.append(time.perf_counter() - t0)
+    t_plain = _median_seconds(plain, xs, repeats)
     add_bw = 2 * 4 * n / t / 1e9
-    t = min(t, statistics.median(tc))
+    t = min(t, t_plain)
     # read-only bandwidth, for reference (a full reduction)
-    red = jax.jit(lambda x: jnp.sum(x, dtype=jnp.uint32))
-    jax.block_until_ready(red(xs[0]))
-    tr = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(red(xs[i % 2]))
-        tr.append(time.perf_counter() - t0)
+    t_read = _median_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.uint32)), xs, repeats)
     del xs
     return {"bytes": 2 * 4 * n, "seconds": t, "copy_GBps": 2 * 4 * n / t / 1e9, "add_one_GBps": add_bw,
-            "plain_copy_GBps": 2 * 4 * n / statistics.median(tc) / 1e9,
-            "read_only_GBps": 4 * n / statistics.median(tr) / 1e9}
+            "plain_copy_GBps": 2 * 4 * n / t_plain / 1e9,
+            "read_only_GBps": 4 * n / t_read / 1e9}
 
 
 # ----------------------------------------------------------------------------- decode benchmark

@@ -108,17 +108,9 @@ def make_hf_model(kind: str, seed: int = 0):
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False))
     else:
         raise ValueError(kind)
-    model = model.to(torch.float32).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
+    from conftest import randomize_  # the parity tests' weight distribution
+
+    return randomize_(model.to(torch.float32).eval(), seed)
 
 
 @functools.lru_cache(maxsize=None)

@@ -73,7 +73,11 @@ def make_hf_model(kind: str, seed: int = 0):
     family, kw = RANDOM_SPECS[kind]
     cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     cfg = cfg_cls(**kw)
-    model = model_cls(cfg).to(torch.float32).eval()
+    return randomize_(model_cls(cfg).to(torch.float32).eval(), seed)
+
+
+def randomize_(model, seed: int = 0):
+    """Re-draw an HF model's weights in place: matrices N(0, 0.1²), norm gains U(0.5, 1.5), biases N(0, 0.5²)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
