@@ -1,9 +1,15 @@
-"""Dense batch-1 decode throughput against the HBM roofline.
+"""Decode throughput, dense and sparse, against the HBM roofline.
 
 Random bf16 weights are built on the device (no checkpoint) for real model shapes; a prompt of
 ``--prompt`` tokens is prefilled, then ``--new`` tokens are decoded by one call of
 :func:`larosa_jax.generate.decode` (a single ``lax.while_loop`` jit). Only that call is timed,
 after a warm-up call on the same shapes; the median of ``--repeats`` runs is reported.
+
+``--configs`` lists what to decode besides ``dense``: ``larosa@P`` (the fused, deployable La RoSA
+model: γ and Q folded, d × d adapters between layers, Top-K at every site; the official α_rot with
+α_plain solved so that the effective sparsity is exactly P) and ``topk@P`` (Top-K without rotation,
+no adapters, α = 1: the TEAL-like peer). ``--batch`` lists batch sizes. Speed-ups are against dense
+at the same batch, in the same run.
 
 Roofline: bytes read per decode step = every weight matrix (the lm_head in full; the embedding
 row is negligible) + the KV cache of the live context (mean over the decoded steps), divided by
@@ -11,6 +17,8 @@ the copy bandwidth measured in the same run (a large device-to-device copy, read
 
     python eval/bench_decode.py --models llama2-7b,llama3-8b,qwen2-7b --prompt 128 --new 256 \\
         --out eval/results/dense_decode_h100
+    python eval/bench_decode.py --models llama2-7b --configs larosa@0.4,larosa@0.5,topk@0.5 --batch 1,4 \\
+        --out eval/results/sparse_decode_h200
     python eval/bench_decode.py --tiny            # CPU smoke test
 
 ``--profile MODEL`` adds a jax.profiler trace of one decode call of that model and prints the
@@ -61,6 +69,9 @@ from larosa_jax.config import ModelConfig  # noqa: E402
 from larosa_jax.generate import DecodeState, SamplingConfig, decode, prefill  # noqa: E402
 from larosa_jax.models import init_cache  # noqa: E402
 from larosa_jax.models.random_init import random_model  # noqa: E402
+from larosa_jax.search import alpha_plain_for  # noqa: E402
+from larosa_jax.sparse_model import sparsify  # noqa: E402
+from larosa_jax.sparsity import SITES, SparseConfig, site_dims, site_ks, site_params  # noqa: E402
 
 HF_CONFIGS = {
     "llama2-7b": {
@@ -93,23 +104,28 @@ def tiny(hf: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- random weights on device
-def build_random(cfg: ModelConfig, dtype, seed: int = 0):
+def build_random(cfg: ModelConfig, dtype, seed: int = 0, adapters: bool = False):
     """(graphdef, state, specs) of a Transformer with random weights made on the device."""
-    graphdef, state = nnx.split(random_model(cfg, dtype, seed))
+    graphdef, state = nnx.split(random_model(cfg, dtype, seed, adapters=adapters))
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     specs = tuple((jax.tree_util.keystr(p), tuple(l.shape), jnp.dtype(l.dtype)) for p, l in flat)
     return graphdef, state, specs
 
 
-def weight_bytes_per_step(cfg: ModelConfig, specs) -> int:
+def weight_bytes_per_step(cfg: ModelConfig, specs, ks: dict[str, int] | None = None) -> int:
     """Bytes of weights read by one decode step: everything except the embedding table (one row
-    is gathered), unless it doubles as the lm_head (tied)."""
+    is gathered), unless it doubles as the lm_head (tied). With Top-K ``ks`` per site, only the kept
+    rows of the seven projections (the adapters and the lm_head stay dense)."""
     total = 0
     for name, shape, dt in specs:
         n = int(np.prod(shape)) * dt.itemsize
         if "embedding" in name and not cfg.tie_word_embeddings:
             n = shape[-1] * dt.itemsize
         total += n
+    if ks:
+        dims, w = site_dims(cfg), site_params(cfg)
+        itemsize = specs[0][2].itemsize
+        total -= int(sum((1 - ks[s] / dims[s]) * w[s] for s in SITES) * cfg.num_layers * itemsize)
     return total
 
 
@@ -157,28 +173,125 @@ NO_EOS = jnp.asarray([-1], jnp.int32)  # never sampled: every run decodes exactl
 
 
 def _fresh_state(graphdef, state, cfg, prompt_ids, max_len, cache_dtype, new):
-    cache = init_cache(cfg, 1, max_len, cache_dtype)
+    b = prompt_ids.shape[0]
+    cache = init_cache(cfg, b, max_len, cache_dtype)
     logits, cache = prefill(graphdef, state, prompt_ids, cache)
     return DecodeState(
-        cache=cache, logits=logits, tokens=jnp.zeros((1, new), jnp.int32),
-        step=jnp.zeros((), jnp.int32), done=jnp.zeros((1,), bool), key=jax.random.key(0),
+        cache=cache, logits=logits, tokens=jnp.zeros((b, new), jnp.int32),
+        step=jnp.zeros((), jnp.int32), done=jnp.zeros((b,), bool), key=jax.random.key(0),
     )
 
 
-def bench_model(name: str, hf: dict, args) -> dict:
+def parse_configs(text: str) -> list[tuple[str, float]]:
+    """``"larosa@0.4,topk@0.5"`` → [("dense", 0), ("larosa", 0.4), ("topk", 0.5)] (dense always first)."""
+    out = [("dense", 0.0)]
+    for c in (t.strip() for t in (text or "").split(",")):
+        if not c or c == "dense":
+            continue
+        m, _, p = c.partition("@")
+        try:
+            pv = float(p)
+        except ValueError:
+            pv = -1.0
+        if m not in ("larosa", "topk") or not 0 < pv < 1:
+            raise SystemExit(f"--configs: {c!r} is not METHOD@P with METHOD larosa or topk and 0 < P < 1")
+        out.append((m, pv))
+    return out
+
+
+def sparse_config(cfg: ModelConfig, method: str, p: float) -> SparseConfig:
+    """larosa: the fused model, official α_rot, α_plain solved for effective = p; topk: α = 1 (effective = p)."""
+    if method == "dense":
+        return SparseConfig("dense")
+    if method == "topk":
+        return SparseConfig("topk", "faithful", p, "uniform")
+    a_rot = SparseConfig("larosa", "fused", p).alphas()[0]
+    return SparseConfig("larosa", "fused", p, (a_rot, alpha_plain_for(cfg, a_rot)))
+
+
+def label(method: str, p: float) -> str:
+    return "dense" if method == "dense" else f"{method}@{p:g}"
+
+
+def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dict]:
+    """Every (config, batch) of ``args`` on one model shape; one result dict each (``on_result`` sees
+    each as it completes, so a cut-off run keeps what it measured)."""
     cfg = ModelConfig.from_hf(hf, source=name)
     dtype = jnp.bfloat16
+    configs = parse_configs(args.configs)
+    bases = {}
     t0 = time.perf_counter()
-    graphdef, state, specs = build_random(cfg, dtype)
-    jax.block_until_ready(state)
+    bases[False] = build_random(cfg, dtype)
+    if any(m == "larosa" for m, _ in configs):  # the fused model: adapters, untied head (random weights)
+        bases[True] = build_random(cfg, dtype, seed=1, adapters=True)
+    jax.block_until_ready([b[1] for b in bases.values()])
     t_build = time.perf_counter() - t0
+    results = []
+    dense_ms = {}
+    for method, p in configs:
+        graphdef0, state0, specs = bases[method == "larosa"]
+        sc = sparse_config(cfg, method, p)
+        if method == "dense":
+            graphdef, state = graphdef0, state0
+            ks, eff = None, 0.0
+        else:
+            sm = sparsify(nnx.merge(graphdef0, state0), None, sc)
+            graphdef, state = nnx.split(sm)
+            ks, eff = site_ks(cfg, sc), sm.effective_sparsity
+        for b in args.batches:
+            res = time_decode(name, label(method, p), graphdef, state, cfg, b, args)
+            wbytes = weight_bytes_per_step(cfg, specs, ks)
+            kvbytes = b * kv_bytes_per_step(cfg, args.prompt, args.new, jnp.dtype(dtype).itemsize)
+            bw = args.bandwidth["copy_GBps"] * 1e9
+            roof_ms = (wbytes + kvbytes) / bw * 1e3
+            ms_tok = res["ms_per_token"]
+            res.update(model=name, config=label(method, p), method=method, sparsity=p, effective_sparsity=eff,
+                       site_k=ks, batch=b, params=sum(int(np.prod(s)) for _, s, _ in specs), layers=cfg.num_layers,
+                       hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, heads=cfg.num_heads,
+                       kv_heads=cfg.num_kv_heads, vocab=cfg.vocab_size, prompt=args.prompt, new_tokens=args.new,
+                       weight_bytes_per_step=wbytes, kv_bytes_per_step_mean=kvbytes, roofline_ms_per_token=roof_ms,
+                       pct_of_roofline=100 * roof_ms / ms_tok, build_seconds=t_build)
+            if method == "dense":
+                dense_ms[b] = (ms_tok, wbytes + kvbytes)
+            if b in dense_ms:
+                res["speedup_vs_dense"] = dense_ms[b][0] / ms_tok
+                res["ideal_speedup"] = dense_ms[b][1] / (wbytes + kvbytes)  # bytes ratio (per-token keep sets)
+            print(f"{name} {label(method, p)} b={b}: {res['tokens_per_s']:.1f} tok/s/row, {ms_tok:.3f} ms/step, "
+                  f"roofline {roof_ms:.3f} ({res['pct_of_roofline']:.1f}%)"
+                  + (f", {res['speedup_vs_dense']:.3f}x dense (ideal {res['ideal_speedup']:.3f}x)"
+                     if method != "dense" and "speedup_vs_dense" in res else ""), flush=True)
+            want = [t.split(":") for t in (args.profile or "").split(",") if t]
+            if b == args.batches[0] and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want):
+                res["profile"] = profile_decode(name, graphdef, state, cfg, b, args)
+            if method == "dense" and b == 1:
+                prompt_ids = _prompt(cfg, 1, args.prompt)
+                max_len = -(-(args.prompt + args.new) // 64) * 64
+                if args.step_check in (name, "all"):
+                    res["single_step_ms"] = single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args)
+                    print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
+                if args.variants and (name in args.variants_model.split(",") or args.variants_model == "all"):
+                    res["variants"] = decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args,
+                                                      args.variants.split(","))
+            results.append(res)
+            on_result(res)
+            jax.clear_caches()
+        del state
+    del bases
+    return results
 
+
+def _prompt(cfg: ModelConfig, batch: int, n: int) -> jax.Array:
     rng = np.random.RandomState(0)
-    prompt_ids = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, args.prompt)), jnp.int32)
+    return jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, n)), jnp.int32)
+
+
+def time_decode(name: str, what: str, graphdef, state, cfg: ModelConfig, batch: int, args) -> dict:
+    """Median seconds of one ``decode`` call of ``args.new`` tokens for ``batch`` rows (after a warm-up)."""
+    dtype = jnp.bfloat16
+    prompt_ids = _prompt(cfg, batch, args.prompt)
     max_len = -(-(args.prompt + args.new) // 64) * 64
-    sampling = SamplingConfig()
-    pad = jnp.asarray(0, jnp.int32)
-    run = functools.partial(decode, graphdef, state, eos=NO_EOS, pad_id=pad, sampling=sampling, steps=args.new)
+    run = functools.partial(decode, graphdef, state, eos=NO_EOS, pad_id=jnp.asarray(0, jnp.int32),
+                            sampling=SamplingConfig(), steps=args.new)
 
     def measure():
         t0 = time.perf_counter()
@@ -192,7 +305,6 @@ def bench_model(name: str, hf: dict, args) -> dict:
         assert int(out.step) == args.new, f"decoded {int(out.step)} tokens, expected {args.new}"
         first_tokens = np.asarray(out.tokens[0, :8]).tolist()
         del out
-
         times = []
         for _ in range(args.repeats):
             ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
@@ -210,7 +322,7 @@ def bench_model(name: str, hf: dict, args) -> dict:
         t_prefill_first, t_warm, first_tokens, times = measure()
     except Exception as e:  # noqa: BLE001  (a kernel that does not build here: measure the XLA path)
         pallas_error = f"{type(e).__name__}: {str(e)[:1500]}"
-        print(f"{name}: default path failed ({pallas_error[:500]}); retrying with LAROSA_PALLAS=0", flush=True)
+        print(f"{name} {what}: default path failed ({pallas_error[:500]}); retrying with LAROSA_PALLAS=0", flush=True)
         saved = os.environ.get("LAROSA_PALLAS")
         os.environ["LAROSA_PALLAS"] = "0"
         jax.clear_caches()
@@ -219,38 +331,11 @@ def bench_model(name: str, hf: dict, args) -> dict:
         finally:
             os.environ.pop("LAROSA_PALLAS") if saved is None else os.environ.__setitem__("LAROSA_PALLAS", saved)
     t = statistics.median(times)
-
-    wbytes = weight_bytes_per_step(cfg, specs)
-    kvbytes = kv_bytes_per_step(cfg, args.prompt, args.new, jnp.dtype(dtype).itemsize)
-    bw = args.bandwidth["copy_GBps"] * 1e9
-    ms_tok = t / args.new * 1e3
-    roof_ms = (wbytes + kvbytes) / bw * 1e3
-    res = {
-        "model": name, "params": sum(int(np.prod(s)) for _, s, _ in specs), "layers": cfg.num_layers,
-        "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "heads": cfg.num_heads,
-        "kv_heads": cfg.num_kv_heads, "vocab": cfg.vocab_size, "prompt": args.prompt, "new_tokens": args.new,
-        "cache_slots": max_len, "decode_seconds": times, "median_seconds": t,
-        "tokens_per_s": args.new / t, "ms_per_token": ms_tok,
-        "weight_bytes_per_step": wbytes, "kv_bytes_per_step_mean": kvbytes,
-        "roofline_ms_per_token": roof_ms, "pct_of_roofline": 100 * roof_ms / ms_tok,
-        "build_seconds": t_build, "first_prefill_seconds": t_prefill_first, "warmup_decode_seconds": t_warm,
-        "first_tokens": first_tokens, "pallas": "0 (fallback)" if pallas_error else os.environ.get("LAROSA_PALLAS", "gemv,attn"),
-        "pallas_error": pallas_error,
-    }
-    print(f"{name}: {res['tokens_per_s']:.1f} tok/s, {ms_tok:.3f} ms/tok, roofline {roof_ms:.3f} ms/tok "
-          f"({res['pct_of_roofline']:.1f}%), times {[round(x, 4) for x in times]}, build {t_build:.1f}s, "
-          f"prefill+compile {t_prefill_first:.1f}s, warm-up {t_warm:.1f}s", flush=True)
-
-    if args.step_check == name or args.step_check == "all":
-        res["single_step_ms"] = single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args)
-        print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
-    if args.profile == name or args.profile == "all":
-        res["profile"] = profile_decode(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, run)
-    if args.variants and (name in args.variants_model.split(",") or args.variants_model == "all"):
-        res["variants"] = decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args,
-                                          args.variants.split(","))
-    del state
-    return res
+    return {"cache_slots": max_len, "decode_seconds": times, "median_seconds": t, "tokens_per_s": args.new / t,
+            "ms_per_token": t / args.new * 1e3, "first_prefill_seconds": t_prefill_first, "warmup_decode_seconds": t_warm,
+            "first_tokens": first_tokens,
+            "pallas": "0 (fallback)" if pallas_error else os.environ.get("LAROSA_PALLAS", "all (default)"),
+            "pallas_error": pallas_error}
 
 
 def single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args) -> float:
@@ -274,8 +359,14 @@ def single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args) -> fl
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def profile_decode(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, run) -> dict:
+def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
     """Trace one decode call and sum the GPU kernel time per kernel name (per decode step)."""
+    dtype = jnp.bfloat16
+    prompt_ids = _prompt(cfg, batch, args.prompt)
+    max_len = -(-(args.prompt + args.new) // 64) * 64
+    run = functools.partial(decode, graphdef, state, eos=NO_EOS, pad_id=jnp.asarray(0, jnp.int32),
+                            sampling=SamplingConfig(), steps=args.new)
+    jax.block_until_ready(run(_fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)))  # compile
     d = tempfile.mkdtemp(prefix="trace_")
     ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
     jax.block_until_ready(ds)
@@ -408,8 +499,10 @@ _VARIANT_LABEL = {"xla": "XLA only (LAROSA_PALLAS=0)", "gemv": "Pallas GEMV, XLA
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
+    everything = results
+    results = [r for r in results if r.get("method", "dense") == "dense" and r.get("batch", 1) == 1]
     lines = [
-        "# Dense batch-1 decode throughput",
+        "# Decode throughput",
         "",
         f"Device: {meta['device']}; jax {meta['jax']} (jaxlib {meta['jaxlib']}), flax {meta['flax']}; {meta['date']}.",
         f"Random bf16 weights, bf16 KV cache, prompt {meta['prompt']} tokens, {meta['new']} new tokens decoded by one "
@@ -440,10 +533,58 @@ def markdown(meta: dict, results: list[dict]) -> str:
                 cells.append(f"{v['ms_per_token']:.3f} ({100 * r['roofline_ms_per_token'] / v['ms_per_token']:.1f}%)"
                              if "ms_per_token" in v else "error" if v else "")
             lines.append(f"| {r['model']} | {r['ms_per_token']:.3f} ({r['pct_of_roofline']:.1f}%) | " + " | ".join(cells) + " |")
+    sparse = [r for r in everything if r.get("method", "dense") != "dense" or r.get("batch", 1) != 1]
+    if sparse:
+        lines += ["", "Sparse decode (random bf16 weights; `larosa` = the fused model with d × d adapters, `topk` = no "
+                  "rotation, no adapters). Speed-up is against dense at the same batch in this run; ideal = dense bytes "
+                  "per step / sparse bytes per step (kept weight rows, adapters, lm_head, KV cache), for per-token keep sets.", "",
+                  "| model | config | effective sparsity | batch | ms/step | tokens/s | speed-up vs dense | ideal | % of roofline |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sparse:
+            sp = r.get("speedup_vs_dense")
+            lines.append(f"| {r['model']} | {r['config']} | {r['effective_sparsity']:.3f} | {r['batch']} | {r['ms_per_token']:.3f} | "
+                         f"{r['batch'] * r['tokens_per_s']:.1f} | " + (f"{sp:.3f}x | {r['ideal_speedup']:.3f}x" if sp else " | ")
+                         + f" | {r['pct_of_roofline']:.1f} |")
+    prof = [r for r in everything if r.get("profile", {}).get("top")]
+    for r in prof:
+        pr = r["profile"]
+        lines += ["", f"Where the time goes: {r['model']} {r['config']} batch {r['batch']} (jax.profiler trace of one decode "
+                  f"call; per step: GPU span {pr['span_ms_per_step']:.3f} ms, busy {pr['busy_ms_per_step']:.3f} ms, "
+                  f"{pr['kernels_per_step']:.0f} kernels). Top kernels:", "",
+                  "| µs/step | calls/step | µs/call | kernel |", "| ---: | ---: | ---: | --- |"]
+        for t in pr["top"][:15]:
+            lines.append(f"| {t['us_per_step']:.1f} | {t['count_per_step']:.1f} | {t['us_per_call']:.2f} | `{t['kernel'][:90]}` |")
     lines.append("")
-    lines.append("Reproduce: `python eval/bench_decode.py --models " + ",".join(r["model"] for r in results)
-                 + f" --prompt {meta['prompt']} --new {meta['new']} --out <prefix>`")
+    cfgs = sorted({r["config"] for r in everything if r.get("config", "dense") != "dense"})
+    lines.append("Reproduce: `python eval/bench_decode.py --models " + ",".join(dict.fromkeys(r["model"] for r in everything))
+                 + f" --prompt {meta['prompt']} --new {meta['new']}"
+                 + (f" --configs {','.join(cfgs)} --batch {meta.get('batches', '1')}" if cfgs else "") + " --out <prefix>`")
     return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Speed-up over dense against effective sparsity, one line per (model, method, batch), with 1/(1-s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r.get("speedup_vs_dense") and r["method"] != "dense"]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    s = np.linspace(0, 0.8, 50)
+    ax.plot(s, 1 / (1 - s), "k--", label="ideal 1/(1-s), weights only")
+    for key in sorted({(r["model"], r["method"], r["batch"]) for r in rows}):
+        pts = sorted((r["effective_sparsity"], r["speedup_vs_dense"]) for r in rows if (r["model"], r["method"], r["batch"]) == key)
+        ax.plot(*zip(*([(0.0, 1.0)] + pts)), "o-", label=f"{key[0]} {key[1]} b={key[2]}")
+    ax.set_xlabel("effective sparsity")
+    ax.set_ylabel("decode speed-up over dense")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -455,7 +596,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="path prefix for <prefix>.json and <prefix>.md")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke test")
     ap.add_argument("--bw-bytes", type=float, default=4e9, help="bytes per buffer of the copy-bandwidth test")
-    ap.add_argument("--profile", default=None, help="model name (or 'all') to trace one decode call of")
+    ap.add_argument("--configs", default="", help="comma list of larosa@P / topk@P to decode besides dense")
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes")
+    ap.add_argument("--profile", default=None,
+                    help="comma list of MODEL[:CONFIG] (MODEL may be 'all', CONFIG defaults to dense) to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
     ap.add_argument("--variants", default=None, help="comma list of xla,gemv,attn,nograph (decode A/B)")
     ap.add_argument("--variants-model", default="all", help="comma list of model names (or 'all') for --variants")
@@ -469,6 +613,11 @@ def main(argv=None):
             ap.error(f"unknown model {n!r}; known: {', '.join(HF_CONFIGS)}")
     if args.tiny:
         args.bw_bytes = min(args.bw_bytes, 64e6)
+    try:
+        args.batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch {args.batch!r}: expected a comma list of integers")
+    parse_configs(args.configs)
 
     dev = jax.devices()[0]
     import flax
@@ -478,8 +627,9 @@ def main(argv=None):
         "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
         "jaxlib": jaxlib.__version__, "flax": flax.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "prompt": args.prompt, "new": args.new, "repeats": args.repeats, "tiny": args.tiny,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", "gemv,attn (default)"),
+        "prompt": args.prompt, "new": args.new, "repeats": args.repeats, "tiny": args.tiny, "batches": args.batch,
+        "configs": args.configs,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", "all (default)"),
     }
     print(json.dumps({k: meta[k] for k in ("device", "platform", "jax", "jaxlib", "flax", "python")}), flush=True)
     bw = copy_bandwidth(int(args.bw_bytes))
@@ -497,17 +647,27 @@ def main(argv=None):
     def write(doc, md):
         for o in outs:
             o.parent.mkdir(parents=True, exist_ok=True)
-            Path(str(o) + ".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-            Path(str(o) + ".md").write_text(md)
+            for suffix, text in ((".json", json.dumps(doc, indent=1, default=str) + "\n"), (".md", md)):
+                tmp = Path(str(o) + suffix + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(Path(str(o) + suffix))  # atomic: a cut-off run never leaves half a file
+            try:
+                plot(doc["results"], str(o) + ".png")
+            except Exception as e:  # noqa: BLE001  (a plot is not worth losing the numbers)
+                print(f"plot failed: {e}")
 
     results = []
+
+    def save(res):
+        results.append(res)
+        write({"meta": meta, "results": results}, markdown(meta, results))
+
     for n in names:
         hf = tiny(HF_CONFIGS[n]) if args.tiny else HF_CONFIGS[n]
-        results.append(bench_model(n, hf, args))
+        bench_model(n, hf, args, on_result=save)
         jax.clear_caches()
-        doc = {"meta": meta, "results": results}
-        md = markdown(meta, results)
-        write(doc, md)  # after every model, so a cut-off run keeps what it measured
+    doc = {"meta": meta, "results": results}
+    md = markdown(meta, results)
     print()
     print(md)
     if DUMP_DIR and os.environ.get("OUT") and os.path.isdir(DUMP_DIR):

@@ -48,7 +48,7 @@ def fuse(model: Transformer, rotations: np.ndarray, dtype=None) -> Transformer:
     head = src["embed.embedding"].T if cfg.tie_word_embeddings else src["lm_head.kernel"]
     out["lm_head.kernel"] = q[-1].T @ (src["norm.scale"][:, None] * head)
     out["norm.scale"] = np.ones_like(src["norm.scale"])
-    out["adapters"] = np.stack([q[l].T @ q[l + 1] for l in range(cfg.num_layers - 1)]) if cfg.num_layers > 1 else np.zeros((0, cfg.hidden_size, cfg.hidden_size))
+    out.update({f"adapters.{l}": q[l].T @ q[l + 1] for l in range(cfg.num_layers - 1)})
 
     fused_cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     fused = nnx.eval_shape(lambda: Transformer(fused_cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=True))

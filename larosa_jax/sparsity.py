@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import pallas as ops
 from .config import ModelConfig
 from .models.transformer import Linear, dense_projection
 
@@ -116,39 +117,22 @@ def effective_sparsity_of(cfg: ModelConfig, sc: SparseConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- Top-K
-def topk(x: Array, k: int | Array) -> Array:
-    """Keep exactly the k entries of largest |x| along the last axis (ties: lower index first).
-
-    k may be a traced scalar, so one compiled model serves every α and p (the α search and the
-    perplexity grids would otherwise recompile per setting). The k-th largest magnitude is found by
-    bisection on the float's bit pattern (monotone for non-negative floats): 31 counting passes, no
-    sort (on CPU it ran faster than ``lax.top_k`` in a quick check; no committed benchmark).
-    """
-    wide = x.dtype == jnp.float64
-    ft, it, steps = (jnp.float64, jnp.int64, 63) if wide else (jnp.float32, jnp.int32, 31)
-    bits = jax.lax.bitcast_convert_type(jnp.abs(x).astype(ft), it)
-    k = jnp.asarray(k, it)
-    lo = jnp.zeros(x.shape[:-1], it)
-    hi = jnp.max(bits, axis=-1)
-
-    def step(_, bounds):  # invariant: count(bits >= lo) >= k; find the largest such lo
-        lo, hi = bounds
-        mid = lo + (hi - lo + 1) // 2
-        ok = jnp.sum(bits >= mid[..., None], axis=-1, dtype=it) >= k
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    t, _ = jax.lax.fori_loop(0, steps, step, (lo, hi))
-    t = t[..., None]
-    above = bits > t
-    tied = bits == t
-    room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=it)
-    keep = above | (tied & (jnp.cumsum(tied, axis=-1, dtype=it) <= room))
-    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+# Exact per-token Top-K (ties: lower index first) lives with its GPU kernel in pallas/select.py;
+# k may be traced, so one compiled model serves every α and p (the α search and the grids).
+topk = ops.topk
 
 
 def threshold(x: Array, t: Array) -> Array:
     """TEAL/CATS magnitude threshold: zero entries with |x| <= t."""
-    return jnp.where(jnp.abs(x) > t.astype(x.dtype), x, jnp.zeros((), x.dtype))
+    return ops.apply(x, ops.magnitude_threshold(x, t))
+
+
+def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear]) -> tuple[Array, ...]:
+    """Outputs of ``linears`` on x restricted to its keep set: at decode on GPU the sparse GEMV reads
+    only the kept weight rows."""
+    ws = tuple(lin.kernel[...] for lin in linears)
+    bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
+    return ops.sparse_matvec(x, keep, ws, bs)
 
 
 # ----------------------------------------------------------------------------- projections
@@ -172,7 +156,8 @@ class TopKProjection(nnx.Module):
         self.ks = _ks(ks)
 
     def __call__(self, site, layer, x, linears, gain=None):
-        return dense_projection(site, layer, topk(_gained(x, gain), self.ks[SITES.index(site)]), linears)
+        x = _gained(x, gain)
+        return kept_projection(x, ops.select_topk(x, self.ks[SITES.index(site)]), linears)
 
 
 class RotatedTopKProjection(nnx.Module):
@@ -189,12 +174,13 @@ class RotatedTopKProjection(nnx.Module):
 
     def __call__(self, site, layer, x, linears, gain=None):
         if SITE_TYPE[site] == "plain":
-            return dense_projection(site, layer, topk(x, self.ks[SITES.index(site)]), linears)
+            return kept_projection(x, ops.select_topk(x, self.ks[SITES.index(site)]), linears)
         xin = x if self.gamma_free else _gained(x, gain)
         ct = jnp.promote_types(xin.dtype, jnp.float32)  # select in ≥ fp32: near-ties must not flip
         q = self.rotations[layer].astype(ct)
         a = jnp.dot(xin.astype(ct), q)
-        xh = jnp.dot(topk(a, self.ks[SITES.index(site)]), q.T).astype(x.dtype)
+        a = ops.apply(a, ops.select_topk(a, self.ks[SITES.index(site)]).thr)
+        xh = jnp.dot(a, q.T).astype(x.dtype)
         return dense_projection(site, layer, xh, linears, gain if self.gamma_free else None)
 
 
@@ -205,8 +191,8 @@ class TealProjection(nnx.Module):
         self.thresholds = Stat(jnp.stack([jnp.asarray(thresholds[s], jnp.float32) for s in SITES]))  # [site, L]
 
     def __call__(self, site, layer, x, linears, gain=None):
-        t = self.thresholds[SITES.index(site), layer]
-        return dense_projection(site, layer, threshold(_gained(x, gain), t), linears)
+        x = _gained(x, gain)
+        return kept_projection(x, ops.select_threshold(x, self.thresholds[SITES.index(site), layer]), linears)
 
 
 class CatsProjection(nnx.Module):

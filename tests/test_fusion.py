@@ -55,7 +55,7 @@ def test_fused_random_model_reproduces_dense_logits(rnd):
                                            np.asarray(getattr(model.layers[l].attn, n).bias[...]), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(fused.norm.scale[...]), 1.0)
     for l in range(cfg.num_layers - 1):
-        np.testing.assert_allclose(np.asarray(fused.adapters[l]), q[l].T @ q[l + 1], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(fused.adapters[l][...]), q[l].T @ q[l + 1], atol=1e-6)
     tokens = random_tokens(2, 48, cfg.vocab_size, seed=1)
     dense = logits(model, tokens)
     err = rel_err(logits(fused, tokens), dense)

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from _helpers import held_windows, logits, rel_err, stories, stories_stats
-from larosa_jax import sparsity
+from larosa_jax import pallas as ops, sparsity
 from larosa_jax.config import ModelConfig, RopeConfig
 from larosa_jax.models.transformer import dense_projection
 from larosa_jax.search import alpha_grid, alpha_plain_for, search_alpha
@@ -216,9 +216,18 @@ def test_projections_keep_exactly_k_at_every_site_with_ties(kind, monkeypatch):
         seen.append((site, np.asarray(x, np.float32), None if gain is None else np.asarray(gain)))
         return dense_projection(site, layer, x, linears, gain)
 
+    kept_projection = sparsity.kept_projection
+
+    def spy_kept(x, keep, linears):  # the sparse-GEMV path: what the weights see is keep(x)
+        seen.append((current[0], np.asarray(ops.apply(x, keep.thr), np.float32), None))
+        return kept_projection(x, keep, linears)
+
     monkeypatch.setattr(sparsity, "dense_projection", spy)
+    monkeypatch.setattr(sparsity, "kept_projection", spy_kept)
     linears = _site_linears(s.model.layers[layer])
+    current = [None]
     for site in SITES:
+        current[0] = site
         x = tied_values(rng, (2, 9, dims[site]))
         gain = np.full(dims[site], 2.0, np.float32) if SITE_TYPE[site] == "rot" else None
         out = proj(site, layer, jnp.asarray(x), linears[site], None if gain is None else jnp.asarray(gain))
@@ -243,15 +252,15 @@ def test_real_activations_keep_exactly_k_at_every_site(method, mode, monkeypatch
     s = stories()
     stats = stories_stats("fused" if mode == "fused" else "faithful")
     calls = []
-    orig = sparsity.topk
+    orig = ops.select_topk
 
-    def spy(x, k):
-        out = orig(x, k)
-        calls.append((jnp.sum(out != 0, axis=-1), jnp.sum(x == 0, axis=-1), jnp.asarray(k)))
+    def spy(x, k):  # every Top-K decision of the projections goes through select_topk
+        keep = orig(x, k)
+        calls.append((jnp.sum(ops.apply(x, keep.thr) != 0, axis=-1), jnp.sum(x == 0, axis=-1), jnp.asarray(k)))
         widths.append(x.shape[-1])  # static, recorded while tracing
-        return out
+        return keep
 
-    monkeypatch.setattr(sparsity, "topk", spy)
+    monkeypatch.setattr(ops, "select_topk", spy)
     widths = []
 
     def run(graphdef, state, tokens):

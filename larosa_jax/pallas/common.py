@@ -16,12 +16,12 @@ def acc_dtype(dtype):
 
 
 def enabled(what: str) -> bool:
-    """Whether kernel ``what`` ("gemv", "attn") replaces its jnp twin.
+    """Whether kernel ``what`` ("gemv", "attn", "select", "sparse") replaces its jnp twin.
 
-    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled kernels ("gemv,attn", or "0" for none).
+    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled kernels (default all four, or "0" for none).
     ``LAROSA_PALLAS_INTERPRET=1`` turns them on elsewhere in Pallas interpret mode (tests).
     """
-    flags = os.environ.get("LAROSA_PALLAS", "gemv,attn")
+    flags = os.environ.get("LAROSA_PALLAS", "gemv,attn,select,sparse")
     on = jax.default_backend() == "gpu" or os.environ.get("LAROSA_PALLAS_INTERPRET") == "1"
     return on and what in flags.split(",")
 

@@ -1,0 +1,338 @@
+"""Sparse GEMV and Top-K selection kernels against the dense paths, at real model shapes.
+
+One run builds random bf16 weights on the device, checks every kernel against jnp, then times each
+op as ``--iters`` calls unrolled inside one jit (each call on a different input, so none is merged
+with another; weights cycled over enough copies to defeat the 50 MB L2), median of ``--repeats``
+timed runs after a warm-up. No ``while_loop``: on the GPU each of its iterations waits for the host
+to read the loop condition, which would swamp kernels of a few microseconds. Rows per op:
+
+* ``xla dense``: ``x @ W`` as XLA compiles it; ``pallas dense``: the batch-1 dense GEMV kernel;
+* ``sparse s=…``: the sparse GEMV on a precomputed keep set of sparsity s (Top-K of a Gaussian x;
+  compacted indices at batch 1, threshold pairs above);
+* ``select+sparse s=…``: the Top-K selection kernel in front of it (the decode path);
+* selection alone: the kernel (with compaction), ``lax.top_k`` and the jnp bisection twin.
+
+    python eval/bench_kernels.py --out eval/results/kernels_h200     # GPU
+    python eval/bench_kernels.py --sweep --out /tmp/sweep            # GPU: tile / warp / step choices
+    python eval/bench_kernels.py --tiny                              # CPU smoke test (interpret mode)
+
+Writes <out>.json, <out>.md and <out>.png (speed-up over XLA dense against sparsity, ideal 1/(1-s)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from larosa_jax import pallas as ops  # noqa: E402
+from larosa_jax.pallas import select as sel  # noqa: E402
+from larosa_jax.pallas import sparse_gemv as sg  # noqa: E402
+
+SHAPES = {  # name: (D_in, D_out of each weight sharing the input)
+    "llama2 q/k/v": (4096, (4096, 4096, 4096)),
+    "llama2 o": (4096, (4096,)),
+    "llama2 gate/up": (4096, (11008, 11008)),
+    "llama2 down": (11008, (4096,)),
+    "llama3 q/k/v": (4096, (4096, 1024, 1024)),
+    "llama3 gate/up": (4096, (14336, 14336)),
+    "llama3 down": (14336, (4096,)),
+    "qwen2 q/k/v": (3584, (3584, 512, 512)),
+    "qwen2 gate/up": (3584, (18944, 18944)),
+    "qwen2 down": (18944, (3584,)),
+}
+TINY = {"tiny up": (256, (384,)), "tiny q/k/v": (128, (128, 64, 64))}
+SPARSITIES = (0.25, 0.5, 0.75, 0.9)
+L2_BYTES = 50e6
+
+
+def _k(s: float, d: int) -> int:
+    return max(1, int(round((1 - s) * d)))
+
+
+def timed(fn, args, iters: int, repeats: int) -> float:
+    """Seconds per call of ``fn(i, *args)``, ``iters`` calls unrolled in one jit."""
+
+    @jax.jit
+    def many(*a):
+        return sum(fn(i, *a) for i in range(iters))
+
+    jax.block_until_ready(many(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / iters
+
+
+def _probe(outs) -> jax.Array:
+    """A scalar that depends on every output (keeps the work alive, costs ~nothing)."""
+    return sum(o.reshape(-1)[0].astype(jnp.float32) for o in outs)
+
+
+def _weights(k, ns, tiny):
+    nbytes = k * sum(ns) * 2
+    copies = 1 if tiny else max(1, int(np.ceil(2 * L2_BYTES / nbytes)))
+    keys = jax.random.split(jax.random.key(k + sum(ns)), copies * len(ns))
+    return nbytes, [tuple((jax.random.normal(keys[c * len(ns) + j], (k, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+                          for j, n in enumerate(ns)) for c in range(copies)]
+
+
+def _keep(x, kk):
+    """What the decode path hands the GEMV: compacted indices for one row, threshold pairs above."""
+    return sel.select_topk(x, kk) if x.shape[0] == 1 else sel.KeepSet(sel.topk_threshold(x, kk))
+
+
+def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
+    nbytes, wsets = _weights(k, ns, args.tiny)
+    copies = len(wsets)
+    xs = jnp.asarray(rng.standard_normal((args.iters, rows, k)), jnp.bfloat16)
+    none = (None,) * len(ns)
+    out = []
+
+    def record(op, s, sec, err=None):
+        r = {"shape": name, "d_in": k, "d_out": list(ns), "tokens": rows, "op": op, "sparsity": s,
+             "us": sec * 1e6, "weight_MB": nbytes / 1e6, "copies": copies, "rel_err": err}
+        out.append(r)
+        print(f"{name:16s} b={rows} {op:14s} s={s!s:5s} {sec * 1e6:9.2f} us"
+              + ("" if err is None else f"  rel err {err:.2e}"), flush=True)
+
+    def xla_dense(i, xs, wsets):
+        # the barrier stops XLA from merging the unrolled dots that share a weight into one matmul
+        ws = jax.lax.optimization_barrier(wsets[i % copies])
+        return _probe([jnp.dot(xs[i], w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in ws])
+
+    record("xla dense", 0.0, timed(xla_dense, (xs, wsets), args.iters, args.repeats))
+    if rows == 1:
+        def pallas_dense(i, xs, wsets):
+            return _probe(ops.matvec(xs[i], wsets[i % copies], none))
+
+        record("pallas dense", 0.0, timed(pallas_dense, (xs, wsets), args.iters, args.repeats))
+
+    for s in args.sparsities:
+        kk = _k(s, k)
+        # correctness at this sparsity, against the jnp twin in float32
+        keep = _keep(xs[0], jnp.int32(kk))
+        got = ops.sparse_matvec(xs[0], keep, wsets[0], none)
+        ref_thr = sel.topk_threshold_reference(xs[0], kk)
+        xk = ops.apply(xs[0], ref_thr).astype(jnp.float32)
+        want = [jnp.dot(xk, w.astype(jnp.float32), precision="highest") for w in wsets[0]]
+        err = max(float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w)) for g, w in zip(got, want))
+        same = bool(jnp.all(ops.keep_mask(xs[0], keep.thr) == ops.keep_mask(xs[0], ref_thr)))
+        if err > 1e-2 or not same:
+            raise SystemExit(f"{name} b={rows} s={s}: kernel mismatch (rel err {err:.3g}, same keep set: {same})")
+        keeps = [_keep(xs[i], jnp.int32(kk)) for i in range(args.iters)]
+
+        def sparse(i, xs, keeps, wsets):
+            return _probe(ops.sparse_matvec(xs[i], keeps[i], wsets[i % copies], none))
+
+        def select_sparse(i, xs, kk, wsets):
+            return _probe(ops.sparse_matvec(xs[i], _keep(xs[i], kk), wsets[i % copies], none))
+
+        record("sparse", s, timed(sparse, (xs, keeps, wsets), args.iters, args.repeats), err)
+        record("select+sparse", s, timed(select_sparse, (xs, jnp.int32(kk), wsets), args.iters, args.repeats))
+    return out
+
+
+def bench_select(d, rows, args, rng) -> list[dict]:
+    xs = jnp.asarray(rng.standard_normal((args.iters, rows, d)), jnp.bfloat16)
+    kk = _k(0.5, d)
+    out = []
+    variants = {
+        "select kernel": lambda i, xs: _keep(xs[i], jnp.int32(kk)).thr[..., 0].sum().astype(jnp.float32),
+        "jnp bisection": lambda i, xs: sel.topk_threshold_reference(xs[i], kk)[..., 0].sum().astype(jnp.float32),
+        "lax.top_k": lambda i, xs: jax.lax.top_k(jnp.abs(xs[i]).astype(jnp.float32), kk)[0][..., -1].sum(),
+    }
+    for op, fn in variants.items():
+        sec = timed(fn, (xs,), args.iters, args.repeats)
+        out.append({"shape": f"select D={d}", "d_in": d, "d_out": [], "tokens": rows, "op": op, "sparsity": 0.5,
+                    "us": sec * 1e6})
+        print(f"select D={d:6d} b={rows} {op:16s} {sec * 1e6:9.2f} us", flush=True)
+    return out
+
+
+def sweep(names, table, args, rng) -> list[dict]:
+    """Tile / warp / step choices of the kernels at 50% (gather at batch 1, masked tiles at 1 and 4)."""
+    out = []
+
+    def rec(shape, op, rows, s, us, extra=""):
+        out.append({"shape": shape, "tokens": rows, "op": op, "sparsity": s, "us": us})
+        print(f"sweep {shape:16s} b={rows} s={s} {op:34s} {us:8.2f} us {extra}", flush=True)
+
+    for n in names:
+        k, ns = table[n]
+        nbytes, wsets = _weights(k, ns, args.tiny)
+        copies = len(wsets)
+        for rows in args.sweep_batches:
+            xs = jnp.asarray(rng.standard_normal((args.iters, rows, k)), jnp.bfloat16)
+            kk = _k(0.5, k)
+            thrs = [sel.topk_threshold(xs[i], kk) for i in range(args.iters)]
+            tiles = [(64, 128, 4), (128, 128, 4), (128, 256, 4), (128, 128, 8)]
+            for bm, bn, w in tiles[:1] if args.tiny else tiles:
+                def f(i, xs, thrs, wsets, bm=bm, bn=bn, w=w):
+                    return _probe(sg.sums(xs[i], thrs[i], wsets[i % copies], bm=bm, bn=bn, warps=w))
+                us = timed(f, (xs, thrs, wsets), args.iters, args.repeats) * 1e6
+                rec(n, f"masked bm={bm} bn={bn} w={w}", rows, 0.5, us, f"({nbytes / 2 / us / 1e3:.0f} GB/s of kept rows)")
+            if rows != 1:
+                continue
+            keeps = [sel.select_topk(xs[i], jnp.int32(kk)) for i in range(args.iters)]
+            gtiles = [(32, 256, 4), (64, 128, 4), (64, 256, 4), (64, 512, 8), (128, 128, 4), (128, 256, 8), (32, 512, 4)]
+            for bm, bn, w in gtiles[:1] if args.tiny else gtiles:
+                def g(i, xs, keeps, wsets, bm=bm, bn=bn, w=w):
+                    return _probe(sg.gather_sums(xs[i][0], keeps[i].order, keeps[i].packed, wsets[i % copies], bm=bm, bn=bn, warps=w))
+                us = timed(g, (xs, keeps, wsets), args.iters, args.repeats) * 1e6
+                rec(n, f"gather bm={bm} bn={bn} w={w}", rows, 0.5, us, f"({nbytes / 2 / us / 1e3:.0f} GB/s of kept rows)")
+    for d in sorted({table[n][0] for n in names}):
+        xs = jnp.asarray(rng.standard_normal((args.iters, 1, d)), jnp.bfloat16)
+        kk = _k(0.5, d)
+        for w in ((4,) if args.tiny else (4, 8, 16, 32)):
+            def f(i, xs, w=w):
+                return sel.select_kernel(xs[i], jnp.int32(kk), warps=w)[0][0, 0].astype(jnp.float32)
+            rec(f"select D={d}", f"select w={w}", 1, 0.5, timed(f, (xs,), args.iters, args.repeats) * 1e6)
+    return out
+
+
+def markdown(meta, res) -> str:
+    sps = sorted({r["sparsity"] for r in res if r["op"] == "sparse"})
+    lines = ["# Sparse GEMV and Top-K selection kernels", "",
+             f"Device: {meta['device']}; jax {meta['jax']}; {meta['date']}. Random bf16 weights `[D_in, D_out]`, "
+             f"bf16 x; each op timed as {meta['iters']} calls unrolled in one jit (distinct inputs, weights cycled over "
+             "copies larger than L2), median of the timed runs. Speed-up is against XLA's dense `x @ W` at the same "
+             "shape and batch; `select+sparse` includes the Top-K selection kernel (the decode path). Batch 1 uses the "
+             "gather kernel (compacted kept rows), batch > 1 the masked-tile kernel on the union of the keep sets.", "",
+             "| shape | tokens | XLA dense µs | Pallas dense µs | " + " | ".join(f"sparse {s}" for s in sps)
+             + " | " + " | ".join(f"select+sparse {s}" for s in sps) + " |",
+             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in range(2 * len(sps))) + " |"]
+    keys = sorted({(r["shape"], r["tokens"]) for r in res if not r["shape"].startswith("select D")},
+                  key=lambda t: (t[1], t[0]))
+    for shape, b in keys:
+        rs = [r for r in res if r["shape"] == shape and r["tokens"] == b]
+        get = lambda op, s=0.0: next((r["us"] for r in rs if r["op"] == op and r["sparsity"] == s), None)  # noqa: E731
+        base = get("xla dense")
+        pd = get("pallas dense")
+        cells = []
+        for op in ("sparse", "select+sparse"):
+            for s in sps:
+                u = get(op, s)
+                cells.append(f"{u:.1f} ({base / u:.2f}x)" if u else "")
+        lines.append(f"| {shape} | {b} | {base:.1f} | {'' if pd is None else f'{pd:.1f}'} | " + " | ".join(cells) + " |")
+    sel_rows = [r for r in res if r["shape"].startswith("select D")]
+    if sel_rows:
+        lines += ["", "Top-K selection alone (k = D/2), µs per call:", "", "| D | tokens | select kernel | jnp bisection | lax.top_k |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        for d, b in sorted({(r["d_in"], r["tokens"]) for r in sel_rows}):
+            g = {r["op"]: r["us"] for r in sel_rows if r["d_in"] == d and r["tokens"] == b}
+            lines.append(f"| {d} | {b} | {g['select kernel']:.1f} | {g['jnp bisection']:.1f} | {g['lax.top_k']:.1f} |")
+    lines += ["", "Reproduce: `python eval/bench_kernels.py --out <prefix>`", ""]
+    return "\n".join(lines)
+
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["tokens"] for r in res if not r["shape"].startswith("select")})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), sharey=True, squeeze=False)
+    xs = np.linspace(0, 0.9, 50)
+    for ax, b in zip(axes[0], batches):
+        ax.plot(xs, 1 / (1 - xs), "k--", label="ideal 1/(1-s)")
+        for shape in sorted({r["shape"] for r in res if r["tokens"] == b and not r["shape"].startswith("select")}):
+            rs = [r for r in res if r["shape"] == shape and r["tokens"] == b]
+            base = next(r["us"] for r in rs if r["op"] == "xla dense")
+            pts = sorted((r["sparsity"], base / r["us"]) for r in rs if r["op"] == "select+sparse")
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=shape)
+        ax.set_title(f"select + sparse GEMV, {b} token{'s' if b > 1 else ''}")
+        ax.set_xlabel("activation sparsity s")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("speed-up over XLA dense GEMV")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None, help="comma list of shape names (default: all)")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    ap.add_argument("--iters", type=int, default=32, help="calls unrolled per timed jit (each on its own input)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="path prefix for .json/.md/.png")
+    ap.add_argument("--tiny", action="store_true", help="small shapes in interpret mode (CPU smoke test)")
+    ap.add_argument("--sweep", action="store_true", help="only sweep tile/warp/step choices (picking the defaults)")
+    ap.add_argument("--sweep-batches", default="1,4")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("LAROSA_PALLAS_INTERPRET", "1")
+        args.iters, args.repeats = 2, 1
+    table = TINY if args.tiny else SHAPES
+    names = list(table) if not args.shapes else [s.strip() for s in args.shapes.split(",")]
+    for n in names:
+        if n not in table:
+            ap.error(f"unknown shape {n!r}; known: {', '.join(table)}")
+    batches = [int(b) for b in args.batches.split(",")]
+    args.sparsities = [float(v) for v in args.sparsities.split(",")]
+    dev = jax.devices()[0]
+    meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "iters": args.iters, "repeats": args.repeats, "tiny": args.tiny,
+            "tiles": {"masked": [sg.BM, sg.BN, sg.WARPS], "gather": [sg.GBM, sg.GBN, sg.GWARPS]}}
+    print(json.dumps(meta), flush=True)
+    outs = [Path(args.out)] if args.out else []
+    if os.environ.get("OUT"):
+        outs.append(Path(os.environ["OUT"]) / Path(args.out or "kernels").name)
+    rng = np.random.default_rng(0)
+    res = []
+
+    def write(with_md=True):
+        md = markdown(meta, res) if with_md else ""
+        for o in outs:
+            o.parent.mkdir(parents=True, exist_ok=True)
+            files = [(".json", json.dumps({"meta": meta, "results": res}, indent=1) + "\n")] + ([(".md", md)] if with_md else [])
+            for suffix, text in files:
+                tmp = Path(str(o) + suffix + ".tmp")
+                tmp.write_text(text)
+                tmp.replace(Path(str(o) + suffix))
+            if with_md:
+                try:
+                    plot(res, str(o) + ".png")
+                except Exception as e:  # noqa: BLE001  (a plot is not worth losing the numbers)
+                    print(f"plot failed: {e}")
+        return md
+
+    if args.sweep:
+        args.sweep_batches = [int(b) for b in args.sweep_batches.split(",")]
+        res = sweep(names, table, args, rng)
+        write(with_md=False)
+        return
+    for b in batches:
+        for n in names:
+            k, ns = table[n]
+            res += bench_shape(n, k, ns, b, args, rng)
+            write()
+    for d in sorted({table[n][0] for n in names}):
+        for b in batches:
+            res += bench_select(d, b, args, rng)
+    print(write())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Sparse decode GEMVs: y_i = keep(x)·W_i reading only the weight rows of kept entries.
+
+W is input-major ``[D_in, D_out]``, so a dropped input entry is a whole weight row that need not
+leave HBM. Both kernels run one program per weight tile with no loop and add their float32 partial
+products atomically into one zero-filled buffer holding every output side by side. Thousands of
+small programs keep enough loads in flight to stream at HBM speed without software pipelining;
+a mask computed from loaded data defeats that pipelining, and a looping split-K kernel with row
+masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one input
+(q/k/v with Qwen2's biases, gate/up) share one launch and one keep set.
+
+* One token (:func:`gather_sums`): the selection kernel has compacted the kept indices, so program
+  (j, i) reads the ``GBM`` kept rows ``order[i·GBM : (i+1)·GBM]`` of column block j, a dense tile
+  of gathered rows. Only kept rows are visited. Programs past the kept count, which is known only
+  on the device, return at once.
+* Up to 8 tokens (:func:`sums`): program (j, i) takes rows ``[i·BM, (i+1)·BM)`` and loads those
+  that *any* token keeps (the union), with masked-off rows issuing no memory traffic, then
+  multiplies on the tensor cores with the rows padded to 16. Per-token index sets would read a row
+  once for each token that keeps it, at least the union's bytes. Decode is bound by those bytes,
+  so the union never moves more, though it loses sparsity as the batch grows.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .common import enabled, interpret, triton_params
+from .gemv import matvec
+from .select import KeepSet, apply, magnitude_bits
+
+Array = jax.Array
+MAX_ROWS = 8
+# Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
+BM, BN, WARPS = 128, 128, 4  # masked tiles
+GBM, GBN, GWARPS = 64, 512, 8  # gathered tiles
+_warned: set[str] = set()
+
+
+def _bn(ns: Sequence[int], bn: int) -> int:
+    while bn > 64 and any(n % bn for n in ns):
+        bn //= 2
+    return bn
+
+
+def unsupported(x: Array, ws: Sequence[jax.Array], bm: int = BM) -> str | None:
+    """Why the kernel cannot take these operands (None when it can)."""
+    k = x.shape[-1]
+    ns = [w.shape[-1] for w in ws]
+    if any(w.dtype != jnp.bfloat16 for w in ws):
+        return f"weights of dtype {ws[0].dtype} (the kernel takes bfloat16)"
+    if any(w.ndim != 2 or w.shape[0] != k for w in ws):
+        return f"weights {[tuple(w.shape) for w in ws]} for an input of width {k}"
+    if k % min(bm, 64) or any(n % 64 for n in ns):
+        return f"D_in={k}, D_out={ns} (the kernel tiles D_in by 64 and D_out by 64)"
+    return None
+
+
+def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp):
+    m = len(n_blocks)
+    w_refs, o_ref = refs[:m], refs[m + 1]  # refs[m] is the zero input aliased to the output
+    j, i = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+    xk = x_ref[:, rows]  # [rp, bm]
+    b = magnitude_bits(xk)
+    idx = i * bm + jax.lax.broadcasted_iota(jnp.int32, b.shape, 1)
+    t, cut = thr_ref[:, pl.ds(0, 1)], thr_ref[:, pl.ds(1, 1)]  # [rp, 1]
+    keep = (b > t) | ((b == t) & (idx < cut))
+    live = jnp.max(keep.astype(jnp.int32), axis=0) > 0  # [bm]: rows that any token keeps
+    xs = jnp.where(keep, xk, jnp.zeros((), xk.dtype))
+    first = 0
+    for w_ref, nb in zip(w_refs, n_blocks):
+
+        @pl.when((j >= first) & (j < first + nb) & (jnp.max(live.astype(jnp.int32)) > 0))
+        def _(w_ref=w_ref, first=first):
+            col = pl.ds(pl.multiple_of((j - first) * bn, bn), bn)
+            w = pltriton.load(w_ref.at[rows, col], mask=jnp.broadcast_to(live[:, None], (bm, bn)), other=0.0)
+            if rp == 1:  # batch 1: CUDA-core FMAs and one reduction
+                acc = jnp.sum(xs[0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0, keepdims=True)
+            else:
+                acc = jnp.dot(xs, w, preferred_element_type=jnp.float32)
+            pltriton.atomic_add(o_ref, (slice(None), pl.ds(pl.multiple_of(j * bn, bn), bn)), acc)  # side by side
+
+        first += nb
+
+
+def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int = BN, warps: int = WARPS) -> list[Array]:
+    """Float32 ``keep(x)[R, K] @ w_i`` for every w_i ``[K, N_i]``, one launch."""
+    r, k = x.shape
+    rp = 1 if r == 1 else 16
+    if rp != r:  # padding rows keep nothing: threshold above every bit pattern
+        x = jnp.pad(x, ((0, rp - r), (0, 0)))
+        thr = jnp.concatenate([thr, jnp.tile(jnp.asarray([[np.iinfo(np.int32).max, 0]], jnp.int32), (rp - r, 1))])
+    while k % bm:
+        bm //= 2
+    bn = _bn([w.shape[1] for w in ws], bn)
+    n_blocks = tuple(w.shape[1] // bn for w in ws)
+    m = len(ws)
+    total = sum(w.shape[1] for w in ws)
+    y = pl.pallas_call(
+        functools.partial(_kernel, n_blocks=n_blocks, bn=bn, bm=bm, rp=rp),
+        out_shape=jax.ShapeDtypeStruct((rp, total), jnp.float32),
+        grid=(sum(n_blocks), k // bm),
+        input_output_aliases={2 + m: 0},
+        compiler_params=triton_params(num_warps=warps, num_stages=1),
+        interpret=interpret(),
+    )(thr.astype(jnp.int32), x, *ws, jnp.zeros((rp, total), jnp.float32))
+    return _split(y[:r], ws)
+
+
+def _gather_kernel(packed_ref, order_ref, x_ref, *refs, n_blocks, bn, bm):
+    m = len(n_blocks)
+    w_refs, o_ref = refs[:m], refs[m + 1]  # refs[m] is the zero input aliased to the output
+    j, i = pl.program_id(0), pl.program_id(1)
+    n = packed_ref[0, 2]  # number kept, as the selection kernel wrote it
+
+    @pl.when(i * bm < n)  # programs past the kept count have nothing to do
+    def _():
+        pos = i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
+        valid = pos < n
+        rows = pltriton.load(order_ref.at[pl.ds(0, 1), pl.ds(pl.multiple_of(i * bm, bm), bm)], mask=valid[None],
+                             other=0)[0]
+        xv = pltriton.load(x_ref.at[rows], mask=valid, other=0.0).astype(jnp.float32)
+        first = 0
+        for w_ref, nb in zip(w_refs, n_blocks):
+
+            @pl.when((j >= first) & (j < first + nb))
+            def _(w_ref=w_ref, first=first):
+                c0 = pl.multiple_of((j - first) * bn, bn)
+                cols = c0 + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+                # gathered rows: array indices in both dims (what interpret mode can discharge too)
+                w = pltriton.load(w_ref.at[rows[:, None], cols], mask=jnp.broadcast_to(valid[:, None], (bm, bn)), other=0.0)
+                acc = jnp.sum(xv[:, None] * w.astype(jnp.float32), axis=0)
+                pltriton.atomic_add(o_ref, (pl.ds(pl.multiple_of(j * bn, bn), bn),), acc)  # outputs side by side
+
+            first += nb
+
+
+def _split(y: Array, ws) -> list[Array]:
+    """The outputs of the weights, stored side by side in one buffer (one zero-fill per launch)."""
+    cuts = np.cumsum([w.shape[1] for w in ws])[:-1].tolist()
+    return jnp.split(y, cuts, axis=-1)
+
+
+def gather_sums(x: Array, order: Array, packed: Array, ws: tuple[Array, ...], *, bm: int = GBM, bn: int = GBN,
+                warps: int = GWARPS) -> list[Array]:
+    """Float32 ``x[kept] @ w_i[kept]`` for one row ``x [K]``, kept = ``order[0, :packed[0, 2]]`` (the
+    selection kernel's outputs): only the kept rows are visited, in dense tiles of ``bm`` gathered rows
+    (their count is known on the device only, so programs past it return at once)."""
+    k = x.shape[-1]
+    bn = _bn([w.shape[1] for w in ws], bn)
+    n_blocks = tuple(w.shape[1] // bn for w in ws)
+    m = len(ws)
+    total = sum(w.shape[1] for w in ws)
+    y = pl.pallas_call(
+        functools.partial(_gather_kernel, n_blocks=n_blocks, bn=bn, bm=bm),
+        out_shape=jax.ShapeDtypeStruct((total,), jnp.float32),
+        grid=(sum(n_blocks), -(-k // bm)),
+        input_output_aliases={3 + m: 0},
+        compiler_params=triton_params(num_warps=warps, num_stages=1),
+        interpret=interpret(),
+    )(packed.astype(jnp.int32), order.astype(jnp.int32), x, *ws, jnp.zeros((total,), jnp.float32))
+    return _split(y, ws)
+
+
+def sparse_matvec_reference(x: Array, thr: Array, ws, bs) -> tuple[Array, ...]:
+    """The jnp twin: zero the dropped entries, then the dense product."""
+    return matvec(apply(x, thr), ws, bs)
+
+
+def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None]) -> tuple[Array, ...]:
+    """``keep(x) @ w_i + b_i`` for every i. On GPU for bf16 weights: the gather kernel when ``keep``
+    carries compacted indices (one token), the masked-tile kernel for up to 8 tokens; otherwise (or
+    for shapes the kernels cannot tile, with one warning naming them) the jnp twin."""
+    ws, bs = tuple(ws), tuple(bs)
+    keep = keep if isinstance(keep, KeepSet) else KeepSet(keep)
+    thr = keep.thr
+    lead = x.shape[:-1]
+    r = int(np.prod(lead))
+    if not enabled("sparse") or r > MAX_ROWS:  # prefill is compute-bound: XLA's dense GEMM
+        return sparse_matvec_reference(x, thr, ws, bs)
+    why = unsupported(x, ws)
+    if why is not None:
+        if why not in _warned:
+            _warned.add(why)
+            warnings.warn(f"sparse GEMV kernel: {why}; using the jnp path", stacklevel=2)
+        return sparse_matvec_reference(x, thr, ws, bs)
+    x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
+    if keep.order is not None and r == 1:
+        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws)]
+    else:
+        ys = sums(x2, thr.reshape(r, 2), ws)
+    out = []
+    for w, b, y in zip(ws, bs, ys):
+        if b is not None:
+            y = y + b.astype(y.dtype)
+        out.append(y.astype(w.dtype).reshape(*lead, w.shape[1]))
+    return tuple(out)

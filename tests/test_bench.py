@@ -1,0 +1,60 @@
+"""The GPU benchmark scripts run end to end at tiny shapes on CPU and write their result files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+EVAL = Path(__file__).resolve().parents[1] / "eval"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, EVAL / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_decode_tiny_sparse_configs(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    bd = _script("bench_decode")
+    out = tmp_path / "decode"
+    bd.main(["--tiny", "--models", "qwen2-7b", "--configs", "larosa@0.5,topk@0.25", "--batch", "1,2",
+             "--prompt", "8", "--new", "4", "--out", str(out)])
+    doc = json.loads(Path(str(out) + ".json").read_text())
+    rows = {(r["config"], r["batch"]): r for r in doc["results"]}
+    assert set(rows) == {(c, b) for c in ("dense", "larosa@0.5", "topk@0.25") for b in (1, 2)}
+    assert abs(rows[("larosa@0.5", 1)]["effective_sparsity"] - 0.5) < 0.01  # α_plain solved for effective = p
+    assert abs(rows[("topk@0.25", 1)]["effective_sparsity"] - 0.25) < 0.01
+    for (c, b), r in rows.items():
+        assert r["speedup_vs_dense"] > 0 and r["ideal_speedup"] >= 1.0
+        assert (r["ideal_speedup"] > 1.0) == (c != "dense")
+    md = Path(str(out) + ".md").read_text()
+    assert "| qwen2-7b | larosa@0.5 | 0.49" in md or "| qwen2-7b | larosa@0.5 | 0.50" in md
+    assert Path(str(out) + ".png").stat().st_size > 0
+
+
+def test_bench_decode_rejects_bad_configs():
+    bd = _script("bench_decode")
+    with pytest.raises(SystemExit, match="larosa or topk and 0 < P < 1"):
+        bd.parse_configs("teal@0.5")
+    with pytest.raises(SystemExit, match="not METHOD@P"):
+        bd.parse_configs("larosa@1.5")
+
+
+def test_bench_kernels_tiny_checks_and_writes(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    bk = _script("bench_kernels")
+    out = tmp_path / "kernels"
+    bk.main(["--tiny", "--batches", "1,4", "--sparsities", "0.5", "--out", str(out)])
+    doc = json.loads(Path(str(out) + ".json").read_text())
+    ops = {(r["shape"], r["tokens"], r["op"]) for r in doc["results"]}
+    for shape in ("tiny up", "tiny q/k/v"):
+        for b in (1, 4):
+            assert {(shape, b, "sparse"), (shape, b, "select+sparse"), (shape, b, "xla dense")} <= ops
+    errs = [r["rel_err"] for r in doc["results"] if r["op"] == "sparse"]
+    assert errs and max(errs) < 1e-2
+    assert "select+sparse 0.5" in Path(str(out) + ".md").read_text()

@@ -1,0 +1,273 @@
+"""Top-K selection and sparse GEMV kernels (Pallas interpret mode on CPU) against plain jnp.
+
+Pallas interpret mode fills every output with a poison value before the kernel runs (NaN for
+floats, INT_MIN for integers), so an output the kernel forgets to write fails these tests; the
+sparse GEMVs accumulate into zero-filled buffers, so there a dropped tile shows as a wrong sum.
+Shapes are the real models' dims (non-powers of two included) in pairs that keep the number of
+interpreted programs modest.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from larosa_jax import pallas as ops
+from larosa_jax.pallas import select as sel
+from larosa_jax.pallas import sparse_gemv as sg
+
+SPARSITIES = (0.25, 0.5, 0.75, 0.9)
+POISON_INT = np.iinfo(np.int32).min
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _k(s, d):
+    return max(1, int(round((1 - s) * d)))
+
+
+def _check_compaction(x, packed, order, want_mask):
+    """Kept count, kept indices ascending in front, the rest a permutation of the dropped ones."""
+    for r in range(x.shape[0]):
+        kept = np.nonzero(want_mask[r])[0]
+        n = int(packed[r, 2])
+        assert n == kept.size
+        o = np.asarray(order[r])
+        assert sorted(o.tolist()) == list(range(o.size)), "order is not a permutation"
+        np.testing.assert_array_equal(o[:n], kept)
+
+
+# ----------------------------------------------------------------------------- selection
+@pytest.mark.parametrize("d", [576, 1536, 3584, 4096, 11008, 14336, 18944])
+def test_select_kernel_keeps_exactly_topk_and_compacts(d):
+    rng = np.random.default_rng(d)
+    x = jnp.asarray(rng.standard_normal((2, d)) * rng.uniform(0.1, 10, (2, 1)), jnp.bfloat16)
+    for s in SPARSITIES:
+        k = _k(s, d)
+        packed, order = sel.select_kernel(x, jnp.int32(k))
+        assert not (np.asarray(packed) == POISON_INT).any() and not (np.asarray(order) == POISON_INT).any()
+        got = np.asarray(sel.keep_mask(x, packed[:, :2]))
+        want = np.asarray(sel.keep_mask(x, sel.topk_threshold_reference(x, k)))
+        assert (got.sum(-1) == k).all(), f"d={d} s={s}: kept {got.sum(-1)} != {k}"
+        np.testing.assert_array_equal(got, want)
+        _check_compaction(x, np.asarray(packed), order, want)
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 255, 256, 300, 511, 512])
+def test_select_kernel_breaks_ties_towards_lower_indices(k):
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.integers(-3, 4, (5, 512)), jnp.bfloat16)  # ~1/7 zeros, every magnitude tied
+    x = x.at[4].set(0.0)  # an all-zero row: any k entries are a valid Top-K, lowest indices first
+    packed, order = sel.select_kernel(x, jnp.int32(k))
+    got = np.asarray(sel.keep_mask(x, packed[:, :2]))
+    want = np.asarray(sel.keep_mask(x, sel.topk_threshold_reference(x, k)))
+    np.testing.assert_array_equal(got, want)
+    assert (got.sum(-1) == k).all()
+    assert got[4].nonzero()[0].tolist() == list(range(k))
+    _check_compaction(x, np.asarray(packed), order, want)
+
+
+def test_select_kernel_compacts_a_given_threshold():
+    """TEAL's |x| > τ: the kernel skips the search and only compacts (count varies by row)."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 3000)), jnp.bfloat16)  # D not a power of two
+    for tau in (-1.0, 0.0, 0.7, 2.5):
+        thr = sel.magnitude_threshold(x, jnp.float32(tau))
+        packed, order = sel.select_kernel(x, thr=thr)
+        want = np.asarray(sel.keep_mask(x, thr))
+        _check_compaction(x, np.asarray(packed), order, want)
+
+
+def test_topk_matches_a_sort_and_rejects_bad_k():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 2, 300)), jnp.float32)
+    got = np.asarray(ops.topk(x, 40))
+    order = np.argsort(-np.abs(np.asarray(x)), axis=-1, kind="stable")[..., :40]
+    want = np.zeros_like(got)
+    np.put_along_axis(want, order, np.take_along_axis(np.asarray(x), order, -1), -1)
+    np.testing.assert_array_equal(got, want)
+    for bad in (0, -1, 301):
+        with pytest.raises(ValueError, match=r"k=-?\d+ for a vector of width D=300: k must be in \[1, 300\]"):
+            ops.topk_threshold(x, bad)
+        with pytest.raises(ValueError, match=r"k must be in \[1, 300\]"):
+            ops.select_topk(x, bad)
+
+
+def test_magnitude_threshold_is_teal():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
+    for tau in (-1.0, 0.0, 0.3, 1.2, 10.0):
+        got = ops.apply(x, ops.magnitude_threshold(x, jnp.float32(tau)))
+        want = jnp.where(jnp.abs(x) > jnp.asarray(tau, x.dtype), x, 0)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_select_dispatch_compacts_only_one_bf16_row(monkeypatch):
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    rng = np.random.default_rng(5)
+    one = jnp.asarray(rng.standard_normal((1, 1, 1000)), jnp.bfloat16)
+    ks = ops.select_topk(one, 300)
+    assert ks.order is not None and int(ks.packed[0, 2]) == 300 and ks.thr.shape == (1, 1, 2)
+    assert ops.select_topk(one.astype(jnp.float32), 300).order is None  # float32: the jnp twin
+    assert ops.select_topk(jnp.concatenate([one, one]), 300).order is None  # two rows: pairs only
+    kt = ops.select_threshold(one, jnp.float32(0.5))
+    assert int(kt.packed[0, 2]) == int(np.sum(np.abs(np.asarray(one, np.float32)) > 0.5))
+
+
+# ----------------------------------------------------------------------------- sparse GEMV
+GATHER_CASES = [  # D_in, D_out of each weight sharing the input, sparsity (one token)
+    (576, (11008,), 0.5),  # D_out of Llama-2's MLP
+    (11008, (576,), 0.25),  # Llama-2 down's D_in
+    (3584, (512, 512, 3584), 0.75),  # Qwen2 fused q/k/v
+    (576, (1536, 1536), 0.5),  # SmolLM2 fused gate/up
+    (14336, (576,), 0.9),  # Llama-3 down's D_in
+    (18944, (576,), 0.5),  # Qwen2 down's D_in
+    (1536, (4096, 1024, 1024), 0.25),  # Llama-3 q/k/v outputs
+    (576, (18944, 14336), 0.9),
+]
+
+
+def _operands(k, ns, rows, seed):
+    key = jax.random.key(seed)
+    kx, *kws = jax.random.split(key, 1 + len(ns))
+    x = jax.random.normal(kx, (rows, k), jnp.float32).astype(jnp.bfloat16)
+    ws = tuple((jax.random.normal(kw, (k, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16) for kw, n in zip(kws, ns))
+    return x, ws
+
+
+def _want(x, thr, ws):
+    xs = ops.apply(x, thr).astype(jnp.float32)
+    return xs, [jnp.dot(xs, w.astype(jnp.float32), precision="highest") for w in ws]
+
+
+@pytest.mark.parametrize("k,ns,s", GATHER_CASES)
+def test_gather_gemv_kernel_matches_jnp(k, ns, s):
+    x, ws = _operands(k, ns, 1, k * 7 + sum(ns))
+    assert sg.unsupported(x, ws) is None
+    packed, order = sel.select_kernel(x, jnp.int32(_k(s, k)))
+    xs, want = _want(x, packed[:, :2], ws)
+    assert (np.asarray((xs != 0).sum(-1)) == _k(s, k)).all()
+    for w, y, ref in zip(ws, sg.gather_sums(x[0], order, packed, ws), want):
+        assert y.shape == (w.shape[1],) and bool(jnp.all(jnp.isfinite(y)))
+        assert _rel(y, ref[0]) < 1e-5  # float32 sums of the same bf16 products
+        # and it is not the dense product: the dropped rows really are dropped
+        assert _rel(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")[0], ref[0]) > 1e-3
+
+
+MASKED_CASES = [  # D_in, D_out, sparsity, tokens (batch > 1 takes the union of the keep sets)
+    (3584, (3584, 512, 512), 0.75, 4),  # Qwen2 fused q/k/v, batch 4
+    (576, (1536, 1536), 0.5, 4),  # SmolLM2 fused gate/up
+    (14336, (576,), 0.9, 4),  # Llama-3 down's D_in
+    (18944, (576,), 0.75, 2),  # Qwen2 down's D_in
+    (576, (11008,), 0.25, 8),  # Llama-2 MLP width, 8 tokens
+    (4096, (576,), 0.5, 1),  # the masked kernel serves one token too (threshold pairs only)
+]
+
+
+@pytest.mark.parametrize("k,ns,s,rows", MASKED_CASES)
+def test_masked_gemv_kernel_matches_jnp(k, ns, s, rows):
+    x, ws = _operands(k, ns, rows, k * 3 + sum(ns) + rows)
+    thr = sel.topk_threshold_reference(x, _k(s, k))
+    _, want = _want(x, thr, ws)
+    for w, y, ref in zip(ws, sg.sums(x, thr, ws), want):
+        assert y.shape == (rows, w.shape[1]) and bool(jnp.all(jnp.isfinite(y)))
+        assert _rel(y, ref) < 1e-5
+        assert _rel(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest"), ref) > 1e-3
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_sparse_gemv_reads_only_kept_rows(gather):
+    """Rows of W for dropped entries are poisoned with NaN: any read of them would surface."""
+    rng = np.random.default_rng(3)
+    k, n = 1024, 384
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+    packed, order = sel.select_kernel(x, jnp.int32(256))
+    keep = np.asarray(sel.keep_mask(x, packed[:, :2]))[0]
+    w = np.asarray(jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16), np.float32)
+    w[~keep] = np.nan
+    wb = (jnp.asarray(w, jnp.bfloat16),)
+    (y,) = sg.gather_sums(x[0], order, packed, wb) if gather else sg.sums(x, packed[:, :2], wb)
+    want = np.asarray(x, np.float32)[:, keep] @ w[keep]
+    assert _rel(np.reshape(y, (-1,)), want[0]) < 1e-5
+
+
+def test_sparse_matvec_dispatch_bias_batch_and_fallbacks(monkeypatch):
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    rng = np.random.default_rng(4)
+    ws = tuple(jnp.asarray(rng.standard_normal((256, n)) * 0.06, jnp.bfloat16) for n in (256, 64, 64))
+    bs = tuple(jnp.asarray(rng.standard_normal((n,)), jnp.bfloat16) for n in (256, 64, 64))  # Qwen2 q/k/v biases
+    for rows in (1, 4):  # [B, T=1, D] as at decode: gather kernel for one token, masked tiles for four
+        x = jnp.asarray(rng.standard_normal((rows, 1, 256)), jnp.bfloat16)
+        keep = ops.select_topk(x, 100)
+        assert (keep.order is not None) == (rows == 1)
+        got = ops.sparse_matvec(x, keep, ws, bs)
+        want = ops.sparse_matvec_reference(x, keep.thr, ws, bs)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == jnp.bfloat16
+            assert _rel(g, w) < 1e-2
+    # float32 weights and an untileable D_out: the jnp path, one warning naming the shape
+    sg._warned.clear()
+    thr = ops.topk_threshold(x, 100)
+    w32 = tuple(w.astype(jnp.float32) for w in ws)
+    with pytest.warns(UserWarning, match="dtype float32"):
+        got = ops.sparse_matvec(x, thr, w32, bs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.sparse_matvec(x, thr, w32, bs)  # once only
+    for g, w in zip(got, ops.sparse_matvec_reference(x, thr, w32, bs)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    w_odd = (jnp.asarray(rng.standard_normal((256, 100)), jnp.bfloat16),)
+    with pytest.warns(UserWarning, match=r"D_out=\[100\]"):
+        (g,) = ops.sparse_matvec(x, thr, w_odd, (None,))
+    assert g.shape == (4, 1, 100)
+    # more than 8 tokens (prefill): the jnp path, silently
+    xp = jnp.asarray(rng.standard_normal((2, 16, 256)), jnp.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = ops.sparse_matvec(xp, ops.topk_threshold(xp, 64), ws[:1], bs[:1])
+    assert g[0].shape == (2, 16, 256)
+
+
+# ----------------------------------------------------------------------------- the decode path
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fused_decode_with_kernels_matches_the_jnp_path(batch, monkeypatch):
+    """La RoSA's fused model, bf16: prefill + decode steps with every kernel (interpret mode) give the
+    jnp path's logits, for one token (gather kernel) and four (masked tiles on the union)."""
+    from larosa_jax.config import ModelConfig
+    from larosa_jax.models import init_cache
+    from larosa_jax.models.random_init import random_model
+    from larosa_jax.sparse_model import sparsify
+    from larosa_jax.sparsity import SparseConfig
+
+    cfg = ModelConfig.from_hf({
+        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-6})
+    sm = sparsify(random_model(cfg, jnp.bfloat16, seed=3, adapters=True), None, SparseConfig("larosa", "fused", 0.5))
+    prompt = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, 6)), jnp.int32)
+
+    def run():
+        cache = init_cache(cfg, batch, 64, jnp.bfloat16)
+        logits, cache = sm(prompt, cache)
+        out = [logits[:, -1]]
+        for _ in range(3):
+            tok = jnp.argmax(out[-1], axis=-1).astype(jnp.int32)[:, None]
+            logits, cache = sm(tok, cache)
+            out.append(logits[:, -1])
+        return np.stack([np.asarray(o, np.float32) for o in out])
+
+    want = run()
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    sg._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every shape here tiles: no fallback
+        got = run()
+    assert np.isfinite(got).all()
+    assert _rel(got, want) < 2e-2  # bf16 outputs; float32 sums in another order
