@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from . import __version__
+from . import __version__, parallel
 from .config import ModelConfig
 from .models.transformer import dense_projection, rms_norm, rope_tables
 from .safetensors_io import CheckpointError, SafeTensorsFile, save_tensors
@@ -150,8 +150,12 @@ def calibrate(
     seed: int = 0,
     model_source: str = "",
     progress: bool = True,
+    mesh=None,
 ) -> CalibrationStats:
-    """Run ``windows`` ``[N, T]`` through the dense ``model`` and return rotations + quantiles."""
+    """Run ``windows`` ``[N, T]`` through the dense ``model`` and return rotations + quantiles.
+
+    With a ``mesh`` each window batch is split over its ``data`` axis: every device runs its windows
+    and the covariance Σ XᵀX is summed across devices by the partitioned jit (an all-reduce)."""
     from tqdm.auto import tqdm
 
     if flavour not in FLAVOURS:
@@ -177,13 +181,15 @@ def calibrate(
     bar = tqdm(range(n_layers), desc="calibrate", unit="layer", disable=not progress)
     for layer in bar:
         graphdef, state = nnx.split(model.layers[layer])
-        acc = (jnp.zeros((d, d), jnp.float32), jnp.zeros((d, d), jnp.float32))
+        state = parallel.replicate(state, mesh)
+        acc = parallel.replicate((jnp.zeros((d, d), jnp.float32), jnp.zeros((d, d), jnp.float32)), mesh)
         for bi, b in enumerate(batches):
             nb = b.stop - b.start
             r = rope if nb == start.shape[0] else tuple(x[:nb] for x in rope)
             key, sub = jax.random.split(key)
             h_new, acc, stats, finite = _block_step(
-                graphdef, state, jnp.asarray(h_host[bi]), r, start[:nb], sub, acc, flavour=flavour, cfg=cfg
+                graphdef, state, parallel.shard_batch(jnp.asarray(h_host[bi]), mesh), parallel.replicate(r, mesh),
+                parallel.replicate(start[:nb], mesh), parallel.replicate(sub, mesh), acc, flavour=flavour, cfg=cfg
             )
             finite = np.asarray(finite)
             if not finite.all():

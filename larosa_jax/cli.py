@@ -85,7 +85,19 @@ def _add_data_args(p, samples: int, seqlen: int):
     g.add_argument("--samples", type=int, default=samples)
     g.add_argument("--seqlen", type=int, default=seqlen)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch", type=int, default=1, help="windows per device step")
+    g.add_argument("--batch", type=int, default=1, help="windows per step (split over the mesh's data axis)")
+    _add_mesh(p)
+
+
+def _add_mesh(p):
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="device mesh; default: every local device on data (data-parallel windows)")
+
+
+def _mesh(args, cfg):
+    from .parallel import make_mesh
+
+    return make_mesh(args.mesh, cfg=cfg)
 
 
 def _windows(args, tok, split: str, *, skip: int = 0, samples: int | None = None):
@@ -111,9 +123,10 @@ def cmd_calibrate(args) -> None:
     from .checkpoint import load, load_tokenizer
 
     model = load(args.ckpt)
+    mesh = _mesh(args, model.config)
     win, source = _windows(args, load_tokenizer(args.ckpt), "train")
     stats = calibrate(model, win, flavour=args.flavour, batch_size=args.batch, data_source=source, seed=args.seed,
-                      model_source=str(args.ckpt))
+                      model_source=str(args.ckpt), mesh=mesh)
     path = stats.save(args.out)
     ev = stats.eigenvalues
     print(f"wrote {path}: {len(ev)} layers, flavour {args.flavour}, {stats.metadata['tokens']} tokens from {source}, "
@@ -142,12 +155,13 @@ def cmd_search(args) -> None:
     for p in args.sparsity:  # refuse bad p before loading anything
         SparseConfig("larosa", args.mode, p)
     model = load(args.ckpt)
+    mesh = _mesh(args, model.config)
     stats = CalibrationStats.load(args.rotations)
     stats.check_model(model, where=args.rotations)
     # the same seed and window order as calibration, skipping its windows: held-out, never test
     win, source = _windows(args, load_tokenizer(args.ckpt), "train", skip=args.calib_samples)
     for p in args.sparsity:
-        res = search_alpha(model, stats, p, win, mode=args.mode, points=args.points, batch_size=args.batch)
+        res = search_alpha(model, stats, p, win, mode=args.mode, points=args.points, batch_size=args.batch, mesh=mesh)
         print(f"α search, larosa {args.mode}, p = {p:g}, {len(win)} held-out windows of {args.seqlen} from {source}")
         print(f"{'α_rot':>7} {'α_plain':>8} {'nominal p':>10} {'effective':>10} {'ppl':>9}")
         for r in res.table:
@@ -193,7 +207,8 @@ def _add_ppl(sub):
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--data", default="wikitext2")
     p.add_argument("--data-file", default=None, help="local text file (offline), e.g. wiki.test.raw")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="windows per step (split over the mesh's data axis)")
+    _add_mesh(p)
     p.add_argument("--out", required=True, help="results path without extension, e.g. eval/results/smollm2_ppl")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue a partial grid in --out")
@@ -209,6 +224,7 @@ def cmd_ppl(args) -> None:
 
     vs = variants(args.methods, args.mode, args.alpha)  # validate names before the slow parts
     model, tok = load(args.ckpt), load_tokenizer(args.ckpt)
+    mesh = _mesh(args, model.config)
     stats = None
     if any(v.method in ("larosa", "teal", "cats") for v in vs):
         if args.rotations is None:
@@ -231,7 +247,7 @@ def cmd_ppl(args) -> None:
     for v, p in grid:  # fail now, not an hour into the grid
         if v.alpha == "searched":
             stored_alpha(args.rotations, p, v.mode)
-    res = run_grid(model, stats, win, grid, out=args.out, meta=meta, batch_size=args.batch, resume=args.resume,
+    res = run_grid(model, stats, win, grid, out=args.out, meta=meta, batch_size=args.batch, resume=args.resume, mesh=mesh,
                    overwrite=args.overwrite, alpha_lookup=lambda p, mode: stored_alpha(args.rotations, p, mode))
     from .evaluate import markdown
 

@@ -137,8 +137,9 @@ def plot(result: dict, path: Path) -> None:
 
 def run_grid(model, stats, windows: np.ndarray, grid: list[tuple[Variant, float]], *, out: str | Path,
              meta: dict, alpha_lookup=None, batch_size: int = 1, resume: bool = False, overwrite: bool = False,
-             progress: bool = True) -> dict:
-    """Evaluate dense plus every (variant, p) in ``grid``; write json/md/png after each row."""
+             progress: bool = True, mesh=None) -> dict:
+    """Evaluate dense plus every (variant, p) in ``grid``; write json/md/png after each row (each batch
+    of windows split over ``mesh``'s data axis when given)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -166,7 +167,7 @@ def run_grid(model, stats, windows: np.ndarray, grid: list[tuple[Variant, float]
             alpha = alpha_lookup(p, var.mode) if var.alpha == "searched" else var.alpha
             sc = SparseConfig(var.method, var.mode, p, alpha)
         m = sparsify(model, stats, sc)
-        nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=var.label)
+        nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=var.label, mesh=mesh)
         ppl = float(np.exp(nll.sum() / result["meta"]["tokens_scored"]))
         rows.append({
             "label": var.label, "method": var.method, "mode": var.mode if var.method == "larosa" else None,

@@ -59,14 +59,14 @@ class SearchResult:
 
 
 def search_alpha(model, stats, p: float, windows: np.ndarray, *, mode: str = "faithful", points: int = 9,
-                 batch_size: int = 1, progress: bool = True) -> SearchResult:
+                 batch_size: int = 1, progress: bool = True, mesh=None) -> SearchResult:
     from tqdm.auto import tqdm
 
     cfg = model.config
     rows = []
     for a_rot, a_plain in tqdm(alpha_grid(cfg, p, points), desc=f"α search p={p}", unit="α", disable=not progress):
         sc = SparseConfig("larosa", mode, p, (a_rot, a_plain))
-        ppl = perplexity(sparsify(model, stats, sc), windows, batch_size=batch_size)
+        ppl = perplexity(sparsify(model, stats, sc), windows, batch_size=batch_size, mesh=mesh)
         rows.append({"alpha_rot": a_rot, "alpha_plain": a_plain, "effective": effective_sparsity_of(cfg, sc), "ppl": ppl})
     best = min(rows, key=lambda r: r["ppl"])
     return SearchResult(p, mode, rows, (best["alpha_rot"], best["alpha_plain"]))
