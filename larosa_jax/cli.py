@@ -44,6 +44,8 @@ def _add_generate(sub):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="cast weights on load (default: as stored)")
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="tensor-parallel decode; default with several devices: all of them on model")
     p.set_defaults(func=cmd_generate)
 
 
@@ -51,8 +53,15 @@ def cmd_generate(args) -> None:
     from .checkpoint import load, load_tokenizer
     from .generate import generate
 
+    import jax
+
+    from .parallel import TensorParallel, make_mesh
+
     model = load(args.ckpt, dtype=args.dtype)
     tok = load_tokenizer(args.ckpt)
+    spec = args.mesh or (f"model={len(jax.devices())}" if len(jax.devices()) > 1 else None)
+    if spec:
+        model = TensorParallel(model, make_mesh(spec, cfg=model.config))
     stream = _Streamer(tok, args.prompt) if len(args.prompt) == 1 else None
     out = generate(
         model, args.prompt, tokenizer=tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

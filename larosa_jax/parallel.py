@@ -4,14 +4,24 @@ JAX's own machinery: a :class:`jax.sharding.Mesh`, :class:`~jax.sharding.NamedSh
 batch axis over ``data`` and replicated weights; ``jit`` partitions the computation and inserts the
 collectives (the calibration covariance Σ XᵀX of a batch split over devices becomes per-device
 partial sums plus an all-reduce). Several hosts: call ``jax.distributed.initialize()`` first, and
-``jax.devices()`` then lists every host's devices. Tensor-parallel decode over ``model`` is not
-built yet; a mesh with ``model > 1`` is checked against the model's head counts and widths.
+``jax.devices()`` then lists every host's devices.
+
+Tensor parallelism over ``model`` (:class:`TensorParallel`): one ``shard_map`` around the model, q/k/v
+and gate/up split by output columns, o and down by input rows with the partial outputs summed, the KV
+cache split by KV head. Top-K keeps its one-device meaning (see :class:`RowParallel`), so tokens do
+not change with the mesh. The weights are placed by the partitioned jit from a full copy; loading
+each device's shard straight from the checkpoint is not built yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model")
@@ -82,3 +92,126 @@ def shard_batch(x, mesh: Mesh | None):
     if x.shape[0] % data_size(mesh):
         return replicate(x, mesh)
     return jax.device_put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
+
+
+# ----------------------------------------------------------------------------- tensor-parallel decode
+# Input-major kernels [D_in, D_out]: q/k/v and gate/up are column-parallel (D_out split, heads and MLP
+# columns contiguous per device), o and down row-parallel (D_in split; partial outputs summed). Norms,
+# embedding, adapters and the lm_head are replicated; the KV cache is split by KV head.
+_COLUMN = re.compile(r"\['(attn)'\]\['(q|k|v)'\]|\['(mlp)'\]\['(gate|up)'\]")
+_ROW = re.compile(r"\['attn'\]\['o'\]\['kernel'\]|\['mlp'\]\['down'\]\['kernel'\]")
+ROW_SITES = ("o", "down")
+
+
+def _param_spec(name: str, ndim: int) -> P:
+    if _COLUMN.search(name):
+        return P(None, "model") if ndim == 2 else P("model")  # kernel, bias
+    if _ROW.search(name):
+        return P("model", None)
+    return P()
+
+
+def _local_config(cfg, m: int):
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // m, num_kv_heads=cfg.num_kv_heads // m,
+                               intermediate_size=cfg.intermediate_size // m)
+
+
+class RowParallel:
+    """Wraps a projection hook inside ``shard_map``: at the row-parallel sites (o, down) each device
+    holds a slice of the input; Top-K must mean the same as on one device, so the threshold pair is
+    found on the all-gathered input and its index cut shifted to this device's slice; partial outputs
+    are summed over ``model``. Magnitude thresholds (TEAL, CATS) are elementwise and need no gather."""
+
+    def __init__(self, inner, axis: str = "model"):
+        self.inner, self.axis = inner, axis
+
+    def __call__(self, site, layer, x, linears, gain=None):
+        if site not in ROW_SITES:
+            return self.inner(site, layer, x, linears, gain)
+        ks = getattr(self.inner, "ks", None)
+        if ks is None:  # dense, TEAL, CATS: each device decides on its own entries
+            outs = self.inner(site, layer, x, linears, gain)
+        else:
+            from . import pallas as ops
+            from .sparsity import SITES, kept_projection
+
+            full = jax.lax.all_gather(x, self.axis, axis=x.ndim - 1, tiled=True)
+            thr = ops.topk_threshold(full, ks[SITES.index(site)])
+            off = jax.lax.axis_index(self.axis) * x.shape[-1]
+            thr = jnp.stack([thr[..., 0], jnp.clip(thr[..., 1] - off, 0, x.shape[-1])], axis=-1)
+            outs = kept_projection(x, ops.select_pairs(x, thr), linears)
+        return tuple(jax.lax.psum(o.astype(jnp.float32), self.axis).astype(o.dtype) for o in outs)
+
+
+class TensorParallel(nnx.Module):
+    """A model (dense :class:`~larosa_jax.models.Transformer` or
+    :class:`~larosa_jax.sparse_model.SparseModel`) run tensor-parallel over ``mesh``'s ``model``
+    axis, with the batch over ``data``, in one ``shard_map``. Same call convention as the model, so
+    :func:`larosa_jax.generate.generate` takes it. The Pallas kernels run inside on each device's shards."""
+
+    def __init__(self, model, mesh: Mesh):
+        base = getattr(model, "base", model)
+        cfg = base.config
+        check_model_axis(cfg, mesh.shape["model"])
+        if cfg.o_bias or cfg.mlp_bias:
+            raise MeshError("tensor parallelism does not support o_proj/down_proj biases (attention_bias or "
+                            "mlp_bias in config.json)")
+        self.inner, self.mesh = model, mesh
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def _local_split(self):
+        """(graphdef, state) of the model with the per-device config (head counts and MLP width divided
+        by M) and its projection hook wrapped in :class:`RowParallelModule`; the state is the model's own."""
+        base = getattr(self.inner, "base", self.inner)
+        cfg, proj = base.config, getattr(self.inner, "proj", None)
+        base.config = _local_config(cfg, self.mesh.shape["model"])
+        if proj is not None:
+            self.inner.proj = RowParallelModule(proj)
+        try:
+            return nnx.split(self.inner)
+        finally:
+            base.config = cfg
+            if proj is not None:
+                self.inner.proj = proj
+
+    def __call__(self, tokens, cache=None, *, start=None):
+        from .models import dense_projection
+
+        if tokens.shape[0] % self.mesh.shape["data"]:
+            raise MeshError(f"a batch of {tokens.shape[0]} rows does not split over data={self.mesh.shape['data']}")
+        graphdef, state = self._local_split()
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        specs = jax.tree_util.tree_unflatten(treedef, [_param_spec(jax.tree_util.keystr(p), l.ndim) for p, l in flat])
+        batch = P("data")
+
+        def body(state, tokens, cache, start):
+            model = nnx.merge(graphdef, state)
+            if getattr(model, "proj", None) is not None:  # a sparse hook, already row-parallel
+                return model(tokens, cache, start=start)
+            base = getattr(model, "base", model)  # dense: row-parallel sums around the dense projection
+            return base(tokens, cache, start=start, proj=RowParallel(dense_projection))
+
+        cache_spec = None
+        if cache is not None:
+            kv = P("data", None, "model", None)
+            cache_spec = type(cache)(k=[kv] * len(cache.k), v=[kv] * len(cache.v), pos=P(), start=batch)
+        fn = jax.shard_map(body, mesh=self.mesh, in_specs=(specs, batch, cache_spec, None if start is None else batch),
+                           out_specs=(batch, cache_spec), check_vma=False)
+        return fn(state, tokens, cache, start)
+
+
+class RowParallelModule(nnx.Module):
+    """:class:`RowParallel` around a projection module, as a module (its calibrated state stays state)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, site, layer, x, linears, gain=None):
+        return RowParallel(self.inner)(site, layer, x, linears, gain)

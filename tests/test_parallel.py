@@ -99,3 +99,81 @@ def test_bad_meshes_are_refused_with_the_reason():
                                         r"every sharded dimension: 1, 2"):
         check_model_axis(cfg, 4)
     check_model_axis(cfg, 2)  # divides 6 heads, 2 kv heads, 256 and 96
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import json, os
+    import jax, jax.numpy as jnp, numpy as np
+    from larosa_jax.config import ModelConfig
+    from larosa_jax.models.random_init import random_model
+    from larosa_jax.calibration import calibrate
+    from larosa_jax.generate import generate
+    from larosa_jax.parallel import MeshError, TensorParallel, make_mesh
+    from larosa_jax.sparse_model import sparsify
+    from larosa_jax.sparsity import SparseConfig
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    hf = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 128, "max_position_embeddings": 128}
+    cfg = ModelConfig.from_hf(hf)  # Qwen2: q/k/v biases, split with their columns
+    model = random_model(cfg, jnp.float32, seed=0)
+    stats = calibrate(model, np.random.default_rng(0).integers(0, 128, (4, 32)).astype(np.int32), flavour="fused",
+                      batch_size=4, progress=False)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]  # left padding, different lengths
+    out = {}
+    for sc in (SparseConfig("dense"), SparseConfig("larosa", "fused", 0.5), SparseConfig("topk", "faithful", 0.5),
+               SparseConfig("teal", "faithful", 0.4)):
+        m = sparsify(model, stats, sc)
+        out[sc.method + "_one"] = generate(m, prompts, max_new_tokens=8)
+        probe = jnp.asarray([[3, 1, 4, 1, 5, 9]])
+        want = np.asarray(m(probe)[0])
+        for spec in ("model=2", "model=4", "data=2,model=2"):
+            tp = TensorParallel(m, make_mesh(spec))
+            out[f"{sc.method}_{spec}"] = generate(tp, prompts, max_new_tokens=8)
+            if not spec.startswith("data"):
+                out[f"{sc.method}_{spec}_logit_err"] = float(np.max(np.abs(np.asarray(tp(probe)[0]) - want)))
+    try:
+        TensorParallel(model, make_mesh("data=2,model=2"))(jnp.zeros((3, 4), jnp.int32))
+    except MeshError as e:
+        out["odd_batch"] = str(e)
+    try:
+        TensorParallel(model, make_mesh("model=3"))
+    except MeshError as e:
+        out["bad_model"] = str(e)
+    # the Pallas kernels inside shard_map (interpret mode), bf16, La RoSA fused: same logits as one device
+    os.environ["LAROSA_PALLAS_INTERPRET"] = "1"
+    mb = sparsify(random_model(ModelConfig.from_hf({**hf, "hidden_size": 128, "intermediate_size": 512}),
+                               jnp.bfloat16, seed=1, adapters=True), None, SparseConfig("larosa", "fused", 0.5))
+    tok = jnp.asarray([[5]])
+    from larosa_jax.models import init_cache
+    one = np.asarray(mb(tok, init_cache(mb.config, 1, 64, jnp.bfloat16))[0], np.float32)
+    two = np.asarray(TensorParallel(mb, make_mesh("model=2"))(tok, init_cache(mb.config, 1, 64, jnp.bfloat16))[0],
+                     np.float32)
+    out["kernel_rel_err"] = float(np.linalg.norm(two - one) / np.linalg.norm(one))
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env.pop("LAROSA_PALLAS_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", TP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+
+
+@pytest.mark.parametrize("method", ["dense", "larosa", "topk", "teal"])
+def test_tensor_parallel_decode_gives_the_same_tokens(tensor_parallel, method):
+    o = tensor_parallel
+    for spec in ("model=2", "model=4", "data=2,model=2"):
+        assert o[f"{method}_{spec}"] == o[f"{method}_one"], f"{method} on {spec}"
+    for spec in ("model=2", "model=4"):
+        assert o[f"{method}_{spec}_logit_err"] < 1e-4
+
+
+def test_tensor_parallel_kernels_and_refusals(tensor_parallel):
+    o = tensor_parallel
+    assert o["kernel_rel_err"] < 2e-2  # bf16 sparse kernels on each device's shards, sums over devices
+    assert o["odd_batch"] == "a batch of 3 rows does not split over data=2"
+    assert "model=3 does not divide num_attention_heads=8" in o["bad_model"] and "1, 2, 4" in o["bad_model"]

@@ -201,7 +201,11 @@ def select_topk(x: Array, k: int | Array) -> KeepSet:
 
 def select_threshold(x: Array, tau: Array) -> KeepSet:
     """TEAL/CATS ``|x| > τ`` keep set; compacted on GPU for one bf16 row, like :func:`select_topk`."""
-    thr = magnitude_threshold(x, tau)
+    return select_pairs(x, magnitude_threshold(x, tau))
+
+
+def select_pairs(x: Array, thr: Array) -> KeepSet:
+    """The keep set of given threshold pairs ``thr [..., 2]``; compacted on GPU for one bf16 row."""
     if enabled("select") and supported(x) and _one_row(x):
         packed, order = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2))
         return KeepSet(thr, order, packed)
