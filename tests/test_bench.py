@@ -47,6 +47,7 @@ def test_bench_decode_rejects_bad_configs():
 
 def test_bench_kernels_tiny_checks_and_writes(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")  # what --tiny sets; undone after the test
     bk = _script("bench_kernels")
     out = tmp_path / "kernels"
     bk.main(["--tiny", "--batches", "1,4", "--sparsities", "0.5", "--out", str(out)])
