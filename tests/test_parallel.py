@@ -52,14 +52,19 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def four_devices():
+def _on_four_devices(script: str) -> dict:
+    """Run ``script`` in a fresh Python with 4 simulated CPU devices; the dict it prints after RESULT."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     env.pop("LAROSA_PALLAS_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+    return _on_four_devices(SCRIPT)
 
 
 def test_data_parallel_perplexity_matches_one_device(four_devices):
@@ -156,11 +161,7 @@ TP_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def tensor_parallel():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    env.pop("LAROSA_PALLAS_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-c", TP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    return _on_four_devices(TP_SCRIPT)
 
 
 @pytest.mark.parametrize("method", ["dense", "larosa", "topk", "teal"])
