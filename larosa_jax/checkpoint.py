@@ -334,16 +334,25 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_hf(raw), raw["larosa"]
 
 
-def load(path: str | Path, dtype=None) -> Transformer:
+def load(path: str | Path, dtype=None, mesh=None) -> Transformer:
     """Open a converted (or fused, see :func:`save`) checkpoint as an NNX :class:`Transformer`
-    (weights cast to ``dtype`` if given)."""
+    (weights cast to ``dtype`` if given). With a ``mesh``, every weight is split for tensor parallelism
+    (:func:`larosa_jax.parallel.param_spec`) and each device reads only its block from the file."""
     path = Path(path)
     cfg, meta = read_config(path)
     dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
     st = SafeTensorsFile(path / "model.safetensors")
     fused = bool(meta.get("fused", False))
     model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=fused))
-    assign_params(model, lambda name: st[name] if name in st else None, where=str(st.path), dtype=dtype)
+    if mesh is not None:
+        from .parallel import check_model_axis, place
+
+        check_model_axis(cfg, mesh.shape["model"])
+        to_device = lambda name, arr: place(name, arr, mesh, dtype)  # noqa: E731
+    else:
+        to_device = None
+    assign_params(model, lambda name: st[name] if name in st else None, where=str(st.path), dtype=dtype,
+                  to_device=to_device)
     return model
 
 
@@ -374,8 +383,10 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
     return out
 
 
-def assign_params(model: nnx.Module, get: Callable[[str], np.ndarray | None], *, where: str, dtype=None) -> None:
-    """Fill every Param of ``model`` from ``get(dotted_name)``, checking presence and shape."""
+def assign_params(model: nnx.Module, get: Callable[[str], np.ndarray | None], *, where: str, dtype=None,
+                  to_device: Callable[[str, np.ndarray], jax.Array] | None = None) -> None:
+    """Fill every Param of ``model`` from ``get(dotted_name)``, checking presence and shape
+    (``to_device(name, array)`` places each one; default: one device)."""
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Param):
             continue
@@ -387,7 +398,8 @@ def assign_params(model: nnx.Module, get: Callable[[str], np.ndarray | None], *,
             raise CheckpointError(f"{where}: tensor {name!r} is missing")
         if tuple(arr.shape) != want:
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)}, the model expects {want}")
-        node.set_value(jnp.asarray(arr, dtype=dtype or current.dtype))
+        dt = dtype or current.dtype
+        node.set_value(to_device(name, arr) if to_device else jnp.asarray(arr, dtype=dt))
 
 
 def params_of(model: nnx.Module) -> dict[str, jax.Array]:

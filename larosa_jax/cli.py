@@ -57,11 +57,14 @@ def cmd_generate(args) -> None:
 
     from .parallel import TensorParallel, make_mesh
 
-    model = load(args.ckpt, dtype=args.dtype)
-    tok = load_tokenizer(args.ckpt)
+    from .checkpoint import read_config
+
     spec = args.mesh or (f"model={len(jax.devices())}" if len(jax.devices()) > 1 else None)
-    if spec:
-        model = TensorParallel(model, make_mesh(spec, cfg=model.config))
+    mesh = make_mesh(spec, cfg=read_config(args.ckpt)[0]) if spec else None
+    model = load(args.ckpt, dtype=args.dtype, mesh=mesh)  # each device reads only its shard
+    tok = load_tokenizer(args.ckpt)
+    if mesh is not None:
+        model = TensorParallel(model, mesh)
     stream = _Streamer(tok, args.prompt) if len(args.prompt) == 1 else None
     out = generate(
         model, args.prompt, tokenizer=tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -9,8 +9,8 @@ partial sums plus an all-reduce). Several hosts: call ``jax.distributed.initiali
 Tensor parallelism over ``model`` (:class:`TensorParallel`): one ``shard_map`` around the model, q/k/v
 and gate/up split by output columns, o and down by input rows with the partial outputs summed, the KV
 cache split by KV head. Top-K keeps its one-device meaning (see :class:`RowParallel`), so tokens do
-not change with the mesh. The weights are placed by the partitioned jit from a full copy; loading
-each device's shard straight from the checkpoint is not built yet.
+not change with the mesh. ``checkpoint.load(path, mesh=mesh)`` reads each device's block of every
+weight straight from the memory-mapped file (:func:`place`).
 """
 
 from __future__ import annotations
@@ -98,17 +98,31 @@ def shard_batch(x, mesh: Mesh | None):
 # Input-major kernels [D_in, D_out]: q/k/v and gate/up are column-parallel (D_out split, heads and MLP
 # columns contiguous per device), o and down row-parallel (D_in split; partial outputs summed). Norms,
 # embedding, adapters and the lm_head are replicated; the KV cache is split by KV head.
-_COLUMN = re.compile(r"\['(attn)'\]\['(q|k|v)'\]|\['(mlp)'\]\['(gate|up)'\]")
-_ROW = re.compile(r"\['attn'\]\['o'\]\['kernel'\]|\['mlp'\]\['down'\]\['kernel'\]")
+_COLUMN = re.compile(r"(^|\.)(attn\.(q|k|v)|mlp\.(gate|up))\.(kernel|bias)$")
+_ROW = re.compile(r"(^|\.)(attn\.o|mlp\.down)\.kernel$")
 ROW_SITES = ("o", "down")
 
 
-def _param_spec(name: str, ndim: int) -> P:
+def param_spec(name: str, ndim: int) -> P:
+    """How tensor parallelism splits the parameter with dotted name ``name`` (the checkpoint's names)."""
     if _COLUMN.search(name):
         return P(None, "model") if ndim == 2 else P("model")  # kernel, bias
     if _ROW.search(name):
         return P("model", None)
     return P()
+
+
+def _dotted(path) -> str:
+    """A pytree path of an NNX state as a dotted parameter name (``layers.0.attn.q.kernel``)."""
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    return ".".join(str(k) for k in keys if k != "value")
+
+
+def place(name: str, arr, mesh: Mesh, dtype):
+    """A device array of host array ``arr`` (e.g. memory-mapped) split over ``mesh`` as
+    :func:`param_spec` says; each device reads only its own block of ``arr``."""
+    sharding = NamedSharding(mesh, param_spec(name, arr.ndim))
+    return jax.make_array_from_callback(tuple(arr.shape), sharding, lambda idx: np.asarray(arr[idx], dtype=dtype))
 
 
 def _local_config(cfg, m: int):
@@ -188,7 +202,7 @@ class TensorParallel(nnx.Module):
             raise MeshError(f"a batch of {tokens.shape[0]} rows does not split over data={self.mesh.shape['data']}")
         graphdef, state = self._local_split()
         flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-        specs = jax.tree_util.tree_unflatten(treedef, [_param_spec(jax.tree_util.keystr(p), l.ndim) for p, l in flat])
+        specs = jax.tree_util.tree_unflatten(treedef, [param_spec(_dotted(p), l.ndim) for p, l in flat])
         batch = P("data")
 
         def body(state, tokens, cache, start):

@@ -137,6 +137,20 @@ TP_SCRIPT = textwrap.dedent("""
             out[f"{sc.method}_{spec}"] = generate(tp, prompts, max_new_tokens=8)
             if not spec.startswith("data"):
                 out[f"{sc.method}_{spec}_logit_err"] = float(np.max(np.abs(np.asarray(tp(probe)[0]) - want)))
+    # a checkpoint loaded onto the mesh: each device holds (and read) only its block of each weight
+    import tempfile
+    from larosa_jax.checkpoint import load, save
+    fused = sparsify(model, stats, SparseConfig("larosa", "fused", 0.5)).base
+    ckpt = save(fused, tempfile.mkdtemp() + "/fused", meta={"fused": True})
+    mesh = make_mesh("model=2")
+    loaded = load(ckpt, mesh=mesh)
+    q = loaded.layers[0].attn.q.kernel[...]
+    down = loaded.layers[1].mlp.down.kernel[...]
+    out["shard_shapes"] = [list(q.addressable_shards[0].data.shape), list(down.addressable_shards[0].data.shape),
+                           list(loaded.embed.embedding[...].addressable_shards[0].data.shape)]
+    sc = SparseConfig("larosa", "fused", 0.5)
+    out["loaded_tp"] = generate(TensorParallel(sparsify(loaded, None, sc), mesh), prompts, max_new_tokens=8)
+    out["loaded_one"] = generate(sparsify(load(ckpt), None, sc), prompts, max_new_tokens=8)
     try:
         TensorParallel(model, make_mesh("data=2,model=2"))(jnp.zeros((3, 4), jnp.int32))
     except MeshError as e:
@@ -171,6 +185,12 @@ def test_tensor_parallel_decode_gives_the_same_tokens(tensor_parallel, method):
         assert o[f"{method}_{spec}"] == o[f"{method}_one"], f"{method} on {spec}"
     for spec in ("model=2", "model=4"):
         assert o[f"{method}_{spec}_logit_err"] < 1e-4
+
+
+def test_checkpoint_loads_onto_the_mesh_one_shard_per_device(tensor_parallel):
+    o = tensor_parallel
+    assert o["shard_shapes"] == [[64, 32], [96, 64], [128, 64]]  # q columns, down rows split; embedding whole
+    assert o["loaded_tp"] == o["loaded_one"]
 
 
 def test_tensor_parallel_kernels_and_refusals(tensor_parallel):
