@@ -30,8 +30,12 @@ from larosa_jax.calibration import calibrate  # noqa: E402
 from larosa_jax.config import ModelConfig  # noqa: E402
 from larosa_jax.evaluate import environment  # noqa: E402
 from larosa_jax.models.random_init import random_model  # noqa: E402
+from larosa_jax.parallel import make_mesh  # noqa: E402
 
 SHAPES = {
+    "llama2-13b": {"architectures": ["LlamaForCausalLM"], "hidden_size": 5120, "intermediate_size": 13824,
+                   "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+                   "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
     "llama2-7b": {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                   "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
@@ -50,6 +54,7 @@ def main() -> None:
     ap.add_argument("--flavour", default="fused")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--mesh", default=None, metavar="data=D", help="data-parallel calibration (default: one device)")
     args = ap.parse_args()
     if args.tiny:
         args.model, args.samples, args.seqlen, args.batch = "tiny", 4, 64, 2
@@ -62,10 +67,12 @@ def main() -> None:
 
     # warm-up: same width, one layer — compiles the block step, the embedding gather and eigh
     small = dataclasses.replace(cfg, num_layers=1)
-    calibrate(random_model(small, jnp.bfloat16), windows, flavour=args.flavour, batch_size=args.batch, progress=False)
+    mesh = make_mesh(args.mesh, cfg=cfg) if args.mesh else None
+    calibrate(random_model(small, jnp.bfloat16), windows, flavour=args.flavour, batch_size=args.batch, progress=False,
+              mesh=mesh)
 
     t0 = time.time()
-    stats = calibrate(model, windows, flavour=args.flavour, batch_size=args.batch)
+    stats = calibrate(model, windows, flavour=args.flavour, batch_size=args.batch, mesh=mesh)
     total = time.time() - t0
     q = stats.rotations
     orth = float(max(np.abs(qi.T @ qi - np.eye(cfg.hidden_size)).max() for qi in q))
@@ -76,15 +83,15 @@ def main() -> None:
         pass
     res = {
         "model": args.model, "layers": cfg.num_layers, "hidden": cfg.hidden_size, "dtype": "bfloat16",
-        "samples": args.samples, "seqlen": args.seqlen, "tokens": args.samples * args.seqlen, "batch": args.batch,
+        "mesh": args.mesh or "one device", "samples": args.samples, "seqlen": args.seqlen, "tokens": args.samples * args.seqlen, "batch": args.batch,
         "flavour": args.flavour, "seconds_total": total, "seconds_eigh": float(stats.metadata["eigh_seconds"]),
         "seconds_build_weights": t_build, "max_orthogonality_error": orth, "memory": mem, "env": environment(),
     }
     print(json.dumps(res, indent=2))
     md = (f"# Calibration time\n\n{res['env']['device']}, jax {res['env']['jax']}, {res['env']['date']}.\n\n"
-          f"| model shape | tokens | batch | flavour | total s | eigh s | max ‖QᵀQ−I‖ | peak device memory |\n"
-          f"| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n"
-          f"| {args.model} (random bf16) | {res['tokens']} ({args.samples} × {args.seqlen}) | {args.batch} | "
+          f"| model shape | mesh | tokens | batch | flavour | total s | eigh s | max ‖QᵀQ−I‖ | peak device memory |\n"
+          f"| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n"
+          f"| {args.model} (random bf16) | {res['mesh']} | {res['tokens']} ({args.samples} × {args.seqlen}) | {args.batch} | "
           f"{args.flavour} | {total:.1f} | {res['seconds_eigh']:.1f} | {orth:.1e} | "
           f"{mem.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB |\n")
     for d in filter(None, [args.out and str(Path(args.out).parent), os.environ.get("OUT")]):

@@ -69,6 +69,7 @@ from larosa_jax.config import ModelConfig  # noqa: E402
 from larosa_jax.generate import DecodeState, SamplingConfig, decode, prefill  # noqa: E402
 from larosa_jax.models import init_cache  # noqa: E402
 from larosa_jax.models.random_init import random_model  # noqa: E402
+from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa: E402
 from larosa_jax.search import alpha_plain_for  # noqa: E402
 from larosa_jax.sparse_model import sparsify  # noqa: E402
 from larosa_jax.sparsity import SITES, SparseConfig, site_dims, site_ks, site_params  # noqa: E402
@@ -85,6 +86,11 @@ HF_CONFIGS = {
         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192},
+    },
+    "llama2-13b": {
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 5120, "intermediate_size": 13824,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
     },
     "qwen2-7b": {
         "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
@@ -232,12 +238,14 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
         graphdef0, state0, specs = bases[method == "larosa"]
         sc = sparse_config(cfg, method, p)
         if method == "dense":
-            graphdef, state = graphdef0, state0
+            m = nnx.merge(graphdef0, state0)
             ks, eff = None, 0.0
         else:
-            sm = sparsify(nnx.merge(graphdef0, state0), None, sc)
-            graphdef, state = nnx.split(sm)
-            ks, eff = site_ks(cfg, sc), sm.effective_sparsity
+            m = sparsify(nnx.merge(graphdef0, state0), None, sc)
+            ks, eff = site_ks(cfg, sc), m.effective_sparsity
+        if args.mesh:  # tensor-parallel: each device keeps its shards only
+            m = TensorParallel(shard_params(m, args.mesh), args.mesh)
+        graphdef, state = nnx.split(m)
         for b in args.batches:
             res = time_decode(name, label(method, p), graphdef, state, cfg, b, args)
             wbytes = weight_bytes_per_step(cfg, specs, ks)
@@ -598,6 +606,7 @@ def main(argv=None):
     ap.add_argument("--bw-bytes", type=float, default=4e9, help="bytes per buffer of the copy-bandwidth test")
     ap.add_argument("--configs", default="", help="comma list of larosa@P / topk@P to decode besides dense")
     ap.add_argument("--batch", default="1", help="comma list of batch sizes")
+    ap.add_argument("--mesh", default=None, metavar="data=D,model=M", help="tensor-parallel decode over the local devices")
     ap.add_argument("--profile", default=None,
                     help="comma list of MODEL[:CONFIG] (MODEL may be 'all', CONFIG defaults to dense) to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
@@ -618,6 +627,7 @@ def main(argv=None):
     except ValueError:
         ap.error(f"--batch {args.batch!r}: expected a comma list of integers")
     parse_configs(args.configs)
+    args.mesh = make_mesh(args.mesh) if args.mesh else None
 
     dev = jax.devices()[0]
     import flax
@@ -628,7 +638,7 @@ def main(argv=None):
         "jaxlib": jaxlib.__version__, "flax": flax.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "prompt": args.prompt, "new": args.new, "repeats": args.repeats, "tiny": args.tiny, "batches": args.batch,
-        "configs": args.configs,
+        "configs": args.configs, "mesh": None if args.mesh is None else dict(args.mesh.shape),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", "all (default)"),
     }
     print(json.dumps({k: meta[k] for k in ("device", "platform", "jax", "jaxlib", "flax", "python")}), flush=True)

@@ -229,3 +229,11 @@ class RowParallelModule(nnx.Module):
 
     def __call__(self, site, layer, x, linears, gain=None):
         return RowParallel(self.inner)(site, layer, x, linears, gain)
+
+
+def shard_params(model, mesh: Mesh):
+    """Move every array of ``model`` (already on a device) onto ``mesh`` as :func:`param_spec` splits it."""
+    graphdef, state = nnx.split(model)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = [jax.device_put(l, NamedSharding(mesh, param_spec(_dotted(p), l.ndim))) for p, l in flat]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))

@@ -198,3 +198,21 @@ def test_tensor_parallel_kernels_and_refusals(tensor_parallel):
     assert o["kernel_rel_err"] < 2e-2  # bf16 sparse kernels on each device's shards, sums over devices
     assert o["odd_batch"] == "a batch of 3 rows does not split over data=2"
     assert "model=3 does not divide num_attention_heads=8" in o["bad_model"] and "1, 2, 4" in o["bad_model"]
+
+
+def test_benchmarks_run_on_a_mesh(tmp_path):
+    """The multi-GPU benchmark commands (TP decode, DP calibration) at tiny shapes on 4 CPU devices."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env.pop("LAROSA_PALLAS_INTERPRET", None)
+    env.pop("OUT", None)
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=env, capture_output=True, text=True,  # noqa: E731
+                                    timeout=900)
+    r = run("eval/bench_decode.py", "--tiny", "--models", "llama2-13b", "--configs", "larosa@0.5", "--mesh", "model=2",
+            "--prompt", "8", "--new", "4", "--out", str(tmp_path / "tp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((tmp_path / "tp.json").read_text())
+    assert doc["meta"]["mesh"] == {"data": 1, "model": 2}
+    assert {r["config"] for r in doc["results"]} == {"dense", "larosa@0.5"}
+    r = run("eval/bench_calibration.py", "--tiny", "--mesh", "data=2", "--out", str(tmp_path / "cal"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "cal.json").read_text())["mesh"] == "data=2"
