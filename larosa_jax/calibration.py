@@ -27,7 +27,7 @@ from flax import nnx
 
 from . import __version__, parallel
 from .config import ModelConfig
-from .models.transformer import dense_projection, rms_norm, rope_tables
+from .models.transformer import dense_projection, rope_tables
 from .safetensors_io import CheckpointError, SafeTensorsFile, save_tensors
 
 FLAVOURS = ("faithful", "fused")

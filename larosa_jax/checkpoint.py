@@ -398,8 +398,7 @@ def assign_params(model: nnx.Module, get: Callable[[str], np.ndarray | None], *,
             raise CheckpointError(f"{where}: tensor {name!r} is missing")
         if tuple(arr.shape) != want:
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)}, the model expects {want}")
-        dt = dtype or current.dtype
-        node.set_value(to_device(name, arr) if to_device else jnp.asarray(arr, dtype=dt))
+        node.set_value(to_device(name, arr) if to_device else jnp.asarray(arr, dtype=dtype or current.dtype))
 
 
 def params_of(model: nnx.Module) -> dict[str, jax.Array]:

@@ -50,14 +50,11 @@ def _add_generate(sub):
 
 
 def cmd_generate(args) -> None:
-    from .checkpoint import load, load_tokenizer
-    from .generate import generate
-
     import jax
 
+    from .checkpoint import load, load_tokenizer, read_config
+    from .generate import generate
     from .parallel import TensorParallel, make_mesh
-
-    from .checkpoint import read_config
 
     spec = args.mesh or (f"model={len(jax.devices())}" if len(jax.devices()) > 1 else None)
     mesh = make_mesh(spec, cfg=read_config(args.ckpt)[0]) if spec else None
@@ -231,7 +228,7 @@ def cmd_ppl(args) -> None:
     from . import data
     from .calibration import CalibrationStats
     from .checkpoint import load, load_tokenizer
-    from .evaluate import Variant, eval_windows, run_grid, variants
+    from .evaluate import eval_windows, run_grid, variants
     from .search import stored_alpha
 
     vs = variants(args.methods, args.mode, args.alpha)  # validate names before the slow parts

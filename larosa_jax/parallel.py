@@ -130,11 +130,12 @@ def _local_config(cfg, m: int):
                                intermediate_size=cfg.intermediate_size // m)
 
 
-class RowParallel:
-    """Wraps a projection hook inside ``shard_map``: at the row-parallel sites (o, down) each device
-    holds a slice of the input; Top-K must mean the same as on one device, so the threshold pair is
-    found on the all-gathered input and its index cut shifted to this device's slice; partial outputs
-    are summed over ``model``. Magnitude thresholds (TEAL, CATS) are elementwise and need no gather."""
+class RowParallel(nnx.Module):
+    """Wraps a projection hook (a module, whose calibrated state stays state, or ``dense_projection``)
+    inside ``shard_map``: at the row-parallel sites (o, down) each device holds a slice of the input;
+    Top-K must mean the same as on one device, so the threshold pair is found on the all-gathered
+    input and its index cut shifted to this device's slice; partial outputs are summed over ``model``.
+    Magnitude thresholds (TEAL, CATS) are elementwise and need no gather."""
 
     def __init__(self, inner, axis: str = "model"):
         self.inner, self.axis = inner, axis
@@ -182,12 +183,12 @@ class TensorParallel(nnx.Module):
 
     def _local_split(self):
         """(graphdef, state) of the model with the per-device config (head counts and MLP width divided
-        by M) and its projection hook wrapped in :class:`RowParallelModule`; the state is the model's own."""
+        by M) and its projection hook wrapped in :class:`RowParallel`; the state is the model's own."""
         base = getattr(self.inner, "base", self.inner)
         cfg, proj = base.config, getattr(self.inner, "proj", None)
         base.config = _local_config(cfg, self.mesh.shape["model"])
         if proj is not None:
-            self.inner.proj = RowParallelModule(proj)
+            self.inner.proj = RowParallel(proj)
         try:
             return nnx.split(self.inner)
         finally:
@@ -219,16 +220,6 @@ class TensorParallel(nnx.Module):
         fn = jax.shard_map(body, mesh=self.mesh, in_specs=(specs, batch, cache_spec, None if start is None else batch),
                            out_specs=(batch, cache_spec), check_vma=False)
         return fn(state, tokens, cache, start)
-
-
-class RowParallelModule(nnx.Module):
-    """:class:`RowParallel` around a projection module, as a module (its calibrated state stays state)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, site, layer, x, linears, gain=None):
-        return RowParallel(self.inner)(site, layer, x, linears, gain)
 
 
 def shard_params(model, mesh: Mesh):

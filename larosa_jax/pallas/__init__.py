@@ -7,10 +7,11 @@ tests run the kernels on CPU in Pallas interpret mode (``LAROSA_PALLAS_INTERPRET
 from .common import MASK_VALUE, acc_dtype, enabled
 from .attention import decode_attention, decode_attention_reference
 from .gemv import matvec, matvec_reference
-from .select import (KeepSet, apply, keep_mask, magnitude_threshold, select_pairs, select_threshold, select_topk, topk, topk_threshold,
-                     topk_threshold_reference)
+from .select import (KeepSet, apply, keep_mask, magnitude_threshold, select_pairs, select_threshold, select_topk,
+                     topk, topk_threshold, topk_threshold_reference)
 from .sparse_gemv import sparse_matvec, sparse_matvec_reference
 
-__all__ = ["KeepSet", "MASK_VALUE", "acc_dtype", "apply", "select_pairs", "select_threshold", "select_topk", "decode_attention", "decode_attention_reference", "enabled",
-           "keep_mask", "magnitude_threshold", "matvec", "matvec_reference", "sparse_matvec",
-           "sparse_matvec_reference", "topk", "topk_threshold", "topk_threshold_reference"]
+__all__ = ["KeepSet", "MASK_VALUE", "acc_dtype", "apply", "decode_attention", "decode_attention_reference", "enabled",
+           "keep_mask", "magnitude_threshold", "matvec", "matvec_reference", "select_pairs", "select_threshold",
+           "select_topk", "sparse_matvec", "sparse_matvec_reference", "topk", "topk_threshold",
+           "topk_threshold_reference"]

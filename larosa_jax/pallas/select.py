@@ -89,7 +89,7 @@ def topk_threshold_reference(x: Array, k: int | Array) -> Array:
 @dataclasses.dataclass
 class KeepSet:
     """Which entries of each row stay: threshold pairs, plus (from the GPU kernel, one row) the kept
-    indices compacted in front of ``order`` and their ``count``, which the gather GEMV reads."""
+    indices compacted in front of ``order`` and the kept count in ``packed``, which the gather GEMV reads."""
 
     thr: Array  # [..., 2] threshold pairs
     order: Array | None = None  # [1, dp]: kept indices ascending, then the dropped ones
