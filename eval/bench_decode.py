@@ -72,7 +72,7 @@ from larosa_jax.models.random_init import random_model  # noqa: E402
 from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa: E402
 from larosa_jax.search import alpha_plain_for  # noqa: E402
 from larosa_jax.sparse_model import sparsify  # noqa: E402
-from larosa_jax.sparsity import SITES, SparseConfig, site_dims, site_ks, site_params  # noqa: E402
+from larosa_jax.sparsity import SITES, SparseConfig, SparsityError, site_dims, site_ks, site_params  # noqa: E402
 
 HF_CONFIGS = {
     "llama2-7b": {
@@ -626,7 +626,14 @@ def main(argv=None):
         args.batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         ap.error(f"--batch {args.batch!r}: expected a comma list of integers")
-    parse_configs(args.configs)
+    for n in names:  # every (model, config) must have valid k at every site before minutes of benchmarking
+        cfg = ModelConfig.from_hf(tiny(HF_CONFIGS[n]) if args.tiny else HF_CONFIGS[n], source=n)
+        for method, p in parse_configs(args.configs):
+            try:
+                site_ks(cfg, sparse_config(cfg, method, p))
+            except SparsityError as e:
+                ap.error(f"--configs {label(method, p)} on {n}: with the official α_rot no α_plain gives effective "
+                         f"sparsity {p:g} ({e})")
     args.mesh = make_mesh(args.mesh) if args.mesh else None
 
     dev = jax.devices()[0]

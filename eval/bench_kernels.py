@@ -1,8 +1,9 @@
 """Sparse GEMV and Top-K selection kernels against the dense paths, at real model shapes.
 
 One run builds random bf16 weights on the device, checks every kernel against jnp, then times each
-op as ``--iters`` calls unrolled inside one jit (each call on a different input, so none is merged
-with another; weights cycled over enough copies to defeat the 50 MB L2), median of ``--repeats``
+op as ``--iters`` calls unrolled inside one jit (chained through optimization barriers, so none is
+merged with or overlaps another; each output fully reduced, so XLA cannot shrink its own dot;
+weights cycled over enough copies to defeat the 50 MB L2), median of ``--repeats``
 timed runs after a warm-up. No ``while_loop``: on the GPU each of its iterations waits for the host
 to read the loop condition, which would swamp kernels of a few microseconds. Rows per op:
 
@@ -64,11 +65,19 @@ def _k(s: float, d: int) -> int:
 
 
 def timed(fn, args, iters: int, repeats: int) -> float:
-    """Seconds per call of ``fn(i, *args)``, ``iters`` calls unrolled in one jit."""
+    """Seconds per call of ``fn(i, *args)`` (a float32 scalar), ``iters`` calls unrolled in one jit.
+
+    The calls are chained: call i's operands pass through an optimization barrier together with call
+    i - 1's result, so XLA can neither merge two calls into one matmul nor overlap them.
+    """
 
     @jax.jit
     def many(*a):
-        return sum(fn(i, *a) for i in range(iters))
+        acc = jnp.zeros((), jnp.float32)
+        for i in range(iters):
+            a, acc = jax.lax.optimization_barrier((a, acc))
+            acc = acc + fn(i, *a)
+        return acc
 
     jax.block_until_ready(many(*args))
     ts = []
@@ -80,8 +89,9 @@ def timed(fn, args, iters: int, repeats: int) -> float:
 
 
 def _probe(outs) -> jax.Array:
-    """A scalar that depends on every output (keeps the work alive, costs ~nothing)."""
-    return sum(o.reshape(-1)[0].astype(jnp.float32) for o in outs)
+    """A scalar that depends on every output entry. (A single entry would let XLA shrink its own dot
+    to one column: the first runs timed XLA's dense GEMV at 10-18 µs for 176 MB that way.)"""
+    return sum(jnp.sum(o, dtype=jnp.float32) for o in outs)
 
 
 def _weights(k, ns, tiny):
@@ -112,9 +122,7 @@ def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
               + ("" if err is None else f"  rel err {err:.2e}"), flush=True)
 
     def xla_dense(i, xs, wsets):
-        # the barrier stops XLA from merging the unrolled dots that share a weight into one matmul
-        ws = jax.lax.optimization_barrier(wsets[i % copies])
-        return _probe([jnp.dot(xs[i], w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in ws])
+        return _probe([jnp.dot(xs[i], w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in wsets[i % copies]])
 
     record("xla dense", 0.0, timed(xla_dense, (xs, wsets), args.iters, args.repeats))
     if rows == 1:
@@ -210,10 +218,11 @@ def markdown(meta, res) -> str:
     sps = sorted({r["sparsity"] for r in res if r["op"] == "sparse"})
     lines = ["# Sparse GEMV and Top-K selection kernels", "",
              f"Device: {meta['device']}; jax {meta['jax']}; {meta['date']}. Random bf16 weights `[D_in, D_out]`, "
-             f"bf16 x; each op timed as {meta['iters']} calls unrolled in one jit (distinct inputs, weights cycled over "
+             f"bf16 x; each op timed as {meta['iters']} calls unrolled in one jit (chained, distinct inputs, weights cycled over "
              "copies larger than L2), median of the timed runs. Speed-up is against XLA's dense `x @ W` at the same "
              "shape and batch; `select+sparse` includes the Top-K selection kernel (the decode path). Batch 1 uses the "
-             "gather kernel (compacted kept rows), batch > 1 the masked-tile kernel on the union of the keep sets.", "",
+             "gather kernel (compacted kept rows); at batch > 1 the dispatch takes XLA's GEMM on the masked rows (the masked-tile "
+             "kernel on the union of the keep sets, timed by `--sweep`, was slower).", "",
              "| shape | tokens | XLA dense µs | Pallas dense µs | " + " | ".join(f"sparse {s}" for s in sps)
              + " | " + " | ".join(f"select+sparse {s}" for s in sps) + " |",
              "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in range(2 * len(sps))) + " |"]

@@ -43,6 +43,9 @@ def test_bench_decode_rejects_bad_configs():
         bd.parse_configs("teal@0.5")
     with pytest.raises(SystemExit, match="not METHOD@P"):
         bd.parse_configs("larosa@1.5")
+    # La RoSA at 75%: the official α_rot leaves α_plain < 0, refused before any benchmarking
+    with pytest.raises(SystemExit):
+        bd.main(["--tiny", "--models", "llama2-7b", "--configs", "larosa@0.75"])
 
 
 def test_bench_kernels_tiny_checks_and_writes(tmp_path, monkeypatch):

@@ -90,6 +90,18 @@ def test_data_parallel_calibration_gives_the_same_rotations(four_devices):
             np.testing.assert_allclose(np.abs(q1[l].T @ q[l]), np.eye(q.shape[1]), atol=2e-3)
 
 
+def test_param_spec_splits_columns_rows_and_adapters():
+    from jax.sharding import PartitionSpec as P
+
+    from larosa_jax.parallel import param_spec
+
+    assert param_spec("layers.0.attn.q.kernel", 2) == P(None, "model")
+    assert param_spec("layers.0.attn.q.bias", 1) == P("model")
+    assert param_spec("base.layers.3.mlp.down.kernel", 2) == P("model", None)
+    assert param_spec("adapters.7", 2) == param_spec("base.adapters.0", 2) == P(None, "model")
+    assert param_spec("embed.embedding", 2) == param_spec("layers.0.attn_norm.scale", 1) == P()
+
+
 def test_bad_meshes_are_refused_with_the_reason():
     cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 96, "intermediate_size": 256,
                                "num_hidden_layers": 1, "num_attention_heads": 6, "num_key_value_heads": 2,
@@ -147,6 +159,7 @@ TP_SCRIPT = textwrap.dedent("""
     q = loaded.layers[0].attn.q.kernel[...]
     down = loaded.layers[1].mlp.down.kernel[...]
     out["shard_shapes"] = [list(q.addressable_shards[0].data.shape), list(down.addressable_shards[0].data.shape),
+                           list(loaded.adapters[0][...].addressable_shards[0].data.shape),
                            list(loaded.embed.embedding[...].addressable_shards[0].data.shape)]
     sc = SparseConfig("larosa", "fused", 0.5)
     out["loaded_tp"] = generate(TensorParallel(sparsify(loaded, None, sc), mesh), prompts, max_new_tokens=8)
@@ -189,7 +202,7 @@ def test_tensor_parallel_decode_gives_the_same_tokens(tensor_parallel, method):
 
 def test_checkpoint_loads_onto_the_mesh_one_shard_per_device(tensor_parallel):
     o = tensor_parallel
-    assert o["shard_shapes"] == [[64, 32], [96, 64], [128, 64]]  # q columns, down rows split; embedding whole
+    assert o["shard_shapes"] == [[64, 32], [96, 64], [64, 32], [128, 64]]  # q, adapter columns, down rows; embedding whole
     assert o["loaded_tp"] == o["loaded_one"]
 
 

@@ -219,6 +219,7 @@ class Transformer(nnx.Module):
         # one Param per adapter, not a stacked [L-1, d, d] array: a slice of a stacked array handed to a
         # Pallas call is first copied out by XLA (~16 µs per layer and token at Llama-2-7B size on an H200)
         self.adapters = _List([nnx.Param(jnp.eye(d, dtype=dtype)) for _ in range(cfg.num_layers - 1)]) if adapters else None
+        self.adapter_axis: str | None = None  # tensor parallel: adapters hold column blocks, gathered over this axis
 
     @property
     def dtype(self):
@@ -239,6 +240,8 @@ class Transformer(nnx.Module):
             h, kv = block(h, layer, self.config, ctx[0], kv, ctx[1], proj)
             if self.adapters is not None and layer < self.config.num_layers - 1:
                 (h,) = ops.matvec(h, (self.adapters[layer][...],), (None,))  # the batch-1 GEMV kernel at decode
+                if self.adapter_axis is not None:  # this device's column block of the product: gather the rest
+                    h = jax.lax.all_gather(h, self.adapter_axis, axis=h.ndim - 1, tiled=True)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

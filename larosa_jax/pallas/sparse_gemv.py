@@ -12,11 +12,13 @@ masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights shari
   (j, i) reads the ``GBM`` kept rows ``order[i·GBM : (i+1)·GBM]`` of column block j, a dense tile
   of gathered rows. Only kept rows are visited. Programs past the kept count, which is known only
   on the device, return at once.
-* Up to 8 tokens (:func:`sums`): program (j, i) takes rows ``[i·BM, (i+1)·BM)`` and loads those
-  that *any* token keeps (the union), with masked-off rows issuing no memory traffic, then
-  multiplies on the tensor cores with the rows padded to 16. Per-token index sets would read a row
-  once for each token that keeps it, at least the union's bytes. Decode is bound by those bytes,
-  so the union never moves more, though it loses sparsity as the batch grows.
+* Masked tiles (:func:`sums`, up to 8 tokens): program (j, i) takes rows ``[i·BM, (i+1)·BM)`` and
+  loads those that *any* token keeps (the union), with masked-off rows issuing no memory traffic,
+  then multiplies on the tensor cores with the rows padded to 16. Per-token index sets would read a
+  row once for each token that keeps it, at least the union's bytes. The dispatch uses it only for
+  one token whose keep set came without compacted indices: at 4 tokens and 50% sparsity it ran
+  1.4-1.6x slower than XLA's dense GEMM (random keep sets, whose union is ~94% dense;
+  eval/results/kernels_h200.md), so several tokens take XLA's GEMM on the masked rows.
 """
 
 from __future__ import annotations
@@ -36,10 +38,9 @@ from .gemv import matvec
 from .select import KeepSet, apply, magnitude_bits
 
 Array = jax.Array
-MAX_ROWS = 8
 # Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
 BM, BN, WARPS = 128, 128, 4  # masked tiles
-GBM, GBN, GWARPS = 64, 512, 8  # gathered tiles
+GBM, GBN, GWARPS = 64, 256, 8  # gathered tiles (at 512 columns q/k/v streamed 1.84 TB/s, gate/up at 256: 3.1)
 _warned: set[str] = set()
 
 
@@ -175,15 +176,16 @@ def sparse_matvec_reference(x: Array, thr: Array, ws, bs) -> tuple[Array, ...]:
 
 
 def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None]) -> tuple[Array, ...]:
-    """``keep(x) @ w_i + b_i`` for every i. On GPU for bf16 weights: the gather kernel when ``keep``
-    carries compacted indices (one token), the masked-tile kernel for up to 8 tokens; otherwise (or
-    for shapes the kernels cannot tile, with one warning naming them) the jnp twin."""
+    """``keep(x) @ w_i + b_i`` for every i. On GPU for one token with bf16 weights: the gather kernel
+    when ``keep`` carries compacted indices, the masked-tile kernel otherwise; for several tokens
+    (XLA's GEMM is faster there) or shapes the kernels cannot tile (with one warning naming them)
+    the jnp twin."""
     ws, bs = tuple(ws), tuple(bs)
     keep = keep if isinstance(keep, KeepSet) else KeepSet(keep)
     thr = keep.thr
     lead = x.shape[:-1]
     r = int(np.prod(lead))
-    if not enabled("sparse") or r > MAX_ROWS:  # prefill is compute-bound: XLA's dense GEMM
+    if not enabled("sparse") or r > 1:  # several tokens: XLA's dense GEMM on the masked rows
         return sparse_matvec_reference(x, thr, ws, bs)
     why = unsupported(x, ws)
     if why is not None:
@@ -192,7 +194,7 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
             warnings.warn(f"sparse GEMV kernel: {why}; using the jnp path", stacklevel=2)
         return sparse_matvec_reference(x, thr, ws, bs)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
-    if keep.order is not None and r == 1:
+    if keep.order is not None:
         ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws)]
     else:
         ys = sums(x2, thr.reshape(r, 2), ws)
