@@ -145,15 +145,20 @@ def _make_lm_class():
 
         ``batch_size``: rows per device call (fewer for long buckets: at most ``max_batch_tokens``
         tokens a call). ``max_length`` defaults to the model's ``max_position_embeddings`` (as HFLM).
+        With a ``mesh`` the loglikelihood batches are split over its ``data`` axis (rows rounded up to a
+        multiple of it, the extra rows padding); generation stays on one device.
         """
 
         backend = "causal"
 
         def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None,
                      add_bos_token: bool | None = None, prefix_token_id: int | None = None,
-                     max_gen_toks: int = 256, max_batch_tokens: int = 16384, progress: bool = True, seed: int = 0):
+                     max_gen_toks: int = 256, max_batch_tokens: int = 16384, progress: bool = True, seed: int = 0,
+                     mesh=None):
             super().__init__()
             from flax import nnx
+
+            from . import parallel
 
             self.model, self.tokenizer = model, tokenizer
             self.add_bos_token, self.custom_prefix_token_id = add_bos_token, prefix_token_id
@@ -162,6 +167,7 @@ def _make_lm_class():
             if self._batch_size < 1:
                 raise ZeroShotError(f"batch_size={batch_size}: must be >= 1")
             self._graphdef, self._state = nnx.split(model)
+            self.mesh, self._scored_state = mesh, parallel.replicate(self._state, mesh)
             self.stats = {"requests": 0, "tokens": 0, "padded_tokens": 0, "calls": 0, "seconds": 0.0}
 
         # ------------------------------------------------------------ harness properties (as HFLM)
@@ -216,8 +222,11 @@ def _make_lm_class():
             ``(log p(continuation), continuation is greedy)`` each, in order."""
             import jax.numpy as jnp
 
+            from .parallel import data_size, shard_batch
+
             score = _score_fn()
             L = self.max_length
+            dp = data_size(self.mesh)
             seqs = []
             for _, ctx, cont in requests:
                 if not ctx or not cont:
@@ -233,6 +242,7 @@ def _make_lm_class():
             while i < len(order):  # longest first: a batch's first row sets its bucket
                 T = _bucket(len(seqs[order[i]]) - 1, L)
                 rows = max(1, min(self.batch_size, self.max_batch_tokens // T))
+                rows = -(-rows // dp) * dp  # split evenly over the data axis
                 batch = order[i : i + rows]
                 i += len(batch)
                 tokens = np.zeros((rows, T), np.int32)
@@ -244,7 +254,8 @@ def _make_lm_class():
                     tokens[r, :n], targets[r, :n] = s[:-1], s[1:]
                     mask[r, n - n_cont : n] = True
                     self.stats["tokens"] += n
-                lp, greedy = score(self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(mask))
+                lp, greedy = score(self._graphdef, self._scored_state,
+                                   *(shard_batch(jnp.asarray(a), self.mesh) for a in (tokens, targets, mask)))
                 lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
                 if not np.all(np.isfinite(lp[: len(batch)])):
                     raise FloatingPointError("non-finite log-likelihood")
@@ -458,6 +469,8 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task (quick runs)")
     p.add_argument("--batch", type=int, default=16, help="sequences per device call")
     p.add_argument("--max-length", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--mesh", default=None, metavar="data=D",
+                   help="device mesh; default: every local device on data (batches split over the devices)")
     p.add_argument("--add-bos-token", default=None, choices=["true", "false"],
                    help="force BOS on or off (default: the tokenizer's own behaviour, as lm-eval's HF model)")
     p.add_argument("--out", required=True, help="results path without extension, e.g. eval/results/smollm2_zeroshot")
@@ -510,6 +523,9 @@ def cmd_zeroshot(args) -> None:
     from .sparse_model import sparsify
 
     model, tok = load(args.ckpt), load_tokenizer(args.ckpt)
+    from .parallel import make_mesh
+
+    mesh = make_mesh(args.mesh, cfg=model.config)
     stats = None
     if any(m in ("larosa", "teal", "cats") for m, _ in grid):
         if args.rotations is None:
@@ -542,7 +558,7 @@ def cmd_zeroshot(args) -> None:
             continue
         sc = SparseConfig("dense") if m == "dense" else SparseConfig(m, args.mode, p, a)
         sm = sparsify(model, stats, sc)
-        lm = _lm_class()(sm, tok, batch_size=args.batch, max_length=args.max_length, add_bos_token=add_bos)
+        lm = _lm_class()(sm, tok, batch_size=args.batch, max_length=args.max_length, add_bos_token=add_bos, mesh=mesh)
         t0 = time.perf_counter()
         res = run_zeroshot(sm, tok, tasks, args.limit, include, lm=lm)
         secs = time.perf_counter() - t0

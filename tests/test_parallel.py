@@ -1,5 +1,6 @@
 """Data parallelism on 4 simulated CPU devices (a subprocess: the device count is fixed when jax starts)
-gives the same perplexity and rotations as one device; bad meshes are refused with the reason."""
+gives the same perplexity, zero-shot scores and rotations as one device; bad meshes are refused with the
+reason. Tensor parallelism: the same tokens as one device, shards loaded per device."""
 
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ SCRIPT = textwrap.dedent("""
         # between rotations that differ in the last bits
         sm = sm or sparsify(model, stats, SparseConfig("larosa", "fused", 0.5))
         out[name + "_fused_nll"] = window_nll(sm, win, batch_size=4, mesh=mesh).tolist()
+        # zero-shot loglikelihood batches (3 rows asked: rounded up to the data axis, padding rows dropped)
+        from larosa_jax.zeroshot import _lm_class
+        reqs = [(None, [1, 2, 3], [4, 5]), (None, list(range(1, 20)), [7]), (None, [9, 8], [3, 3, 3]),
+                (None, [5] * 10, [6, 2]), (None, [2, 7], [1])] * 2
+        lm = _lm_class()(model, None, batch_size=3, max_length=64, progress=False, mesh=mesh)
+        out[name + "_zs"] = [list(r) for r in lm._loglikelihood_tokens(reqs)]
+        out[name + "_zs_calls"] = lm.stats["calls"]
     print("RESULT " + json.dumps(out))
 """)
 
@@ -75,6 +83,19 @@ def test_data_parallel_perplexity_matches_one_device(four_devices):
     for name in ("dp2", "dp4"):
         np.testing.assert_allclose(o[name + "_nll"], o["one_nll"], rtol=1e-5)
         np.testing.assert_allclose(o[name + "_fused_nll"], o["one_fused_nll"], rtol=1e-5)
+
+
+def test_data_parallel_zeroshot_scores_match_one_device(four_devices):
+    import numpy as np
+
+    o = four_devices
+    one = o["one_zs"]
+    assert len(one) == 10 and all(lp < 0 for lp, _ in one)
+    # 3 rows a call on one device; rounded up to 4 (split 2 or 4 ways) on the meshes
+    assert (o["one_zs_calls"], o["dp2_zs_calls"], o["dp4_zs_calls"]) == (4, 3, 3)
+    for name in ("dp2", "dp4"):
+        np.testing.assert_allclose([lp for lp, _ in o[name + "_zs"]], [lp for lp, _ in one], rtol=1e-5)
+        assert [g for _, g in o[name + "_zs"]] == [g for _, g in one]
 
 
 def test_data_parallel_calibration_gives_the_same_rotations(four_devices):
