@@ -520,11 +520,10 @@ def cmd_zeroshot(args) -> None:
     from .checkpoint import load, load_tokenizer
     from .evaluate import _atomic_write, environment
     from .search import stored_alpha
+    from .parallel import make_mesh
     from .sparse_model import sparsify
 
     model, tok = load(args.ckpt), load_tokenizer(args.ckpt)
-    from .parallel import make_mesh
-
     mesh = make_mesh(args.mesh, cfg=model.config)
     stats = None
     if any(m in ("larosa", "teal", "cats") for m, _ in grid):
