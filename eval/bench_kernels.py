@@ -8,8 +8,9 @@ timed runs after a warm-up. No ``while_loop``: on the GPU each of its iterations
 to read the loop condition, which would swamp kernels of a few microseconds. Rows per op:
 
 * ``xla dense``: ``x @ W`` as XLA compiles it; ``pallas dense``: the batch-1 dense GEMV kernel;
-* ``sparse s=…``: the sparse GEMV on a precomputed keep set of sparsity s (Top-K of a Gaussian x;
-  compacted indices at batch 1, threshold pairs above);
+* ``sparse s=…``: ``sparse_matvec`` on a precomputed keep set of sparsity s (Top-K of a Gaussian x):
+  the gather kernel on compacted indices at batch 1, XLA's GEMM on the masked rows above (the
+  masked-tile kernel is timed by ``--sweep``);
 * ``select+sparse s=…``: the Top-K selection kernel in front of it (the decode path);
 * selection alone: the kernel (with compaction), ``lax.top_k`` and the jnp bisection twin.
 

@@ -166,8 +166,8 @@ def _make_lm_class():
             self.max_batch_tokens, self.progress, self.seed = int(max_batch_tokens), progress, seed
             if self._batch_size < 1:
                 raise ZeroShotError(f"batch_size={batch_size}: must be >= 1")
-            self._graphdef, self._state = nnx.split(model)
-            self.mesh, self._scored_state = mesh, parallel.replicate(self._state, mesh)
+            self._graphdef, state = nnx.split(model)
+            self.mesh, self._state = mesh, parallel.replicate(state, mesh)
             self.stats = {"requests": 0, "tokens": 0, "padded_tokens": 0, "calls": 0, "seconds": 0.0}
 
         # ------------------------------------------------------------ harness properties (as HFLM)
@@ -254,7 +254,7 @@ def _make_lm_class():
                     tokens[r, :n], targets[r, :n] = s[:-1], s[1:]
                     mask[r, n - n_cont : n] = True
                     self.stats["tokens"] += n
-                lp, greedy = score(self._graphdef, self._scored_state,
+                lp, greedy = score(self._graphdef, self._state,
                                    *(shard_batch(jnp.asarray(a), self.mesh) for a in (tokens, targets, mask)))
                 lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
                 if not np.all(np.isfinite(lp[: len(batch)])):
