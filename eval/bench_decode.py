@@ -44,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "eval"))  # kernel_trace, when imported as a module (tests)
 
 
 def _pre_jax_flags(argv):
@@ -68,11 +69,14 @@ from flax import nnx  # noqa: E402
 from larosa_jax.config import ModelConfig  # noqa: E402
 from larosa_jax.generate import DecodeState, SamplingConfig, decode, prefill  # noqa: E402
 from larosa_jax.models import init_cache  # noqa: E402
+from larosa_jax.pallas.common import DEFAULT_KERNELS  # noqa: E402
 from larosa_jax.models.random_init import random_model  # noqa: E402
 from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa: E402
 from larosa_jax.search import alpha_plain_for  # noqa: E402
 from larosa_jax.sparse_model import sparsify  # noqa: E402
-from larosa_jax.sparsity import SITES, SparseConfig, SparsityError, site_dims, site_ks, site_params  # noqa: E402
+from kernel_trace import kernel_profile, print_profile  # noqa: E402  (eval/kernel_trace.py)
+from larosa_jax.sparsity import (SITES, SparseConfig, SparsityError, effective_sparsity_of, site_dims, site_ks,  # noqa: E402
+                                 site_params)
 
 HF_CONFIGS = {
     "llama2-7b": {
@@ -199,19 +203,20 @@ def parse_configs(text: str) -> list[tuple[str, float]]:
             pv = float(p)
         except ValueError:
             pv = -1.0
-        if m not in ("larosa", "topk") or not 0 < pv < 1:
-            raise SystemExit(f"--configs: {c!r} is not METHOD@P with METHOD larosa or topk and 0 < P < 1")
+        if m not in ("larosa", "larosa-a1", "topk") or not 0 < pv < 1:
+            raise SystemExit(f"--configs: {c!r} is not METHOD@P with METHOD larosa, larosa-a1 or topk and 0 < P < 1")
         out.append((m, pv))
     return out
 
 
 def sparse_config(cfg: ModelConfig, method: str, p: float) -> SparseConfig:
-    """larosa: the fused model, official α_rot, α_plain solved for effective = p; topk: α = 1 (effective = p)."""
+    """larosa: the fused model, official α_rot, α_plain solved for effective = p; larosa-a1: the same
+    with α_rot = 1 (where the official α_rot leaves no valid α_plain, e.g. p = 0.75); topk: α = 1."""
     if method == "dense":
         return SparseConfig("dense")
     if method == "topk":
         return SparseConfig("topk", "faithful", p, "uniform")
-    a_rot = SparseConfig("larosa", "fused", p).alphas()[0]
+    a_rot = 1.0 if method == "larosa-a1" else SparseConfig("larosa", "fused", p).alphas()[0]
     return SparseConfig("larosa", "fused", p, (a_rot, alpha_plain_for(cfg, a_rot)))
 
 
@@ -228,14 +233,14 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
     bases = {}
     t0 = time.perf_counter()
     bases[False] = build_random(cfg, dtype)
-    if any(m == "larosa" for m, _ in configs):  # the fused model: adapters, untied head (random weights)
+    if any(m.startswith("larosa") for m, _ in configs):  # the fused model: adapters, untied head (random weights)
         bases[True] = build_random(cfg, dtype, seed=1, adapters=True)
     jax.block_until_ready([b[1] for b in bases.values()])
     t_build = time.perf_counter() - t0
     results = []
     dense_ms = {}
     for method, p in configs:
-        graphdef0, state0, specs = bases[method == "larosa"]
+        graphdef0, state0, specs = bases[method.startswith("larosa")]
         sc = sparse_config(cfg, method, p)
         if method == "dense":
             m = nnx.merge(graphdef0, state0)
@@ -271,13 +276,14 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
             want = [t.split(":") for t in (args.profile or "").split(",") if t]
             if b == args.batches[0] and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want):
                 res["profile"] = profile_decode(name, graphdef, state, cfg, b, args)
-            if method == "dense" and b == 1:
+            if b == 1:
                 prompt_ids = _prompt(cfg, 1, args.prompt)
                 max_len = -(-(args.prompt + args.new) // 64) * 64
-                if args.step_check in (name, "all"):
+                if method == "dense" and args.step_check in (name, "all"):
                     res["single_step_ms"] = single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args)
                     print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
-                if args.variants and (name in args.variants_model.split(",") or args.variants_model == "all"):
+                want_v = [t.split(":") for t in args.variants_model.split(",") if t]
+                if args.variants and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want_v):
                     res["variants"] = decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args,
                                                       args.variants.split(","))
             results.append(res)
@@ -342,7 +348,7 @@ def time_decode(name: str, what: str, graphdef, state, cfg: ModelConfig, batch: 
     return {"cache_slots": max_len, "decode_seconds": times, "median_seconds": t, "tokens_per_s": args.new / t,
             "ms_per_token": t / args.new * 1e3, "first_prefill_seconds": t_prefill_first, "warmup_decode_seconds": t_warm,
             "first_tokens": first_tokens,
-            "pallas": "0 (fallback)" if pallas_error else os.environ.get("LAROSA_PALLAS", "all (default)"),
+            "pallas": "0 (fallback)" if pallas_error else os.environ.get("LAROSA_PALLAS", f"{DEFAULT_KERNELS} (default)"),
             "pallas_error": pallas_error}
 
 
@@ -375,82 +381,10 @@ def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
     run = functools.partial(decode, graphdef, state, eos=NO_EOS, pad_id=jnp.asarray(0, jnp.int32),
                             sampling=SamplingConfig(), steps=args.new)
     jax.block_until_ready(run(_fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)))  # compile
-    d = tempfile.mkdtemp(prefix="trace_")
     ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
     jax.block_until_ready(ds)
-    with jax.profiler.trace(d):
-        t0 = time.perf_counter()
-        out = run(ds)
-        jax.block_until_ready(out)
-        wall = time.perf_counter() - t0
-    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    summary = {"wall_seconds": wall, "files": files}
-    if not files:
-        print("profile: no xplane.pb written")
-        return summary
-    try:
-        try:
-            from jax.profiler import ProfileData
-        except ImportError:
-            from jaxlib.xla_client.profiler import ProfileData  # type: ignore
-        pd = ProfileData.from_file(files[0])
-    except Exception as e:  # noqa: BLE001
-        print(f"profile: could not parse ({type(e).__name__}: {e})")
-        return summary
-    kernels = {}
-    intervals = []
-    lines_seen = set()
-    for plane in pd.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            lines_seen.add(line.name)
-            if "stream" not in line.name.lower():
-                continue
-            for ev in line.events:
-                s, dur = ev.start_ns, ev.duration_ns
-                intervals.append((s, s + dur))
-                op = None
-                try:
-                    for k, v in ev.stats:
-                        if k in ("hlo_op", "tf_op", "name"):
-                            op = str(v)
-                            break
-                except Exception:  # noqa: BLE001
-                    pass
-                key = ev.name if op is None else f"{ev.name} [{op}]"
-                e = kernels.setdefault(key, [0, 0.0])
-                e[0] += 1
-                e[1] += dur
-    summary["gpu_lines"] = sorted(lines_seen)
-    if not intervals:
-        print(f"profile: no GPU stream events; lines: {sorted(lines_seen)}")
-        return summary
-    intervals.sort()
-    busy, cur_s, cur_e = 0.0, *intervals[0]
-    for s, e in intervals[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    span = intervals[-1][1] - intervals[0][0]
-    steps = args.new
-    total = sum(v[1] for v in kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    summary.update(
-        steps=steps, span_ms_per_step=span / steps / 1e6, busy_ms_per_step=busy / steps / 1e6,
-        kernel_sum_ms_per_step=total / steps / 1e6, kernels_per_step=sum(v[0] for v in kernels.values()) / steps,
-        top=[{"kernel": k, "count_per_step": v[0] / steps, "us_per_step": v[1] / steps / 1e3,
-              "us_per_call": v[1] / v[0] / 1e3} for k, v in top[:40]],
-    )
-    print(f"profile {name}: wall {wall / steps * 1e3:.3f} ms/step, GPU span {summary['span_ms_per_step']:.3f}, "
-          f"busy {summary['busy_ms_per_step']:.3f}, kernel sum {summary['kernel_sum_ms_per_step']:.3f} ms/step, "
-          f"{summary['kernels_per_step']:.0f} kernels/step")
-    print(f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel")
-    for r in summary["top"][:30]:
-        print(f"{r['us_per_step']:9.1f} {r['count_per_step']:10.1f} {r['us_per_call']:8.2f}  {r['kernel'][:150]}")
+    summary = kernel_profile(lambda: jax.block_until_ready(run(ds)), args.new)
+    print_profile(name, summary)
     return summary
 
 
@@ -458,10 +392,13 @@ def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
 def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, variants) -> dict:
     """The whole decode call with parts of the GPU path switched off (A/B against the default).
 
-    ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel;
+    ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel; ``gather``:
+    the batch-1 sparse GEMV on compacted indices instead of masked tiles; ``side``: the residual
+    adapter's GEMV on the down-site selection kernel's spare programs, not in its own launch;
     ``nograph``: default kernels, XLA command buffers (CUDA graphs) off.
     """
-    flags_for = {"xla": "0", "gemv": "gemv", "attn": "attn", "nograph": None, "default": None}
+    flags_for = {"xla": "0", "gemv": "gemv", "attn": "attn", "nograph": None, "default": None,
+                 "gather": "gemv,attn,select,sparse,gather", "side": "gemv,attn,select,sparse,side"}
     opts_for = {"nograph": {"xla_gpu_enable_command_buffer": ""}}
     saved = os.environ.get("LAROSA_PALLAS")
     out = {}
@@ -503,7 +440,8 @@ def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args
 
 # ----------------------------------------------------------------------------- output
 _VARIANT_LABEL = {"xla": "XLA only (LAROSA_PALLAS=0)", "gemv": "Pallas GEMV, XLA attention",
-                  "attn": "Pallas attention, XLA GEMV", "nograph": "default, no CUDA graphs"}
+                  "attn": "Pallas attention, XLA GEMV", "nograph": "default, no CUDA graphs",
+                  "gather": "sparse GEMV on compacted indices", "side": "adapter GEMV beside the down selection"}
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
@@ -528,19 +466,20 @@ def markdown(meta: dict, results: list[dict]) -> str:
             f"{r['tokens_per_s']:.1f} | {r['ms_per_token']:.3f} | {r['roofline_ms_per_token']:.3f} | "
             f"{r['pct_of_roofline']:.1f} |"
         )
-    var = [r for r in results if r.get("variants")]
+    var = [r for r in everything if r.get("variants")]
     if var:
         names = sorted({v for r in var for v in r["variants"]})
-        lines += ["", "Same decode call with parts of the GPU path switched off (`LAROSA_PALLAS`; ms/token, % of roofline):", "",
-                  "| model | default (Pallas GEMV + attention) | " + " | ".join(_VARIANT_LABEL.get(n, n) for n in names) + " |",
-                  "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+        lines += ["", "Same decode call with parts of the GPU path switched (`LAROSA_PALLAS`; ms/token, % of roofline):", "",
+                  "| model | config | default (all kernels) | " + " | ".join(_VARIANT_LABEL.get(n, n) for n in names) + " |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
         for r in var:
             cells = []
             for n in names:
                 v = r["variants"].get(n, {})
                 cells.append(f"{v['ms_per_token']:.3f} ({100 * r['roofline_ms_per_token'] / v['ms_per_token']:.1f}%)"
                              if "ms_per_token" in v else "error" if v else "")
-            lines.append(f"| {r['model']} | {r['ms_per_token']:.3f} ({r['pct_of_roofline']:.1f}%) | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['model']} | {r.get('config', 'dense')} | {r['ms_per_token']:.3f} ({r['pct_of_roofline']:.1f}%) | "
+                         + " | ".join(cells) + " |")
     sparse = [r for r in everything if r.get("method", "dense") != "dense" or r.get("batch", 1) != 1]
     if sparse:
         lines += ["", "Sparse decode (random bf16 weights; `larosa` = the fused model with d × d adapters, `topk` = no "
@@ -610,8 +549,9 @@ def main(argv=None):
     ap.add_argument("--profile", default=None,
                     help="comma list of MODEL[:CONFIG] (MODEL may be 'all', CONFIG defaults to dense) to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
-    ap.add_argument("--variants", default=None, help="comma list of xla,gemv,attn,nograph (decode A/B)")
-    ap.add_argument("--variants-model", default="all", help="comma list of model names (or 'all') for --variants")
+    ap.add_argument("--variants", default=None, help="comma list of xla,gemv,attn,gather,side,nograph (decode A/B)")
+    ap.add_argument("--variants-model", default="all",
+                    help="comma list of MODEL[:CONFIG] (or 'all'; CONFIG defaults to dense) for --variants, at batch 1")
     ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")
     args = ap.parse_args(argv)
     if args.repeats < 3:
@@ -632,8 +572,8 @@ def main(argv=None):
             try:
                 site_ks(cfg, sparse_config(cfg, method, p))
             except SparsityError as e:
-                ap.error(f"--configs {label(method, p)} on {n}: with the official α_rot no α_plain gives effective "
-                         f"sparsity {p:g} ({e})")
+                ap.error(f"--configs {label(method, p)} on {n}: no α_plain gives effective sparsity {p:g} with "
+                         f"{'α_rot = 1' if method == 'larosa-a1' else 'the official α_rot'} ({e}); try larosa-a1@{p:g}")
     args.mesh = make_mesh(args.mesh) if args.mesh else None
 
     dev = jax.devices()[0]
@@ -646,7 +586,7 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "prompt": args.prompt, "new": args.new, "repeats": args.repeats, "tiny": args.tiny, "batches": args.batch,
         "configs": args.configs, "mesh": None if args.mesh is None else dict(args.mesh.shape),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", "all (default)"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", f"{DEFAULT_KERNELS} (default)"),
     }
     print(json.dumps({k: meta[k] for k in ("device", "platform", "jax", "jaxlib", "flax", "python")}), flush=True)
     bw = copy_bandwidth(int(args.bw_bytes))

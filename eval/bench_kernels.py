@@ -9,10 +9,10 @@ to read the loop condition, which would swamp kernels of a few microseconds. Row
 
 * ``xla dense``: ``x @ W`` as XLA compiles it; ``pallas dense``: the batch-1 dense GEMV kernel;
 * ``sparse s=…``: ``sparse_matvec`` on a precomputed keep set of sparsity s (Top-K of a Gaussian x):
-  the gather kernel on compacted indices at batch 1, XLA's GEMM on the masked rows above (the
-  masked-tile kernel is timed by ``--sweep``);
+  the masked-tile kernel at batch 1 (the gather kernel with ``LAROSA_PALLAS=...,gather``), XLA's
+  GEMM on the masked rows above (``--sweep`` times both kernels' tiles);
 * ``select+sparse s=…``: the Top-K selection kernel in front of it (the decode path);
-* selection alone: the kernel (with compaction), ``lax.top_k`` and the jnp bisection twin.
+* selection alone: the kernel (as the decode path calls it), ``lax.top_k`` and the jnp bisection twin.
 
     python eval/bench_kernels.py --out eval/results/kernels_h200     # GPU
     python eval/bench_kernels.py --sweep --out /tmp/sweep            # GPU: tile / warp / step choices
@@ -104,7 +104,7 @@ def _weights(k, ns, tiny):
 
 
 def _keep(x, kk):
-    """What the decode path hands the GEMV: compacted indices for one row, threshold pairs above."""
+    """What the decode path hands the GEMV: the selection kernel's outputs for one row, threshold pairs above."""
     return sel.select_topk(x, kk) if x.shape[0] == 1 else sel.KeepSet(sel.topk_threshold(x, kk))
 
 
@@ -198,11 +198,11 @@ def sweep(names, table, args, rng) -> list[dict]:
                 rec(n, f"masked bm={bm} bn={bn} w={w}", rows, 0.5, us, f"({nbytes / 2 / us / 1e3:.0f} GB/s of kept rows)")
             if rows != 1:
                 continue
-            keeps = [sel.select_topk(xs[i], jnp.int32(kk)) for i in range(args.iters)]
+            keeps = [sel.select_kernel(xs[i], jnp.int32(kk)) for i in range(args.iters)]  # (packed, order)
             gtiles = [(32, 256, 4), (64, 128, 4), (64, 256, 4), (64, 512, 8), (128, 128, 4), (128, 256, 8), (32, 512, 4)]
             for bm, bn, w in gtiles[:1] if args.tiny else gtiles:
                 def g(i, xs, keeps, wsets, bm=bm, bn=bn, w=w):
-                    return _probe(sg.gather_sums(xs[i][0], keeps[i].order, keeps[i].packed, wsets[i % copies], bm=bm, bn=bn, warps=w))
+                    return _probe(sg.gather_sums(xs[i][0], keeps[i][1], keeps[i][0], wsets[i % copies], bm=bm, bn=bn, warps=w))
                 us = timed(g, (xs, keeps, wsets), args.iters, args.repeats) * 1e6
                 rec(n, f"gather bm={bm} bn={bn} w={w}", rows, 0.5, us, f"({nbytes / 2 / us / 1e3:.0f} GB/s of kept rows)")
     for d in sorted({table[n][0] for n in names}):
@@ -222,7 +222,7 @@ def markdown(meta, res) -> str:
              f"bf16 x; each op timed as {meta['iters']} calls unrolled in one jit (chained, distinct inputs, weights cycled over "
              "copies larger than L2), median of the timed runs. Speed-up is against XLA's dense `x @ W` at the same "
              "shape and batch; `select+sparse` includes the Top-K selection kernel (the decode path). Batch 1 uses the "
-             "gather kernel (compacted kept rows); at batch > 1 the dispatch takes XLA's GEMM on the masked rows (the masked-tile "
+             f"{'gather kernel (compacted kept rows)' if sel.enabled('gather') else 'masked-tile kernel'}; at batch > 1 the dispatch takes XLA's GEMM on the masked rows (the masked-tile "
              "kernel on the union of the keep sets, timed by `--sweep`, was slower).", "",
              "| shape | tokens | XLA dense µs | Pallas dense µs | " + " | ".join(f"sparse {s}" for s in sps)
              + " | " + " | ".join(f"select+sparse {s}" for s in sps) + " |",

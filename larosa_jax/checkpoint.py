@@ -343,6 +343,14 @@ def load(path: str | Path, dtype=None, mesh=None) -> Transformer:
     dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
     st = SafeTensorsFile(path / "model.safetensors")
     fused = bool(meta.get("fused", False))
+    if fused:
+        from .fusion import FUSED_FORM
+
+        if meta.get("fused_form", 1) != FUSED_FORM:
+            raise CheckpointError(
+                f"{path / 'config.json'}: larosa.fused_form={meta.get('fused_form', 1)}, this version reads form "
+                f"{FUSED_FORM} (down_proj folded with the next layer's rotation); fuse again from the converted "
+                "checkpoint: larosa fuse --ckpt DIR --rotations FILE --out NEW_DIR")
     model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=fused))
     if mesh is not None:
         from .parallel import check_model_axis, place
@@ -376,6 +384,10 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
         hf = model.config.to_hf()
         hf["larosa"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "layout": "input-major",
                         "fused": model.adapters is not None, **(meta or {})}
+        if model.adapters is not None:
+            from .fusion import FUSED_FORM
+
+            hf["larosa"]["fused_form"] = FUSED_FORM
         _finish(tmp, out, hf, tokenizer_from)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,11 +3,14 @@
 DESIGN.md §1 "Fused mode". The residual stream of layer l lives in its basis, r = h·Q_l:
   E ← E·Q_0
   W_{q,k,v} ← Q_lᵀ·diag(γ_attn)·W,  W_{gate,up} ← Q_lᵀ·diag(γ_mlp)·W   (biases unchanged)
-  W_o ← W_o·Q_l,  W_down ← W_down·Q_l  (and their biases ·Q_l)
-  r ← r·(Q_lᵀ·Q_{l+1}) between layers (the d × d adapter)
+  W_o ← W_o·Q_l,  W_down ← W_down·Q_{l+1} (Q_l in the last layer; biases alike)
+  r ← r_mid·(Q_lᵀ·Q_{l+1}) + MLP(r_mid) between layers (the d × d adapter on the residual after
+      attention; the MLP output is folded straight into the next basis)
   W_head ← Q_{L−1}ᵀ·diag(γ_final)·W_head  (tied embeddings are untied)
 All RMSNorm gains become 1, since norm(r) = norm(h)·Q_l (Q orthogonal). Folding runs in float64
-on the host and casts once to the model dtype.
+on the host and casts once to the model dtype. Applying the adapter to r_mid, not to r_mid + MLP,
+frees it from the MLP: at decode its product runs beside the down_proj Top-K selection, which
+alone leaves the GPU mostly idle (``pallas/select.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from flax import nnx
 
 from .checkpoint import assign_params, params_of
 from .models import Transformer
+
+FUSED_FORM = 2  # 2: down_proj folded with Q_{l+1}, adapter on r_mid (1: Q_l, adapter after the layer)
 
 
 def fuse(model: Transformer, rotations: np.ndarray, dtype=None) -> Transformer:
@@ -41,10 +46,10 @@ def fuse(model: Transformer, rotations: np.ndarray, dtype=None) -> Transformer:
                 out[p + n + ".kernel"] = ql.T @ (g[:, None] * src[p + n + ".kernel"])
                 if p + n + ".bias" in src:
                     out[p + n + ".bias"] = src[p + n + ".bias"]
-        for n in ("attn.o", "mlp.down"):
-            out[p + n + ".kernel"] = src[p + n + ".kernel"] @ ql
+        for n, qo in (("attn.o", ql), ("mlp.down", q[min(l + 1, cfg.num_layers - 1)])):
+            out[p + n + ".kernel"] = src[p + n + ".kernel"] @ qo
             if p + n + ".bias" in src:
-                out[p + n + ".bias"] = src[p + n + ".bias"] @ ql
+                out[p + n + ".bias"] = src[p + n + ".bias"] @ qo
     head = src["embed.embedding"].T if cfg.tie_word_embeddings else src["lm_head.kernel"]
     out["lm_head.kernel"] = q[-1].T @ (src["norm.scale"][:, None] * head)
     out["norm.scale"] = np.ones_like(src["norm.scale"])

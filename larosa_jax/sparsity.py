@@ -126,12 +126,18 @@ def threshold(x: Array, t: Array) -> Array:
     return ops.apply(x, ops.magnitude_threshold(x, t))
 
 
-def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear]) -> tuple[Array, ...]:
-    """Outputs of ``linears`` on x restricted to its keep set: at decode on GPU the sparse GEMV reads
-    only the kept weight rows."""
+def width(linears: Sequence[Linear]) -> int:
+    """Total output width of linears sharing one input: the selection kernel zero-fills the sparse
+    GEMV's accumulator of that size on its spare programs (no separate fill per launch)."""
+    return sum(lin.kernel.shape[1] for lin in linears)
+
+
+def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear], residual=None) -> tuple[Array, ...]:
+    """Outputs of ``linears`` on x restricted to its keep set (plus ``r @ A`` for a ``residual``):
+    at decode on GPU the sparse GEMV reads only the kept weight rows."""
     ws = tuple(lin.kernel[...] for lin in linears)
     bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
-    return ops.sparse_matvec(x, keep, ws, bs)
+    return ops.sparse_matvec(x, keep, ws, bs, residual)
 
 
 # ----------------------------------------------------------------------------- projections
@@ -149,14 +155,24 @@ def _ks(ks: dict[str, int]) -> Stat:
 
 
 class TopKProjection(nnx.Module):
-    """Plain Top-K at every site (the ``topk`` baseline, and La RoSA's fused mode on folded weights)."""
+    """Plain Top-K at every site (the ``topk`` baseline, and La RoSA's fused mode on folded weights).
 
-    def __init__(self, ks: dict[str, int]):
+    ``gains=False`` for a fused model, whose RMSNorm gains are folded into the weights (all ones):
+    skipping the multiply by ones saves two small kernels per layer at decode. The fused model hands
+    its down site the residual adapter ``(r_mid, A)`` (``fuses_residual``): the selection kernel
+    computes r_mid·A on its spare programs and the sparse GEMV adds the down output onto it.
+    """
+
+    fuses_residual = True
+
+    def __init__(self, ks: dict[str, int], gains: bool = True):
         self.ks = _ks(ks)
+        self.gains = gains
 
-    def __call__(self, site, layer, x, linears, gain=None):
-        x = _gained(x, gain)
-        return kept_projection(x, ops.select_topk(x, self.ks[SITES.index(site)]), linears)
+    def __call__(self, site, layer, x, linears, gain=None, residual=None):
+        x = _gained(x, gain if self.gains else None)
+        keep = ops.select_topk(x, self.ks[SITES.index(site)], width(linears), side=residual)
+        return kept_projection(x, keep, linears, residual)
 
 
 class RotatedTopKProjection(nnx.Module):
@@ -173,7 +189,7 @@ class RotatedTopKProjection(nnx.Module):
 
     def __call__(self, site, layer, x, linears, gain=None):
         if SITE_TYPE[site] == "plain":
-            return kept_projection(x, ops.select_topk(x, self.ks[SITES.index(site)]), linears)
+            return kept_projection(x, ops.select_topk(x, self.ks[SITES.index(site)], width(linears)), linears)
         xin = x if self.gamma_free else _gained(x, gain)
         ct = jnp.promote_types(xin.dtype, jnp.float32)  # select in ≥ fp32: near-ties must not flip
         q = self.rotations[layer].astype(ct)
@@ -191,7 +207,8 @@ class TealProjection(nnx.Module):
 
     def __call__(self, site, layer, x, linears, gain=None):
         x = _gained(x, gain)
-        return kept_projection(x, ops.select_threshold(x, self.thresholds[SITES.index(site), layer]), linears)
+        keep = ops.select_threshold(x, self.thresholds[SITES.index(site), layer], width(linears))
+        return kept_projection(x, keep, linears)
 
 
 class CatsProjection(nnx.Module):
@@ -217,8 +234,10 @@ def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
     """The projection hook for ``sc`` (None for dense / p = 0)."""
     if sc.method == "dense" or sc.sparsity == 0.0:
         return None
-    if sc.method == "topk" or (sc.method == "larosa" and sc.mode == "fused"):
+    if sc.method == "topk":
         return TopKProjection(site_ks(cfg, sc))
+    if sc.method == "larosa" and sc.mode == "fused":  # on the folded model: gains are ones
+        return TopKProjection(site_ks(cfg, sc), gains=False)
     if stats is None:
         raise SparsityError(f"method {sc.method!r} needs calibration statistics (larosa calibrate)")
     if sc.method == "larosa":

@@ -39,13 +39,16 @@ def test_bench_decode_tiny_sparse_configs(tmp_path, monkeypatch):
 
 def test_bench_decode_rejects_bad_configs():
     bd = _script("bench_decode")
-    with pytest.raises(SystemExit, match="larosa or topk and 0 < P < 1"):
+    with pytest.raises(SystemExit, match="larosa, larosa-a1 or topk and 0 < P < 1"):
         bd.parse_configs("teal@0.5")
     with pytest.raises(SystemExit, match="not METHOD@P"):
         bd.parse_configs("larosa@1.5")
-    # La RoSA at 75%: the official α_rot leaves α_plain < 0, refused before any benchmarking
+    # La RoSA at 75%: the official α_rot leaves α_plain < 0, refused before any benchmarking; α_rot = 1 fits
     with pytest.raises(SystemExit):
         bd.main(["--tiny", "--models", "llama2-7b", "--configs", "larosa@0.75"])
+    cfg = bd.ModelConfig.from_hf(bd.HF_CONFIGS["llama2-7b"])
+    sc = bd.sparse_config(cfg, "larosa-a1", 0.75)
+    assert sc.alphas()[0] == 1.0 and bd.effective_sparsity_of(cfg, sc) == pytest.approx(0.75, abs=1e-3)
 
 
 def test_bench_kernels_tiny_checks_and_writes(tmp_path, monkeypatch):

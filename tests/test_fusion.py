@@ -205,3 +205,17 @@ def test_fused_model_saves_and_reloads(which, tmp_path):
     np.testing.assert_allclose(logits(reloaded_sparse, tokens), logits(sparsify(model, stats, sc), tokens),
                                rtol=0, atol=1e-6 * np.abs(logits(model, tokens)).max())
     assert reloaded_sparse.effective_sparsity == pytest.approx(sparsify(model, stats, sc).effective_sparsity)
+
+
+def test_a_fused_checkpoint_of_the_older_form_is_refused(tmp_path):
+    """Form 1 folded down_proj with Q_l and applied the adapter after the layer: same file layout,
+    different function, so loading it now must fail loudly rather than compute something else."""
+    s = stories()
+    out = checkpoint.save(fuse(s.model, stories_stats("fused").rotations), tmp_path / "fused")
+    cfg_file = out / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    assert raw["larosa"]["fused_form"] == 2
+    del raw["larosa"]["fused_form"]
+    cfg_file.write_text(json.dumps(raw))
+    with pytest.raises(checkpoint.CheckpointError, match=r"config.json: larosa.fused_form=1, this version reads form 2.*larosa fuse"):
+        larosa_jax.load(out)

@@ -193,16 +193,23 @@ TP_SCRIPT = textwrap.dedent("""
         TensorParallel(model, make_mesh("model=3"))
     except MeshError as e:
         out["bad_model"] = str(e)
-    # the Pallas kernels inside shard_map (interpret mode), bf16, La RoSA fused: same logits as one device
-    os.environ["LAROSA_PALLAS_INTERPRET"] = "1"
+    # the Pallas kernels inside shard_map (interpret mode), bf16, La RoSA fused: the logits of the jnp path
+    # on the same mesh (against one device, bf16 rounding flips near-tied Top-K entries: up to ~20% apart)
     mb = sparsify(random_model(ModelConfig.from_hf({**hf, "hidden_size": 128, "intermediate_size": 512}),
                                jnp.bfloat16, seed=1, adapters=True), None, SparseConfig("larosa", "fused", 0.5))
     tok = jnp.asarray([[5]])
     from larosa_jax.models import init_cache
-    one = np.asarray(mb(tok, init_cache(mb.config, 1, 64, jnp.bfloat16))[0], np.float32)
-    two = np.asarray(TensorParallel(mb, make_mesh("model=2"))(tok, init_cache(mb.config, 1, 64, jnp.bfloat16))[0],
-                     np.float32)
-    out["kernel_rel_err"] = float(np.linalg.norm(two - one) / np.linalg.norm(one))
+    tp2 = TensorParallel(mb, make_mesh("model=2"))
+    ref = np.asarray(tp2(tok, init_cache(mb.config, 1, 64, jnp.bfloat16))[0], np.float32)
+    os.environ["LAROSA_PALLAS_INTERPRET"] = "1"
+    jax.clear_caches()
+    from jax.experimental import pallas as pl
+    calls, orig = [], pl.pallas_call
+    pl.pallas_call = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    two = np.asarray(tp2(tok, init_cache(mb.config, 1, 64, jnp.bfloat16))[0], np.float32)
+    pl.pallas_call = orig
+    out["kernel_calls"] = len(calls)
+    out["kernel_rel_err"] = float(np.linalg.norm(two - ref) / np.linalg.norm(ref))
     print("RESULT " + json.dumps(out))
 """)
 
@@ -229,7 +236,7 @@ def test_checkpoint_loads_onto_the_mesh_one_shard_per_device(tensor_parallel):
 
 def test_tensor_parallel_kernels_and_refusals(tensor_parallel):
     o = tensor_parallel
-    assert o["kernel_rel_err"] < 2e-2  # bf16 sparse kernels on each device's shards, sums over devices
+    assert o["kernel_calls"] > 0 and o["kernel_rel_err"] < 2e-2  # bf16 sparse kernels on each device's shards
     assert o["odd_batch"] == "a batch of 3 rows does not split over data=2"
     assert "model=3 does not divide num_attention_heads=8" in o["bad_model"] and "1, 2, 4" in o["bad_model"]
 

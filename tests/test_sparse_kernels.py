@@ -85,6 +85,30 @@ def test_select_kernel_compacts_a_given_threshold():
         _check_compaction(x, np.asarray(packed), order, want)
 
 
+@pytest.mark.parametrize("d,k_side,n_side", [(4096, 576, 576), (11008, 1024, 4096), (3000, 3584, 512)])
+def test_select_kernel_spare_programs_fill_zeros_or_compute_the_side_gemv(d, k_side, n_side):
+    """Spare programs beside the selection: a zero-filled accumulator, or r·A (La RoSA's residual
+    adapter) in float32; the selection itself is the same with or without them and with or without
+    compaction (every output poisoned first, so anything left unwritten shows)."""
+    rng = np.random.default_rng(d)
+    x = jnp.asarray(rng.standard_normal((1, d)), jnp.bfloat16)
+    k = _k(0.4, d)
+    packed, order = sel.select_kernel(x, jnp.int32(k))
+    thr_only, zeros = sel.select_kernel(x, jnp.int32(k), compact=False, zeros=3000)
+    np.testing.assert_array_equal(np.asarray(thr_only), np.asarray(packed))
+    assert zeros.shape == (3000,) and not np.isnan(np.asarray(zeros)).any() and not np.asarray(zeros).any()
+    rv = jnp.asarray(rng.standard_normal((1, k_side)), jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((k_side, n_side)) * k_side**-0.5, jnp.bfloat16)
+    p2, o2, side = sel.select_kernel(x, jnp.int32(k), side=(rv, a))
+    np.testing.assert_array_equal(np.asarray(p2), np.asarray(packed))
+    np.testing.assert_array_equal(np.asarray(o2), np.asarray(order))
+    want = np.asarray(rv, np.float64) @ np.asarray(a, np.float64)
+    assert side.shape == (n_side,) and side.dtype == jnp.float32
+    assert _rel(side, want[0]) < 1e-5
+    with pytest.raises(ValueError, match="side needs a bf16 A"):
+        sel.select_kernel(x, jnp.int32(k), side=(rv, a[:, :100]))
+
+
 def test_topk_matches_a_sort_and_rejects_bad_k():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 2, 300)), jnp.float32)
@@ -109,16 +133,23 @@ def test_magnitude_threshold_is_teal():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_select_dispatch_compacts_only_one_bf16_row(monkeypatch):
+def test_select_dispatch_uses_the_kernel_for_one_bf16_row(monkeypatch):
     monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
     rng = np.random.default_rng(5)
     one = jnp.asarray(rng.standard_normal((1, 1, 1000)), jnp.bfloat16)
+    ks = ops.select_topk(one, 300, 2048)  # default: pairs and the GEMV's zeroed accumulator, no compaction
+    assert ks.order is None and int(ks.packed[0, 2]) == 300 and ks.thr.shape == (1, 1, 2)
+    assert ks.zeros.shape == (2048,) and not np.asarray(ks.zeros).any()
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse,gather")
     ks = ops.select_topk(one, 300)
-    assert ks.order is not None and int(ks.packed[0, 2]) == 300 and ks.thr.shape == (1, 1, 2)
+    assert ks.order is not None and int(ks.packed[0, 2]) == 300 and ks.zeros is None
     assert ops.select_topk(one.astype(jnp.float32), 300).order is None  # float32: the jnp twin
     assert ops.select_topk(jnp.concatenate([one, one]), 300).order is None  # two rows: pairs only
-    kt = ops.select_threshold(one, jnp.float32(0.5))
+    kt = ops.select_threshold(one, jnp.float32(0.5))  # gather on: compacted by the kernel
     assert int(kt.packed[0, 2]) == int(np.sum(np.abs(np.asarray(one, np.float32)) > 0.5))
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse")
+    kt = ops.select_threshold(one, jnp.float32(0.5), 2048)  # masked tiles read the pairs: no kernel
+    assert kt.packed is None and kt.zeros is None and kt.thr.shape == (1, 1, 2)
 
 
 # ----------------------------------------------------------------------------- sparse GEMV
@@ -203,10 +234,10 @@ def test_sparse_matvec_dispatch_bias_batch_and_fallbacks(monkeypatch):
     rng = np.random.default_rng(4)
     ws = tuple(jnp.asarray(rng.standard_normal((256, n)) * 0.06, jnp.bfloat16) for n in (256, 64, 64))
     bs = tuple(jnp.asarray(rng.standard_normal((n,)), jnp.bfloat16) for n in (256, 64, 64))  # Qwen2 q/k/v biases
-    for rows in (1, 4):  # [B, T=1, D] as at decode: gather kernel for one token, XLA for four
+    for rows in (1, 4):  # [B, T=1, D] as at decode: masked-tile kernel for one token, XLA for four
         x = jnp.asarray(rng.standard_normal((rows, 1, 256)), jnp.bfloat16)
-        keep = ops.select_topk(x, 100)
-        assert (keep.order is not None) == (rows == 1)
+        keep = ops.select_topk(x, 100, 384)
+        assert (keep.packed is not None) == (rows == 1) and keep.order is None
         got = ops.sparse_matvec(x, keep, ws, bs)
         want = ops.sparse_matvec_reference(x, keep.thr, ws, bs)
         for g, w in zip(got, want):
@@ -239,11 +270,38 @@ def test_sparse_matvec_dispatch_bias_batch_and_fallbacks(monkeypatch):
     assert g[0].shape == (2, 16, 256)
 
 
+@pytest.mark.parametrize("gather", [False, True])
+def test_sparse_matvec_adds_the_residual_product(gather, monkeypatch):
+    """The down site of a fused model: keep(x)·W + b + r·A, with r·A made by the selection kernel's
+    spare programs (one token) or by jnp (several tokens, or a shape the side kernel cannot take)."""
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse,side" + (",gather" if gather else ""))
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.standard_normal((1536, 576)) * 0.03, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((576,)), jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((576, 576)) * 0.04, jnp.bfloat16)
+    for rows in (1, 3):
+        x = jnp.asarray(rng.standard_normal((rows, 1, 1536)), jnp.bfloat16)
+        r = jnp.asarray(rng.standard_normal((rows, 1, 576)), jnp.bfloat16)
+        keep = ops.select_topk(x, 700, 576, side=(r, a))
+        assert (keep.side is not None) == (rows == 1) and keep.zeros is None
+        assert (keep.order is not None) == (rows == 1 and gather)
+        (got,) = ops.sparse_matvec(x, keep, (w,), (b,), residual=(r, a))
+        xs = np.asarray(ops.apply(x, keep.thr), np.float64)
+        want = xs @ np.asarray(w, np.float64) + np.asarray(b, np.float64) + np.asarray(r, np.float64) @ np.asarray(a, np.float64)
+        assert got.shape == (rows, 1, 576) and got.dtype == jnp.bfloat16
+        assert _rel(got, want) < 1e-2
+    with pytest.raises(ValueError, match="a residual goes with one weight"):
+        ops.sparse_matvec(x, keep.thr, (w, w), (None, None), residual=(r, a))
+
+
 # ----------------------------------------------------------------------------- the decode path
-@pytest.mark.parametrize("batch", [1, 4])
-def test_fused_decode_with_kernels_matches_the_jnp_path(batch, monkeypatch):
+@pytest.mark.parametrize("batch,flags", [(1, "gemv,attn,select,sparse,side"), (1, "gemv,attn,select,sparse,side,gather"),
+                                         (1, "gemv,attn,select,sparse"), (4, "gemv,attn,select,sparse,side")])
+def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, monkeypatch):
     """La RoSA's fused model, bf16: prefill + decode steps with every kernel (interpret mode) give the
-    jnp path's logits, for one token (selection and gather kernels) and four (selection kernel, XLA GEMMs)."""
+    jnp path's logits, for one token (selection kernel with the residual adapter on its spare
+    programs, masked-tile or gather GEMV) and four (selection kernel, XLA GEMMs)."""
     from larosa_jax.config import ModelConfig
     from larosa_jax.models import init_cache
     from larosa_jax.models.random_init import random_model
@@ -269,6 +327,7 @@ def test_fused_decode_with_kernels_matches_the_jnp_path(batch, monkeypatch):
 
     want = run()
     monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    monkeypatch.setenv("LAROSA_PALLAS", flags)
     sg._warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every shape here tiles: no fallback

@@ -218,9 +218,9 @@ def test_projections_keep_exactly_k_at_every_site_with_ties(kind, monkeypatch):
 
     kept_projection = sparsity.kept_projection
 
-    def spy_kept(x, keep, linears):  # the sparse-GEMV path: what the weights see is keep(x)
+    def spy_kept(x, keep, linears, residual=None):  # the sparse-GEMV path: what the weights see is keep(x)
         seen.append((current[0], np.asarray(ops.apply(x, keep.thr), np.float32), None))
-        return kept_projection(x, keep, linears)
+        return kept_projection(x, keep, linears, residual)
 
     monkeypatch.setattr(sparsity, "dense_projection", spy)
     monkeypatch.setattr(sparsity, "kept_projection", spy_kept)
@@ -254,8 +254,8 @@ def test_real_activations_keep_exactly_k_at_every_site(method, mode, monkeypatch
     calls = []
     orig = ops.select_topk
 
-    def spy(x, k):  # every Top-K decision of the projections goes through select_topk
-        keep = orig(x, k)
+    def spy(x, k, width=0, side=None):  # every Top-K decision of the projections goes through select_topk
+        keep = orig(x, k, width, side)
         calls.append((jnp.sum(ops.apply(x, keep.thr) != 0, axis=-1), jnp.sum(x == 0, axis=-1), jnp.asarray(k)))
         widths.append(x.shape[-1])  # static, recorded while tracing
         return keep

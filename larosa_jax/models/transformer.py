@@ -174,8 +174,12 @@ class Block(nnx.Module):
         kv: tuple[Array, Array] | None,
         slots: tuple[Array, Array, Array],
         proj: Projection,
+        adapter: Array | None = None,
+        adapter_axis: str | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """One decoder layer. ``slots`` = (write index, query slots [T], start [B])."""
+        """One decoder layer. ``slots`` = (write index, query slots [T], start [B]); ``adapter``: the
+        fused model's d × d residual adapter into the next layer's basis (column block over
+        ``adapter_axis`` under tensor parallelism)."""
         b, t, _ = h.shape
         write, q_slots, start = slots
         x = rms_norm(h, None, cfg.rms_norm_eps)
@@ -199,16 +203,28 @@ class Block(nnx.Module):
         g, u = proj("gate_up", layer, x, (m.gate, m.up), self.mlp_norm.scale[...])
         ct = acc_dtype(g.dtype)
         act = (jax.nn.silu(g.astype(ct)) * u.astype(ct)).astype(g.dtype)
+        if adapter is None:
+            (y,) = proj("down", layer, act, (m.down,), None)
+            return h + y, kv
+        # fused La RoSA: the next layer's residual is h·A + MLP(h), the down weights already fold the
+        # next basis (fusion.py); a projection that can computes h·A beside its down Top-K
+        if getattr(proj, "fuses_residual", False):
+            (h,) = proj("down", layer, act, (m.down,), None, residual=(h, adapter))
+            return h, kv
         (y,) = proj("down", layer, act, (m.down,), None)
-        return h + y, kv
+        (ha,) = ops.matvec(h, (adapter,), (None,))  # the batch-1 GEMV kernel at decode
+        if adapter_axis is not None:  # this device's column block of the product: gather the rest
+            ha = jax.lax.all_gather(ha, adapter_axis, axis=ha.ndim - 1, tiled=True)
+        return ha + y, kv
 
 
 class Transformer(nnx.Module):
     """Decoder-only LM (LlamaForCausalLM / Qwen2ForCausalLM)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, adapters: bool = False):
-        """``adapters=True`` adds La RoSA's fused-mode residual adapters: after layer l < L-1 the
-        residual stream is multiplied by ``adapters[l]`` = Q_lᵀ·Q_{l+1} (DESIGN.md §1, fused mode)."""
+        """``adapters=True`` adds La RoSA's fused-mode residual adapters: in layer l < L-1 the residual
+        after attention is multiplied by ``adapters[l]`` = Q_lᵀ·Q_{l+1} and the MLP output (folded
+        into basis l+1) added to it (DESIGN.md §1, fused mode; ``fusion.py``)."""
         rngs = rngs or nnx.Rngs(0)
         self.config = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
@@ -237,11 +253,10 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for layer, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[layer], cache.v[layer])
-            h, kv = block(h, layer, self.config, ctx[0], kv, ctx[1], proj)
+            adapter = None
             if self.adapters is not None and layer < self.config.num_layers - 1:
-                (h,) = ops.matvec(h, (self.adapters[layer][...],), (None,))  # the batch-1 GEMV kernel at decode
-                if self.adapter_axis is not None:  # this device's column block of the product: gather the rest
-                    h = jax.lax.all_gather(h, self.adapter_axis, axis=h.ndim - 1, tiled=True)
+                adapter = self.adapters[layer][...]
+            h, kv = block(h, layer, self.config, ctx[0], kv, ctx[1], proj, adapter, self.adapter_axis)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

@@ -15,13 +15,19 @@ def acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def enabled(what: str) -> bool:
-    """Whether kernel ``what`` ("gemv", "attn", "select", "sparse") replaces its jnp twin.
+DEFAULT_KERNELS = "gemv,attn,select,sparse"
 
-    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled kernels (default all four, or "0" for none).
+
+def enabled(what: str) -> bool:
+    """Whether kernel ``what`` ("gemv", "attn", "select", "sparse", "side", "gather") replaces its jnp twin.
+
+    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled kernels (default the first four, or "0"
+    for none). Opt-in, both measured slower in decode on an H200 (eval/results/NOTES.md): "side", the
+    residual adapter's GEMV on the selection kernel's spare programs instead of its own launch;
+    "gather", the batch-1 sparse GEMV on compacted kept indices instead of masked tiles.
     ``LAROSA_PALLAS_INTERPRET=1`` turns them on elsewhere in Pallas interpret mode (tests).
     """
-    flags = os.environ.get("LAROSA_PALLAS", "gemv,attn,select,sparse")
+    flags = os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS)
     on = jax.default_backend() == "gpu" or os.environ.get("LAROSA_PALLAS_INTERPRET") == "1"
     return on and what in flags.split(",")
 

@@ -7,8 +7,10 @@ magnitude threshold (``|x| > τ``: t = bits(τ), m = 0) are both such pairs, so 
 serves every method without materialising the masked vector.
 
 The kernel (bf16 rows, one program per row) bisects the 15 magnitude bits of a bf16, cuts ties
-with a cumulative count and also compacts the kept indices for the gather GEMV; the jnp twin
-bisects the float32 bits the same way.
+with a cumulative count and optionally compacts the kept indices for the gather GEMV; the jnp twin
+bisects the float32 bits the same way. A one-row selection is bound by latency and leaves all but
+one SM idle, so spare programs of the same launch do independent work beside it: zero-filling the
+next GEMV's accumulator, or a whole dense GEMV r·A (La RoSA's residual adapter, ``fusion.py``).
 """
 
 from __future__ import annotations
@@ -88,34 +90,76 @@ def topk_threshold_reference(x: Array, k: int | Array) -> Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KeepSet:
-    """Which entries of each row stay: threshold pairs, plus (from the GPU kernel, one row) the kept
-    indices compacted in front of ``order`` and the kept count in ``packed``, which the gather GEMV reads."""
+    """Which entries of each row stay: threshold pairs, plus what the GPU kernel writes for one row
+    (batch-1 decode): the kept count in ``packed``, the kept indices compacted in front of ``order``
+    (for the gather GEMV) and the zero-filled float32 accumulator ``zeros`` of the GEMV that follows."""
 
     thr: Array  # [..., 2] threshold pairs
-    order: Array | None = None  # [1, dp]: kept indices ascending, then the dropped ones
     packed: Array | None = None  # [1, 4]: (t, m, number kept, 0) as the kernel wrote it
+    order: Array | None = None  # [1, dp]: kept indices ascending, then the dropped ones
+    zeros: Array | None = None  # [width] float32 zeros
+    side: Array | None = None  # [N] float32 r·A of a residual (r, A) handed to the selection
     # (whole kernel outputs, not slices: a slice handed to the next Pallas call is first copied by XLA)
 
 
 MAG_BITS, MAX_D = 15, 1 << 15  # magnitude bits of a bf16; widest row
 
 
-def _select_kernel(k_ref, thr_ref, x_ref, thr_out, order_out, *, d, dp, search):
-    """Top-K threshold pair (``search``) or a given one, then the compacted kept indices.
+ZB = 1024  # zero-fill chunk per spare program
+SBN, SBK = 32, 256  # side GEMV: columns per spare program (128 programs for d = 4096), rows per loop step
+
+
+def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k):
+    """Top-K threshold pair (``search``) or a given one, then (``compact``) the compacted kept indices.
 
     Search: bisection over the 15 magnitude bits of a bf16 (15 dependent reductions; on an H200 a
-    k-ary search counting 7 candidates per step in one [8, D] reduction ran slower), then ties at
+    k-ary search counting 3 or 7 candidates per step in one reduction ran slower), then ties at
     the k-th magnitude are cut towards lower indices with one cumulative count.
     Compaction: a cumulative count gives each kept entry its rank; kept indices go to the front of
     ``order`` in ascending order, dropped ones after them (a permutation: no masked stores).
+    Programs past the rows either zero-fill a float32 buffer of ``nz`` entries, or (``side_k``) each
+    compute ``SBN`` columns of r·A over all ``side_k`` rows of A.
     """
+    if side_k:
+        rv_ref, a_ref, *refs = refs
+    thr_out, *outs = refs
     row = pl.program_id(0)
+    if nz:
+        zero_out = outs[-1]
+
+        @pl.when(row >= r)
+        def _():
+            z = (row - r) * ZB + jax.lax.broadcasted_iota(jnp.int32, (ZB,), 0)
+            pltriton.store(zero_out.at[z], jnp.zeros((ZB,), jnp.float32), mask=z < nz)
+
+    if side_k:
+        side_out = outs[-1]
+
+        @pl.when(row >= r)
+        def _():
+            c0 = pl.multiple_of((row - r) * SBN, SBN)
+            bk = _side_rows(side_k)
+
+            def body(i, acc):
+                k0 = pl.multiple_of(i * bk, bk)
+                rk = rv_ref[pl.ds(k0, bk)].astype(jnp.float32)
+                return acc + rk[:, None] * a_ref[pl.ds(k0, bk), pl.ds(c0, SBN)].astype(jnp.float32)
+
+            acc = jax.lax.fori_loop(0, side_k // bk, body, jnp.zeros((bk, SBN), jnp.float32))
+            side_out[pl.ds(c0, SBN)] = jnp.sum(acc, axis=0)
+
+    @pl.when(row < r)
+    def _():
+        _select_row(row, arg_ref, x_ref, thr_out, outs[0] if compact else None, d=d, dp=dp, search=search)
+
+
+def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search):
     idx = jax.lax.broadcasted_iota(jnp.int32, (1, dp), 1)
     # the row, read as a power of two wide (Triton's shapes) with a masked load: no padded copy
     x = pltriton.load(x_ref.at[pl.ds(row, 1), pl.ds(0, dp)], mask=idx < d, other=0.0)
     bits = jnp.where(idx < d, magnitude_bits(x), -1)  # padding: below every threshold >= 0
     if search:
-        k = k_ref[0]
+        k = arg_ref[0]
         mag = jnp.where(idx < d, jax.lax.shift_right_logical(bits, 16), -1)  # bf16 bits (exact for bf16 x)
         lo = jnp.int32(0)  # invariant: count(mag >= lo) >= k
         for bit in range(MAG_BITS - 1, -1, -1):
@@ -127,12 +171,15 @@ def _select_kernel(k_ref, thr_ref, x_ref, thr_out, order_out, *, d, dp, search):
         t = jax.lax.shift_left(lo, 16)  # float32 bits of the k-th |x|
         m = jnp.sum((rank < room).astype(jnp.int32)) + 1  # one past the room-th tied entry
     else:
-        t, m = thr_ref[row, 0], thr_ref[row, 1]
+        t, m = arg_ref[row, 0], arg_ref[row, 1]
     keep = (bits > t) | ((bits == t) & (idx < m))
-    rank = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # inclusive
-    n = jnp.sum(keep.astype(jnp.int32))
-    pos = jnp.where(keep, rank - 1, n + idx - rank)
-    pltriton.store(order_out.at[row, pos[0]], idx[0])
+    if order_out is not None:
+        rank = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # inclusive
+        n = jnp.sum(keep.astype(jnp.int32))
+        pos = jnp.where(keep, rank - 1, n + idx - rank)
+        pltriton.store(order_out.at[row, pos[0]], idx[0])
+    else:
+        n = jnp.sum(keep.astype(jnp.int32))
     col = jax.lax.broadcasted_iota(jnp.int32, (1, 4), 1)  # Triton wants power-of-two shapes: (t, m, n, 0)
     thr_out[pl.ds(row, 1), :] = jnp.where(col == 0, t, jnp.where(col == 1, m, jnp.where(col == 2, n, 0)))
 
@@ -141,28 +188,60 @@ def supported(x: Array) -> bool:
     return x.dtype == jnp.bfloat16 and x.shape[-1] <= MAX_D
 
 
-def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *, warps: int | None = None
-                  ) -> tuple[Array, Array]:
+def side_supported(side: tuple[Array, Array] | None) -> bool:
+    """Whether spare programs can compute r·A: bf16 A ``[K, N]``, K a multiple of 16, N of ``SBN``."""
+    if side is None:
+        return False
+    rv, a = side
+    return (a.dtype == jnp.bfloat16 and a.ndim == 2 and rv.shape[-1] == a.shape[0] and int(np.prod(rv.shape)) == a.shape[0]
+            and a.shape[0] % 16 == 0 and a.shape[1] % SBN == 0)
+
+
+def _side_rows(k: int) -> int:
+    bk = SBK
+    while k % bk:
+        bk //= 2
+    return bk
+
+
+def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *, compact: bool = True,
+                  zeros: int = 0, side: tuple[Array, Array] | None = None, warps: int | None = None) -> list[Array]:
     """One program per bf16 row of ``x [R, D]``: Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
-    (``[R, 4]`` = threshold pair, kept count, 0; ``[R, dp]`` kept indices first)."""
+    ``[R, 4]`` (threshold pair, kept count, 0), then ``[R, dp]`` kept indices first (``compact``),
+    then a float32 zero buffer ``[zeros]`` (when ``zeros`` > 0) or the float32 product ``r @ A``
+    ``[N]`` of ``side = (r, A)`` (see :func:`side_supported`), both made by spare programs."""
     r, d = x.shape
     dp = max(1 << (d - 1).bit_length(), 16)
-    warps = warps or (4 if dp <= 2048 else 8 if dp <= 8192 else 16)
+    warps = warps or (4 if dp <= 2048 else 8 if dp <= 16384 else 16)  # H200: 8 beat 4 and 16 at D = 4096, 11008
     search = thr is None
-    kk = jnp.asarray(1 if k is None else k, jnp.int32).reshape(1)
-    thr = jnp.zeros((r, 2), jnp.int32) if thr is None else thr.astype(jnp.int32)
+    if side is not None and (zeros or not side_supported(side)):
+        raise ValueError("select_kernel: side needs a bf16 A [K, N] (K % 16 == 0, N % 32 == 0) and no zeros")
+    # one small operand: k, or the pairs
+    arg = jnp.asarray(k, jnp.int32).reshape(1) if search else thr.astype(jnp.int32)
+    shapes = [jax.ShapeDtypeStruct((r, 4), jnp.int32)]
+    shapes += [jax.ShapeDtypeStruct((r, dp), jnp.int32)] if compact else []
+    shapes += [jax.ShapeDtypeStruct((zeros,), jnp.float32)] if zeros else []
+    spare = -(-zeros // ZB)
+    operands = [arg, x]
+    side_k = 0
+    if side is not None:
+        rv, a = side
+        side_k = a.shape[0]
+        shapes.append(jax.ShapeDtypeStruct((a.shape[1],), jnp.float32))
+        spare = a.shape[1] // SBN
+        operands += [rv.reshape(-1).astype(a.dtype), a]
     return pl.pallas_call(
-        functools.partial(_select_kernel, d=d, dp=dp, search=search),
-        out_shape=[jax.ShapeDtypeStruct((r, 4), jnp.int32), jax.ShapeDtypeStruct((r, dp), jnp.int32)],
-        grid=(r,),  # whole-array refs, indexed by the program's row
-        compiler_params=triton_params(num_warps=warps, num_stages=1),
+        functools.partial(_select_kernel, r=r, d=d, dp=dp, search=search, compact=compact, nz=zeros, side_k=side_k),
+        out_shape=shapes,
+        grid=(r + spare,),  # whole-array refs, indexed by the program's row
+        compiler_params=triton_params(num_warps=warps, num_stages=3 if side_k else 1),  # stages: the side loop
         interpret=interpret(),
-    )(kk, thr, x)
+    )(*operands)
 
 
 def topk_threshold_kernel(x: Array, k: Array, **kw) -> Array:
     """Kernel threshold pairs ``[R, 2]`` for bf16 rows ``x [R, D]``."""
-    return select_kernel(x, k, **kw)[0][:, :2]
+    return select_kernel(x, k, compact=False, **kw)[0][:, :2]
 
 
 def check_k(k, d: int) -> None:
@@ -189,26 +268,37 @@ def _one_row(x: Array) -> bool:
     return x.ndim >= 1 and int(np.prod(x.shape[:-1])) == 1
 
 
-def select_topk(x: Array, k: int | Array) -> KeepSet:
-    """Top-K keep set of each row. On GPU, for one bf16 row (batch-1 decode), one kernel also
-    compacts the kept indices for the gather GEMV."""
+def _kernel_keep(thr: Array, outs: list[Array], compact: bool, width: int, side: bool) -> KeepSet:
+    return KeepSet(thr, outs[0], outs[1] if compact else None, outs[-1] if width and not side else None,
+                   outs[-1] if side else None)
+
+
+def select_topk(x: Array, k: int | Array, width: int = 0, side: tuple[Array, Array] | None = None) -> KeepSet:
+    """Top-K keep set of each row. On GPU, for one bf16 row (batch-1 decode), one kernel also writes
+    what the sparse GEMV reads: the compacted kept indices (when the gather GEMV is on) and its
+    float32 accumulator: zeros of the GEMV's total output ``width``, or ``r @ A`` for a residual
+    ``side = (r, A)`` whose product the GEMV's output should include (``KeepSet.side``)."""
     check_k(k, x.shape[-1])
     if enabled("select") and supported(x) and _one_row(x):
-        packed, order = select_kernel(x.reshape(1, -1), k)
-        return KeepSet(packed[:, :2].reshape(*x.shape[:-1], 2), order, packed)
+        compact = enabled("gather")
+        with_side = enabled("side") and side_supported(side) and _one_row(side[0])
+        outs = select_kernel(x.reshape(1, -1), k, compact=compact, zeros=0 if with_side else width,
+                             side=side if with_side else None)
+        return _kernel_keep(outs[0][:, :2].reshape(*x.shape[:-1], 2), outs, compact, width, with_side)
     return KeepSet(topk_threshold(x, k))
 
 
-def select_threshold(x: Array, tau: Array) -> KeepSet:
-    """TEAL/CATS ``|x| > τ`` keep set; compacted on GPU for one bf16 row, like :func:`select_topk`."""
-    return select_pairs(x, magnitude_threshold(x, tau))
+def select_threshold(x: Array, tau: Array, width: int = 0) -> KeepSet:
+    """TEAL/CATS ``|x| > τ`` keep set; on GPU for one bf16 row like :func:`select_topk`."""
+    return select_pairs(x, magnitude_threshold(x, tau), width)
 
 
-def select_pairs(x: Array, thr: Array) -> KeepSet:
-    """The keep set of given threshold pairs ``thr [..., 2]``; compacted on GPU for one bf16 row."""
-    if enabled("select") and supported(x) and _one_row(x):
-        packed, order = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2))
-        return KeepSet(thr, order, packed)
+def select_pairs(x: Array, thr: Array, width: int = 0) -> KeepSet:
+    """The keep set of given threshold pairs ``thr [..., 2]``. The masked-tile GEMV reads the pairs
+    themselves, so only the gather GEMV needs a kernel here (one bf16 row on GPU: the compaction)."""
+    if enabled("select") and enabled("gather") and supported(x) and _one_row(x):
+        outs = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2), zeros=width)
+        return _kernel_keep(thr, outs, True, width, False)
     return KeepSet(thr)
 
 

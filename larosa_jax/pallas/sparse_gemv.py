@@ -2,23 +2,25 @@
 
 W is input-major ``[D_in, D_out]``, so a dropped input entry is a whole weight row that need not
 leave HBM. Both kernels run one program per weight tile with no loop and add their float32 partial
-products atomically into one zero-filled buffer holding every output side by side. Thousands of
-small programs keep enough loads in flight to stream at HBM speed without software pipelining;
-a mask computed from loaded data defeats that pipelining, and a looping split-K kernel with row
-masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one input
-(q/k/v with Qwen2's biases, gate/up) share one launch and one keep set.
+products atomically into one buffer holding every output side by side, which the selection kernel
+has made on its spare programs (zeros, or La RoSA's residual product r·A at the down site).
+Thousands of small programs keep enough loads in flight to stream at HBM speed without software
+pipelining; a mask computed from loaded data defeats that pipelining, and a looping split-K kernel
+with row masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one
+input (q/k/v with Qwen2's biases, gate/up) share one launch and one keep set.
 
-* One token (:func:`gather_sums`): the selection kernel has compacted the kept indices, so program
-  (j, i) reads the ``GBM`` kept rows ``order[i·GBM : (i+1)·GBM]`` of column block j, a dense tile
-  of gathered rows. Only kept rows are visited. Programs past the kept count, which is known only
-  on the device, return at once.
-* Masked tiles (:func:`sums`, up to 8 tokens): program (j, i) takes rows ``[i·BM, (i+1)·BM)`` and
-  loads those that *any* token keeps (the union), with masked-off rows issuing no memory traffic,
-  then multiplies on the tensor cores with the rows padded to 16. Per-token index sets would read a
-  row once for each token that keeps it, at least the union's bytes. The dispatch uses it only for
-  one token whose keep set came without compacted indices: at 4 tokens and 50% sparsity it ran
-  1.4-1.6x slower than XLA's dense GEMM (random keep sets, whose union is ~94% dense;
-  eval/results/kernels_h200.md), so several tokens take XLA's GEMM on the masked rows.
+* Masked tiles (:func:`sums`; the batch-1 decode path): program (j, i) takes rows
+  ``[i·BM, (i+1)·BM)`` of column block j and loads those the token keeps, masked-off rows issuing
+  no memory traffic. It needs only the selection's threshold pair, so the selection kernel skips
+  compacting the kept indices, which cost 2 µs at D = 4096 and 9 µs at D = 11008 on an H200. For
+  several tokens it loads the rows any token keeps (the union) and multiplies on the tensor cores,
+  but at 4 tokens and 50% sparsity that ran 1.4-1.6x slower than XLA's dense GEMM (random keep sets,
+  whose union is ~94% dense; eval/results/kernels_h200.md), so several tokens take XLA's GEMM on
+  the masked rows.
+* Gather (:func:`gather_sums`, opt-in with ``LAROSA_PALLAS=...,gather``): the selection kernel also
+  compacts the kept indices, and program (j, i) reads the ``GBM`` kept rows
+  ``order[i·GBM : (i+1)·GBM]``, a dense tile of gathered rows. Faster per byte at high sparsity
+  (down_proj at 73%: 10.9 against 15.2 µs), but the compaction costs more than that saves.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .common import enabled, interpret, triton_params
+from .common import acc_dtype, enabled, interpret, triton_params
 from .gemv import matvec
 from .select import KeepSet, apply, magnitude_bits
 
@@ -41,6 +43,7 @@ Array = jax.Array
 # Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
 BM, BN, WARPS = 128, 128, 4  # masked tiles
 GBM, GBN, GWARPS = 64, 256, 8  # gathered tiles (at 512 columns q/k/v streamed 1.84 TB/s, gate/up at 256: 3.1)
+MBM, MBN, MWARPS = 128, 256, 4  # masked tiles for one token (8 warps: 17-28% slower at Llama-2 sites)
 _warned: set[str] = set()
 
 
@@ -91,13 +94,15 @@ def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp):
         first += nb
 
 
-def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int = BN, warps: int = WARPS) -> list[Array]:
-    """Float32 ``keep(x)[R, K] @ w_i`` for every w_i ``[K, N_i]``, one launch."""
+def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int = BN, warps: int = WARPS,
+         zeros: Array | None = None) -> list[Array]:
+    """Float32 ``keep(x)[R, K] @ w_i`` for every w_i ``[K, N_i]``, one launch; ``thr [R, >=2]`` (the
+    selection kernel's packed rows do); ``zeros``: the zero-filled accumulator, if already made."""
     r, k = x.shape
     rp = 1 if r == 1 else 16
     if rp != r:  # padding rows keep nothing: threshold above every bit pattern
         x = jnp.pad(x, ((0, rp - r), (0, 0)))
-        thr = jnp.concatenate([thr, jnp.tile(jnp.asarray([[np.iinfo(np.int32).max, 0]], jnp.int32), (rp - r, 1))])
+        thr = jnp.concatenate([thr[:, :2], jnp.tile(jnp.asarray([[np.iinfo(np.int32).max, 0]], jnp.int32), (rp - r, 1))])
     while k % bm:
         bm //= 2
     bn = _bn([w.shape[1] for w in ws], bn)
@@ -111,8 +116,12 @@ def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int =
         input_output_aliases={2 + m: 0},
         compiler_params=triton_params(num_warps=warps, num_stages=1),
         interpret=interpret(),
-    )(thr.astype(jnp.int32), x, *ws, jnp.zeros((rp, total), jnp.float32))
+    )(thr.astype(jnp.int32), x, *ws, _zeros(zeros, (rp, total)))
     return _split(y[:r], ws)
+
+
+def _zeros(zeros: Array | None, shape) -> Array:
+    return jnp.zeros(shape, jnp.float32) if zeros is None else zeros[: int(np.prod(shape))].reshape(shape)
 
 
 def _gather_kernel(packed_ref, order_ref, x_ref, *refs, n_blocks, bn, bm):
@@ -150,7 +159,7 @@ def _split(y: Array, ws) -> list[Array]:
 
 
 def gather_sums(x: Array, order: Array, packed: Array, ws: tuple[Array, ...], *, bm: int = GBM, bn: int = GBN,
-                warps: int = GWARPS) -> list[Array]:
+                warps: int = GWARPS, zeros: Array | None = None) -> list[Array]:
     """Float32 ``x[kept] @ w_i[kept]`` for one row ``x [K]``, kept = ``order[0, :packed[0, 2]]`` (the
     selection kernel's outputs): only the kept rows are visited, in dense tiles of ``bm`` gathered rows
     (their count is known on the device only, so programs past it return at once)."""
@@ -166,38 +175,56 @@ def gather_sums(x: Array, order: Array, packed: Array, ws: tuple[Array, ...], *,
         input_output_aliases={3 + m: 0},
         compiler_params=triton_params(num_warps=warps, num_stages=1),
         interpret=interpret(),
-    )(packed.astype(jnp.int32), order.astype(jnp.int32), x, *ws, jnp.zeros((total,), jnp.float32))
+    )(packed.astype(jnp.int32), order.astype(jnp.int32), x, *ws, _zeros(zeros, (total,)))
     return _split(y, ws)
 
 
-def sparse_matvec_reference(x: Array, thr: Array, ws, bs) -> tuple[Array, ...]:
-    """The jnp twin: zero the dropped entries, then the dense product."""
-    return matvec(apply(x, thr), ws, bs)
+def sparse_matvec_reference(x: Array, thr: Array, ws, bs, residual=None) -> tuple[Array, ...]:
+    """The jnp twin: zero the dropped entries, then the dense product (plus ``r @ A``, summed in float32,
+    or float64 for float64 models)."""
+    out = matvec(apply(x, thr), ws, bs)
+    if residual is None:
+        return out
+    rv, a = residual
+    ct = acc_dtype(a.dtype)
+    y = out[0].astype(ct) + jnp.dot(rv.astype(a.dtype), a, preferred_element_type=ct)
+    return (y.astype(out[0].dtype),)
 
 
-def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None]) -> tuple[Array, ...]:
-    """``keep(x) @ w_i + b_i`` for every i. On GPU for one token with bf16 weights: the gather kernel
-    when ``keep`` carries compacted indices, the masked-tile kernel otherwise; for several tokens
-    (XLA's GEMM is faster there) or shapes the kernels cannot tile (with one warning naming them)
-    the jnp twin."""
+def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None],
+                  residual: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
+    """``keep(x) @ w_i + b_i`` for every i, plus ``r @ A`` for a ``residual = (r, A)`` (one weight
+    only). On GPU for one token with bf16 weights: the gather kernel when ``keep`` carries compacted
+    indices, the masked-tile kernel otherwise, accumulating into the buffer the selection kernel
+    made (zeros, or r·A when it was handed the residual); for several tokens (XLA's GEMM is faster
+    there) or shapes the kernels cannot tile (with one warning naming them) the jnp twin."""
     ws, bs = tuple(ws), tuple(bs)
+    if residual is not None and len(ws) != 1:
+        raise ValueError(f"sparse_matvec: a residual goes with one weight, got {len(ws)}")
     keep = keep if isinstance(keep, KeepSet) else KeepSet(keep)
     thr = keep.thr
     lead = x.shape[:-1]
     r = int(np.prod(lead))
     if not enabled("sparse") or r > 1:  # several tokens: XLA's dense GEMM on the masked rows
-        return sparse_matvec_reference(x, thr, ws, bs)
+        return sparse_matvec_reference(x, thr, ws, bs, residual)
     why = unsupported(x, ws)
     if why is not None:
         if why not in _warned:
             _warned.add(why)
             warnings.warn(f"sparse GEMV kernel: {why}; using the jnp path", stacklevel=2)
-        return sparse_matvec_reference(x, thr, ws, bs)
+        return sparse_matvec_reference(x, thr, ws, bs, residual)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
+    acc = keep.zeros
+    if residual is not None:  # the GEMV adds onto r·A: made by the selection kernel, or here
+        rv, a = residual
+        acc = keep.side if keep.side is not None else \
+            jnp.dot(rv.reshape(1, -1).astype(a.dtype), a, preferred_element_type=jnp.float32).reshape(-1)
     if keep.order is not None:
-        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws)]
+        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc)]
+    elif keep.packed is not None:  # the selection kernel's pairs, read in place
+        ys = sums(x2, keep.packed, ws, bm=MBM, bn=MBN, warps=MWARPS, zeros=acc)
     else:
-        ys = sums(x2, thr.reshape(r, 2), ws)
+        ys = sums(x2, thr.reshape(r, 2), ws, bm=MBM, bn=MBN, warps=MWARPS, zeros=acc)
     out = []
     for w, b, y in zip(ws, bs, ys):
         if b is not None:
