@@ -75,8 +75,7 @@ from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa:
 from larosa_jax.search import alpha_plain_for  # noqa: E402
 from larosa_jax.sparse_model import sparsify  # noqa: E402
 from kernel_trace import kernel_profile, print_profile  # noqa: E402  (eval/kernel_trace.py)
-from larosa_jax.sparsity import (SITES, SparseConfig, SparsityError, effective_sparsity_of, site_dims, site_ks,  # noqa: E402
-                                 site_params)
+from larosa_jax.sparsity import SITES, SparseConfig, SparsityError, site_dims, site_ks, site_params  # noqa: E402
 
 HF_CONFIGS = {
     "llama2-7b": {

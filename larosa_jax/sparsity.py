@@ -159,8 +159,9 @@ class TopKProjection(nnx.Module):
 
     ``gains=False`` for a fused model, whose RMSNorm gains are folded into the weights (all ones):
     skipping the multiply by ones saves two small kernels per layer at decode. The fused model hands
-    its down site the residual adapter ``(r_mid, A)`` (``fuses_residual``): the selection kernel
-    computes r_mid·A on its spare programs and the sparse GEMV adds the down output onto it.
+    its down site the residual adapter ``(r_mid, A)`` (``fuses_residual``): the sparse GEMV adds the
+    down output onto r_mid·A in float32 (XLA's dot, or with ``LAROSA_PALLAS=...,side`` the selection
+    kernel's spare programs).
     """
 
     fuses_residual = True

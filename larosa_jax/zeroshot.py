@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "LAROSA_ZEROSHOT_DIR"

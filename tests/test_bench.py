@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from larosa_jax.sparsity import effective_sparsity_of
+
 EVAL = Path(__file__).resolve().parents[1] / "eval"
 
 
@@ -48,7 +50,7 @@ def test_bench_decode_rejects_bad_configs():
         bd.main(["--tiny", "--models", "llama2-7b", "--configs", "larosa@0.75"])
     cfg = bd.ModelConfig.from_hf(bd.HF_CONFIGS["llama2-7b"])
     sc = bd.sparse_config(cfg, "larosa-a1", 0.75)
-    assert sc.alphas()[0] == 1.0 and bd.effective_sparsity_of(cfg, sc) == pytest.approx(0.75, abs=1e-3)
+    assert sc.alphas()[0] == 1.0 and effective_sparsity_of(cfg, sc) == pytest.approx(0.75, abs=1e-3)
 
 
 def test_bench_kernels_tiny_checks_and_writes(tmp_path, monkeypatch):

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import larosa_jax
 from larosa_jax import cli, data
 from larosa_jax.perplexity import perplexity
-
-from conftest import STORIES_DIR
 
 TINY_TEXT = Path(larosa_jax.__file__).parent / "assets" / "tinystories-valid-head.txt"
 

@@ -215,7 +215,9 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
     warps = warps or (4 if dp <= 2048 else 8 if dp <= 16384 else 16)  # H200: 8 beat 4 and 16 at D = 4096, 11008
     search = thr is None
     if side is not None and (zeros or not side_supported(side)):
-        raise ValueError("select_kernel: side needs a bf16 A [K, N] (K % 16 == 0, N % 32 == 0) and no zeros")
+        rv, a = side
+        raise ValueError(f"select_kernel: side=(r {tuple(rv.shape)}, A {tuple(a.shape)} {a.dtype}){' with zeros' if zeros else ''}; "
+                         f"it needs one row r of width K and a bf16 A [K, N] with K % 16 == 0 and N % {SBN} == 0, and no zeros")
     # one small operand: k, or the pairs
     arg = jnp.asarray(k, jnp.int32).reshape(1) if search else thr.astype(jnp.int32)
     shapes = [jax.ShapeDtypeStruct((r, 4), jnp.int32)]

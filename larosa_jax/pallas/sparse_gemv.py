@@ -2,8 +2,9 @@
 
 W is input-major ``[D_in, D_out]``, so a dropped input entry is a whole weight row that need not
 leave HBM. Both kernels run one program per weight tile with no loop and add their float32 partial
-products atomically into one buffer holding every output side by side, which the selection kernel
-has made on its spare programs (zeros, or La RoSA's residual product r·A at the down site).
+products atomically into one buffer holding every output side by side: zeros made by the selection
+kernel's spare programs, or at a fused model's down site La RoSA's residual product r·A (XLA's dot,
+or with ``side`` the selection kernel's spare programs).
 Thousands of small programs keep enough loads in flight to stream at HBM speed without software
 pipelining; a mask computed from loaded data defeats that pipelining, and a looping split-K kernel
 with row masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one
@@ -43,7 +44,7 @@ Array = jax.Array
 # Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
 BM, BN, WARPS = 128, 128, 4  # masked tiles
 GBM, GBN, GWARPS = 64, 256, 8  # gathered tiles (at 512 columns q/k/v streamed 1.84 TB/s, gate/up at 256: 3.1)
-MBM, MBN, MWARPS = 128, 256, 4  # masked tiles for one token (8 warps: 17-28% slower at Llama-2 sites)
+MBM, MBN, MWARPS = 128, 256, 4  # masked tiles for one token (8 warps: 12-33% slower at Llama-2 sites)
 _warned: set[str] = set()
 
 
@@ -185,10 +186,12 @@ def sparse_matvec_reference(x: Array, thr: Array, ws, bs, residual=None) -> tupl
     out = matvec(apply(x, thr), ws, bs)
     if residual is None:
         return out
-    rv, a = residual
-    ct = acc_dtype(a.dtype)
-    y = out[0].astype(ct) + jnp.dot(rv.astype(a.dtype), a, preferred_element_type=ct)
-    return (y.astype(out[0].dtype),)
+    return ((out[0].astype(acc_dtype(out[0].dtype)) + residual_product(*residual)).astype(out[0].dtype),)
+
+
+def residual_product(rv: Array, a: Array) -> Array:
+    """``r @ A`` accumulated (and returned) in float32, float64 for float64 models."""
+    return jnp.dot(rv.astype(a.dtype), a, preferred_element_type=acc_dtype(a.dtype))
 
 
 def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None],
@@ -215,10 +218,8 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
         return sparse_matvec_reference(x, thr, ws, bs, residual)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
     acc = keep.zeros
-    if residual is not None:  # the GEMV adds onto r·A: made by the selection kernel, or here
-        rv, a = residual
-        acc = keep.side if keep.side is not None else \
-            jnp.dot(rv.reshape(1, -1).astype(a.dtype), a, preferred_element_type=jnp.float32).reshape(-1)
+    if residual is not None:  # the GEMV adds onto r·A: from the selection kernel (`side`), else XLA's dot
+        acc = keep.side if keep.side is not None else residual_product(*residual).reshape(-1)
     if keep.order is not None:
         ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc)]
     elif keep.packed is not None:  # the selection kernel's pairs, read in place
