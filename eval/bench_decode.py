@@ -35,6 +35,7 @@ import glob
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tarfile
@@ -70,6 +71,7 @@ from larosa_jax.config import ModelConfig  # noqa: E402
 from larosa_jax.generate import DecodeState, SamplingConfig, decode, prefill  # noqa: E402
 from larosa_jax.models import init_cache  # noqa: E402
 from larosa_jax.pallas.common import DEFAULT_KERNELS  # noqa: E402
+from larosa_jax.pallas.sparse_gemv import NARROW, NARROW_TILE, WIDE_TILE  # noqa: E402
 from larosa_jax.models.random_init import random_model  # noqa: E402
 from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa: E402
 from larosa_jax.search import alpha_plain_for  # noqa: E402
@@ -388,16 +390,31 @@ def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
 
 
 # ----------------------------------------------------------------------------- diagnostics
+def edit_flags(flags: str, edit: str) -> str:
+    """``LAROSA_PALLAS`` flags with an edit like ``-tail+side`` applied (features added / removed)."""
+    parts = re.findall(r"([+-])([a-z]+)", edit)
+    if not parts or "".join(a + b for a, b in parts) != edit:
+        raise SystemExit(f"--variants: {edit!r} is neither a known variant nor +FLAG/-FLAG edits (e.g. -tail+side)")
+    out = [f for f in flags.split(",") if f and f != "0"]
+    for sign, f in parts:
+        out = [g for g in out if g != f] + ([f] if sign == "+" else [])
+    return ",".join(out) or "0"
+
+
 def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, variants) -> dict:
     """The whole decode call with parts of the GPU path switched off (A/B against the default).
 
     ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel; ``gather``:
     the batch-1 sparse GEMV on compacted indices instead of masked tiles; ``side``: the residual
     adapter's GEMV on the down-site selection kernel's spare programs, not in its own launch;
-    ``nograph``: default kernels, XLA command buffers (CUDA graphs) off.
+    ``nograph``: default kernels, XLA command buffers (CUDA graphs) off; ``+FLAG`` / ``-FLAG`` edits
+    (e.g. ``-tail+side``): this run's kernel flags with those added or removed.
     """
     flags_for = {"xla": "0", "gemv": "gemv", "attn": "attn", "nograph": None, "default": None,
-                 "gather": "gemv,attn,select,sparse,gather", "side": "gemv,attn,select,sparse,side"}
+                 "gather": edit_flags(DEFAULT_KERNELS, "+gather"), "side": edit_flags(DEFAULT_KERNELS, "+side")}
+    for v in variants:  # "-tail+side": this run's kernel flags with tail removed and side added
+        if v not in flags_for:
+            flags_for[v] = edit_flags(os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS), v)
     opts_for = {"nograph": {"xla_gpu_enable_command_buffer": ""}}
     saved = os.environ.get("LAROSA_PALLAS")
     out = {}
@@ -548,7 +565,8 @@ def main(argv=None):
     ap.add_argument("--profile", default=None,
                     help="comma list of MODEL[:CONFIG] (MODEL may be 'all', CONFIG defaults to dense) to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
-    ap.add_argument("--variants", default=None, help="comma list of xla,gemv,attn,gather,side,nograph (decode A/B)")
+    ap.add_argument("--variants", default=None,
+                    help="comma list of xla,gemv,attn,gather,side,nograph or flag edits like -tail+side (decode A/B)")
     ap.add_argument("--variants-model", default="all",
                     help="comma list of MODEL[:CONFIG] (or 'all'; CONFIG defaults to dense) for --variants, at batch 1")
     ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")
@@ -586,6 +604,7 @@ def main(argv=None):
         "prompt": args.prompt, "new": args.new, "repeats": args.repeats, "tiny": args.tiny, "batches": args.batch,
         "configs": args.configs, "mesh": None if args.mesh is None else dict(args.mesh.shape),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", f"{DEFAULT_KERNELS} (default)"),
+        "batch1_tiles": {"narrow": list(NARROW_TILE), "wide": list(WIDE_TILE), "narrow_up_to": NARROW},
     }
     print(json.dumps({k: meta[k] for k in ("device", "platform", "jax", "jaxlib", "flax", "python")}), flush=True)
     bw = copy_bandwidth(int(args.bw_bytes))

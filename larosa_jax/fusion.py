@@ -9,8 +9,8 @@ DESIGN.md §1 "Fused mode". The residual stream of layer l lives in its basis, r
   W_head ← Q_{L−1}ᵀ·diag(γ_final)·W_head  (tied embeddings are untied)
 All RMSNorm gains become 1, since norm(r) = norm(h)·Q_l (Q orthogonal). Folding runs in float64
 on the host and casts once to the model dtype. Applying the adapter to r_mid, not to r_mid + MLP,
-frees it from the MLP: at decode its product runs beside the down_proj Top-K selection, which
-alone leaves the GPU mostly idle (``pallas/select.py``).
+frees it from the MLP: at decode its product joins the down_proj sparse GEMV's launch as extra dense
+tiles, one launch and one sum for both (``pallas/sparse_gemv.py``).
 """
 
 from __future__ import annotations

@@ -160,8 +160,8 @@ class TopKProjection(nnx.Module):
     ``gains=False`` for a fused model, whose RMSNorm gains are folded into the weights (all ones):
     skipping the multiply by ones saves two small kernels per layer at decode. The fused model hands
     its down site the residual adapter ``(r_mid, A)`` (``fuses_residual``): the sparse GEMV adds the
-    down output onto r_mid·A in float32 (XLA's dot, or with ``LAROSA_PALLAS=...,side`` the selection
-    kernel's spare programs).
+    down output onto r_mid·A in float32 (on GPU as extra tiles of the down GEMV's launch; see
+    ``pallas/sparse_gemv.py`` for the alternatives).
     """
 
     fuses_residual = True

@@ -213,6 +213,40 @@ def test_masked_gemv_kernel_matches_jnp(k, ns, s, rows):
         assert _rel(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest"), ref) > 1e-3
 
 
+ONE_TOKEN_CASES = [  # D_in, D_out, sparsity, tile (bm, bn, warps), residual adapter width (0: none)
+    (11008, (576,), 0.75, sg.NARROW_TILE, 576),  # Llama-2 down's D_in, with the adapter in the launch
+    (14336, (576,), 0.9, sg.WIDE_TILE, 576),  # Llama-3 down's D_in
+    (3584, (3584, 512, 512), 0.5, sg.NARROW_TILE, 0),  # Qwen2 fused q/k/v
+    (576, (1536, 1536), 0.25, sg.WIDE_TILE, 0),  # SmolLM2 gate/up: bm and bn shrink to fit 576
+    (18944, (3584,), 0.5, sg.WIDE_TILE, 3584),  # Qwen2 down, adapter
+    (1536, (11008,), 0.25, (64, 256, 4), 0),  # Llama-2 MLP width
+]
+
+
+@pytest.mark.parametrize("k,ns,s,tile,k2", ONE_TOKEN_CASES)
+def test_one_token_masked_gemv_tiles_and_adapter_tail(k, ns, s, tile, k2):
+    """One token on the decode tiles, with La RoSA's residual adapter r·A as extra dense tiles of the
+    same launch, against float64 jnp (a tile that is skipped or added twice shows as a wrong sum)."""
+    x, ws = _operands(k, ns, 1, k + sum(ns) + k2)
+    thr = sel.topk_threshold_reference(x, _k(s, k))
+    xs = np.asarray(ops.apply(x, thr), np.float64)
+    want = [xs @ np.asarray(w, np.float64) for w in ws]
+    tail = None
+    if k2:
+        rng = np.random.default_rng(k2)
+        rv = jnp.asarray(rng.standard_normal((1, k2)), jnp.bfloat16)
+        a = jnp.asarray(rng.standard_normal((k2, ns[0])) * k2**-0.5, jnp.bfloat16)
+        tail = (rv, a)
+        want[0] = want[0] + np.asarray(rv, np.float64) @ np.asarray(a, np.float64)
+    bm, bn, warps = tile
+    got = sg.sums(x, thr, ws, bm=bm, bn=bn, warps=warps, tail=tail)
+    for w, y, ref in zip(ws, got, want):
+        assert y.shape == (1, w.shape[1]) and bool(jnp.all(jnp.isfinite(y)))
+        assert _rel(y, ref) < 1e-5
+    with pytest.raises(ValueError, match="a tail goes with one token and one weight"):
+        sg.sums(jnp.concatenate([x, x]), jnp.concatenate([thr, thr]), ws[:1], tail=(x[:, :16], ws[0][:16]))
+
+
 @pytest.mark.parametrize("gather", [True, False])
 def test_sparse_gemv_reads_only_kept_rows(gather):
     """Rows of W for dropped entries are poisoned with NaN: any read of them would surface."""
@@ -270,12 +304,17 @@ def test_sparse_matvec_dispatch_bias_batch_and_fallbacks(monkeypatch):
     assert g[0].shape == (2, 16, 256)
 
 
-@pytest.mark.parametrize("gather", [False, True])
-def test_sparse_matvec_adds_the_residual_product(gather, monkeypatch):
+@pytest.mark.parametrize("extra", ["side", "side,gather", "tail", "tail,gather", ""])
+def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
     """The down site of a fused model: keep(x)·W + b + r·A, with r·A made by the selection kernel's
-    spare programs (one token) or by jnp (several tokens, or a shape the side kernel cannot take)."""
+    spare programs (``side``), by extra tiles of the GEMV's own launch (``tail``) or by XLA's dot
+    (neither, several tokens, or a shape the kernels cannot take)."""
     monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
-    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse,side" + (",gather" if gather else ""))
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse" + (f",{extra}" if extra else ""))
+    gather, side = "gather" in extra, "side" in extra
+    calls = []
+    real = sg.residual_product
+    monkeypatch.setattr(sg, "residual_product", lambda *a: calls.append(1) or real(*a))
     rng = np.random.default_rng(8)
     w = jnp.asarray(rng.standard_normal((1536, 576)) * 0.03, jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal((576,)), jnp.bfloat16)
@@ -284,9 +323,11 @@ def test_sparse_matvec_adds_the_residual_product(gather, monkeypatch):
         x = jnp.asarray(rng.standard_normal((rows, 1, 1536)), jnp.bfloat16)
         r = jnp.asarray(rng.standard_normal((rows, 1, 576)), jnp.bfloat16)
         keep = ops.select_topk(x, 700, 576, side=(r, a))
-        assert (keep.side is not None) == (rows == 1) and keep.zeros is None
+        assert (keep.side is not None) == (rows == 1 and side) and (keep.zeros is None) == (rows > 1 or side)
         assert (keep.order is not None) == (rows == 1 and gather)
+        calls.clear()
         (got,) = ops.sparse_matvec(x, keep, (w,), (b,), residual=(r, a))
+        assert len(calls) == (0 if rows == 1 and (side or ("tail" in extra and not gather)) else 1)  # gather: no tail
         xs = np.asarray(ops.apply(x, keep.thr), np.float64)
         want = xs @ np.asarray(w, np.float64) + np.asarray(b, np.float64) + np.asarray(r, np.float64) @ np.asarray(a, np.float64)
         assert got.shape == (rows, 1, 576) and got.dtype == jnp.bfloat16
@@ -297,7 +338,8 @@ def test_sparse_matvec_adds_the_residual_product(gather, monkeypatch):
 
 # ----------------------------------------------------------------------------- the decode path
 @pytest.mark.parametrize("batch,flags", [(1, "gemv,attn,select,sparse,side"), (1, "gemv,attn,select,sparse,side,gather"),
-                                         (1, "gemv,attn,select,sparse"), (4, "gemv,attn,select,sparse,side")])
+                                         (1, "gemv,attn,select,sparse"), (1, "gemv,attn,select,sparse,tail"),
+                                         (4, "gemv,attn,select,sparse,side")])
 def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, monkeypatch):
     """La RoSA's fused model, bf16: prefill + decode steps with every kernel (interpret mode) give the
     jnp path's logits, for one token (selection kernel with the residual adapter on its spare

@@ -15,16 +15,18 @@ def acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-DEFAULT_KERNELS = "gemv,attn,select,sparse"
+DEFAULT_KERNELS = "gemv,attn,select,sparse,tail"
 
 
 def enabled(what: str) -> bool:
-    """Whether kernel ``what`` ("gemv", "attn", "select", "sparse", "side", "gather") replaces its jnp twin.
+    """Whether kernel option ``what`` is on: "gemv", "attn", "select", "sparse" replace their jnp
+    twins; "tail" puts the fused model's residual adapter r·A in the down site's sparse GEMV launch
+    (extra dense tiles) instead of XLA's dot.
 
-    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled kernels (default the first four, or "0"
+    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled options (default all five, or "0"
     for none). Opt-in, both measured slower in decode on an H200 (eval/results/NOTES.md): "side", the
-    residual adapter's GEMV on the selection kernel's spare programs instead of its own launch;
-    "gather", the batch-1 sparse GEMV on compacted kept indices instead of masked tiles.
+    adapter's GEMV on the down selection kernel's spare programs; "gather", the batch-1 sparse GEMV
+    on compacted kept indices instead of masked tiles.
     ``LAROSA_PALLAS_INTERPRET=1`` turns them on elsewhere in Pallas interpret mode (tests).
     """
     flags = os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS)

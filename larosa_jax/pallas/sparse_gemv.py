@@ -2,9 +2,11 @@
 
 W is input-major ``[D_in, D_out]``, so a dropped input entry is a whole weight row that need not
 leave HBM. Both kernels run one program per weight tile with no loop and add their float32 partial
-products atomically into one buffer holding every output side by side: zeros made by the selection
-kernel's spare programs, or at a fused model's down site La RoSA's residual product r·A (XLA's dot,
-or with ``side`` the selection kernel's spare programs).
+products atomically into one buffer holding every output side by side, zeroed by the selection
+kernel's spare programs. At a fused model's down site La RoSA's residual product r·A joins the same
+sum: as extra dense tiles of the masked GEMV's launch (``tail``, the default: 0.12 ms per token
+faster than XLA's dot in a Llama-2-7B decode on an H200), else XLA's dot or with ``side`` the
+selection kernel's spare programs.
 Thousands of small programs keep enough loads in flight to stream at HBM speed without software
 pipelining; a mask computed from loaded data defeats that pipelining, and a looping split-K kernel
 with row masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one
@@ -12,12 +14,12 @@ input (q/k/v with Qwen2's biases, gate/up) share one launch and one keep set.
 
 * Masked tiles (:func:`sums`; the batch-1 decode path): program (j, i) takes rows
   ``[i·BM, (i+1)·BM)`` of column block j and loads those the token keeps, masked-off rows issuing
-  no memory traffic. It needs only the selection's threshold pair, so the selection kernel skips
-  compacting the kept indices, which cost 2 µs at D = 4096 and 9 µs at D = 11008 on an H200. For
-  several tokens it loads the rows any token keeps (the union) and multiplies on the tensor cores,
-  but at 4 tokens and 50% sparsity that ran 1.4-1.6x slower than XLA's dense GEMM (random keep sets,
-  whose union is ~94% dense; eval/results/kernels_h200.md), so several tokens take XLA's GEMM on
-  the masked rows.
+  no memory traffic; the products are CUDA-core FMAs over the whole tile, kept or not. It needs
+  only the selection's threshold pair, so the selection kernel skips compacting the kept indices,
+  which cost 2 µs at D = 4096 and 9 µs at D = 11008 on an H200. For several tokens it loads the
+  rows any token keeps (the union) and multiplies on the tensor cores, but at 4 tokens and 50%
+  sparsity that ran 1.4-1.6x slower than XLA's dense GEMM (random keep sets, whose union is ~94%
+  dense; eval/results/kernels_h200.md), so several tokens take XLA's GEMM on the masked rows.
 * Gather (:func:`gather_sums`, opt-in with ``LAROSA_PALLAS=...,gather``): the selection kernel also
   compacts the kept indices, and program (j, i) reads the ``GBM`` kept rows
   ``order[i·GBM : (i+1)·GBM]``, a dense tile of gathered rows. Faster per byte at high sparsity
@@ -44,7 +46,10 @@ Array = jax.Array
 # Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
 BM, BN, WARPS = 128, 128, 4  # masked tiles
 GBM, GBN, GWARPS = 64, 256, 8  # gathered tiles (at 512 columns q/k/v streamed 1.84 TB/s, gate/up at 256: 3.1)
-MBM, MBN, MWARPS = 128, 256, 4  # masked tiles for one token (8 warps: 12-33% slower at Llama-2 sites)
+# masked tiles for one token (bm, bn, warps): narrow launches (q/k/v, o and down of 7-8B models,
+# up to NARROW outputs) ran 0.1-0.5 µs faster per call on smaller tiles, gate/up on larger ones
+# (8 warps: 12-33% slower at Llama-2 sites)
+WIDE_TILE, NARROW_TILE, NARROW = (128, 256, 4), (64, 128, 2), 12288
 _warned: set[str] = set()
 
 
@@ -67,57 +72,88 @@ def unsupported(x: Array, ws: Sequence[jax.Array], bm: int = BM) -> str | None:
     return None
 
 
-def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp):
+def _product(xs: Array, w: Array, rp: int) -> Array:
+    """Float32 ``xs [rp, bm] @ w [bm, bn]`` → ``[rp, bn]``: for one token CUDA-core FMAs and one
+    reduction (tensor cores on the row padded to 16 ran 7-20% slower at every Llama-2 site on an
+    H200), for several the tensor cores."""
+    if rp > 1:
+        return jnp.dot(xs, w, preferred_element_type=jnp.float32)
+    return jnp.sum(xs[0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0, keepdims=True)
+
+
+def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp, n_rows, tail):
+    """Program (j, i): rows ``[i·bm, (i+1)·bm)`` of column block j; with a ``tail`` = (r, A) the
+    programs past the ``n_rows`` row tiles of x take the dense tiles of r·A into the same outputs."""
     m = len(n_blocks)
-    w_refs, o_ref = refs[:m], refs[m + 1]  # refs[m] is the zero input aliased to the output
+    w_refs, rest = refs[:m], refs[m:]
+    if tail:
+        r_ref, a_ref, rest = rest[0], rest[1], rest[2:]
+    o_ref = rest[1]  # rest[0] is the zero input aliased to the output
     j, i = pl.program_id(0), pl.program_id(1)
-    rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
-    xk = x_ref[:, rows]  # [rp, bm]
-    b = magnitude_bits(xk)
-    idx = i * bm + jax.lax.broadcasted_iota(jnp.int32, b.shape, 1)
-    t, cut = thr_ref[:, pl.ds(0, 1)], thr_ref[:, pl.ds(1, 1)]  # [rp, 1]
-    keep = (b > t) | ((b == t) & (idx < cut))
-    live = jnp.max(keep.astype(jnp.int32), axis=0) > 0  # [bm]: rows that any token keeps
-    xs = jnp.where(keep, xk, jnp.zeros((), xk.dtype))
-    first = 0
-    for w_ref, nb in zip(w_refs, n_blocks):
 
-        @pl.when((j >= first) & (j < first + nb) & (jnp.max(live.astype(jnp.int32)) > 0))
-        def _(w_ref=w_ref, first=first):
-            col = pl.ds(pl.multiple_of((j - first) * bn, bn), bn)
-            w = pltriton.load(w_ref.at[rows, col], mask=jnp.broadcast_to(live[:, None], (bm, bn)), other=0.0)
-            if rp == 1:  # batch 1: CUDA-core FMAs and one reduction
-                acc = jnp.sum(xs[0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0, keepdims=True)
-            else:
-                acc = jnp.dot(xs, w, preferred_element_type=jnp.float32)
-            pltriton.atomic_add(o_ref, (slice(None), pl.ds(pl.multiple_of(j * bn, bn), bn)), acc)  # side by side
+    def add(acc):
+        pltriton.atomic_add(o_ref, (slice(None), pl.ds(pl.multiple_of(j * bn, bn), bn)), acc)  # side by side
 
-        first += nb
+    @pl.when(i < n_rows)
+    def _():
+        rows = pl.ds(pl.multiple_of(i * bm, bm), bm)
+        xk = x_ref[:, rows]  # [rp, bm]
+        b = magnitude_bits(xk)
+        idx = i * bm + jax.lax.broadcasted_iota(jnp.int32, b.shape, 1)
+        t, cut = thr_ref[:, pl.ds(0, 1)], thr_ref[:, pl.ds(1, 1)]  # [rp, 1]
+        keep = (b > t) | ((b == t) & (idx < cut))
+        live = jnp.max(keep.astype(jnp.int32), axis=0) > 0  # [bm]: rows that any token keeps
+        xs = jnp.where(keep, xk, jnp.zeros((), xk.dtype))
+        first = 0
+        for w_ref, nb in zip(w_refs, n_blocks):
+
+            @pl.when((j >= first) & (j < first + nb) & (jnp.max(live.astype(jnp.int32)) > 0))
+            def _(w_ref=w_ref, first=first):
+                col = pl.ds(pl.multiple_of((j - first) * bn, bn), bn)
+                w = pltriton.load(w_ref.at[rows, col], mask=jnp.broadcast_to(live[:, None], (bm, bn)), other=0.0)
+                add(_product(xs, w, rp))
+
+            first += nb
+
+    if tail:
+
+        @pl.when(i >= n_rows)
+        def _():
+            rows = pl.ds(pl.multiple_of((i - n_rows) * bm, bm), bm)
+            col = pl.ds(pl.multiple_of(j * bn, bn), bn)
+            add(_product(r_ref[:, rows], a_ref[rows, col], 1))
 
 
 def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int = BN, warps: int = WARPS,
-         zeros: Array | None = None) -> list[Array]:
+         zeros: Array | None = None, tail: tuple[Array, Array] | None = None) -> list[Array]:
     """Float32 ``keep(x)[R, K] @ w_i`` for every w_i ``[K, N_i]``, one launch; ``thr [R, >=2]`` (the
-    selection kernel's packed rows do); ``zeros``: the zero-filled accumulator, if already made."""
+    selection kernel's packed rows do); ``zeros``: the zero-filled accumulator, if already made;
+    ``tail = (r [1, K2], A [K2, N])`` (one token, one weight): the dense ``r @ A`` added by extra
+    programs of the same launch (La RoSA's residual adapter)."""
     r, k = x.shape
     rp = 1 if r == 1 else 16
+    if tail is not None and (r != 1 or len(ws) != 1):
+        raise ValueError(f"sums: a tail goes with one token and one weight, got {r} tokens and {len(ws)} weights")
     if rp != r:  # padding rows keep nothing: threshold above every bit pattern
         x = jnp.pad(x, ((0, rp - r), (0, 0)))
         thr = jnp.concatenate([thr[:, :2], jnp.tile(jnp.asarray([[np.iinfo(np.int32).max, 0]], jnp.int32), (rp - r, 1))])
-    while k % bm:
+    k2 = 0 if tail is None else tail[1].shape[0]
+    while k % bm or k2 % bm:
         bm //= 2
     bn = _bn([w.shape[1] for w in ws], bn)
     n_blocks = tuple(w.shape[1] // bn for w in ws)
-    m = len(ws)
     total = sum(w.shape[1] for w in ws)
+    operands = [thr.astype(jnp.int32), x, *ws]
+    if tail is not None:
+        operands += [tail[0].reshape(1, k2).astype(tail[1].dtype), tail[1]]
     y = pl.pallas_call(
-        functools.partial(_kernel, n_blocks=n_blocks, bn=bn, bm=bm, rp=rp),
+        functools.partial(_kernel, n_blocks=n_blocks, bn=bn, bm=bm, rp=rp, n_rows=k // bm, tail=tail is not None),
         out_shape=jax.ShapeDtypeStruct((rp, total), jnp.float32),
-        grid=(sum(n_blocks), k // bm),
-        input_output_aliases={2 + m: 0},
+        grid=(sum(n_blocks), (k + k2) // bm),
+        input_output_aliases={len(operands): 0},
         compiler_params=triton_params(num_warps=warps, num_stages=1),
         interpret=interpret(),
-    )(thr.astype(jnp.int32), x, *ws, _zeros(zeros, (rp, total)))
+    )(*operands, _zeros(zeros, (rp, total)))
     return _split(y[:r], ws)
 
 
@@ -194,13 +230,21 @@ def residual_product(rv: Array, a: Array) -> Array:
     return jnp.dot(rv.astype(a.dtype), a, preferred_element_type=acc_dtype(a.dtype))
 
 
+def tail_supported(residual: tuple[Array, Array], w: Array) -> bool:
+    """Whether r·A can ride in the masked GEMV's launch: one row r, bf16 A ``[K2, N]`` with N = w's outputs."""
+    rv, a = residual
+    return (a.dtype == jnp.bfloat16 and a.ndim == 2 and a.shape[1] == w.shape[1] and a.shape[0] % 16 == 0
+            and int(np.prod(rv.shape)) == a.shape[0])
+
+
 def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None],
                   residual: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
     """``keep(x) @ w_i + b_i`` for every i, plus ``r @ A`` for a ``residual = (r, A)`` (one weight
     only). On GPU for one token with bf16 weights: the gather kernel when ``keep`` carries compacted
-    indices, the masked-tile kernel otherwise, accumulating into the buffer the selection kernel
-    made (zeros, or r·A when it was handed the residual); for several tokens (XLA's GEMM is faster
-    there) or shapes the kernels cannot tile (with one warning naming them) the jnp twin."""
+    indices, the masked-tile kernel otherwise (r·A as extra tiles of its launch with ``tail``),
+    accumulating into the buffer the selection kernel made (zeros, or r·A when it was handed the
+    residual); for several tokens (XLA's GEMM is faster there) or shapes the kernels cannot tile
+    (with one warning naming them) the jnp twin."""
     ws, bs = tuple(ws), tuple(bs)
     if residual is not None and len(ws) != 1:
         raise ValueError(f"sparse_matvec: a residual goes with one weight, got {len(ws)}")
@@ -217,15 +261,20 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
             warnings.warn(f"sparse GEMV kernel: {why}; using the jnp path", stacklevel=2)
         return sparse_matvec_reference(x, thr, ws, bs, residual)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
-    acc = keep.zeros
-    if residual is not None:  # the GEMV adds onto r·A: from the selection kernel (`side`), else XLA's dot
-        acc = keep.side if keep.side is not None else residual_product(*residual).reshape(-1)
+    acc, tail = keep.zeros, None
+    if residual is not None:  # r·A: from the selection kernel (side), as tiles of this launch (tail), else XLA's dot
+        if keep.side is not None:
+            acc = keep.side
+        elif enabled("tail") and keep.order is None and tail_supported(residual, ws[0]):
+            tail = residual
+        else:
+            acc = residual_product(*residual).reshape(-1)
     if keep.order is not None:
         ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc)]
-    elif keep.packed is not None:  # the selection kernel's pairs, read in place
-        ys = sums(x2, keep.packed, ws, bm=MBM, bn=MBN, warps=MWARPS, zeros=acc)
-    else:
-        ys = sums(x2, thr.reshape(r, 2), ws, bm=MBM, bn=MBN, warps=MWARPS, zeros=acc)
+    else:  # the selection kernel's pairs, read in place, or the given ones
+        bm, bn, warps = NARROW_TILE if sum(w.shape[1] for w in ws) <= NARROW else WIDE_TILE
+        ys = sums(x2, keep.packed if keep.packed is not None else thr.reshape(r, 2), ws, bm=bm, bn=bn, warps=warps,
+                  zeros=acc, tail=tail)
     out = []
     for w, b, y in zip(ws, bs, ys):
         if b is not None:
