@@ -132,12 +132,14 @@ def width(linears: Sequence[Linear]) -> int:
     return sum(lin.kernel.shape[1] for lin in linears)
 
 
-def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear], residual=None) -> tuple[Array, ...]:
+def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear], residual=None,
+                    raw: bool = False) -> tuple[Array, ...]:
     """Outputs of ``linears`` on x restricted to its keep set (plus ``r @ A`` for a ``residual``):
-    at decode on GPU the sparse GEMV reads only the kept weight rows."""
+    at decode on GPU the sparse GEMV reads only the kept weight rows. ``raw``: one float32 output,
+    unrounded, for a selection prologue to read (``ops.sparse_matvec``)."""
     ws = tuple(lin.kernel[...] for lin in linears)
     bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
-    return ops.sparse_matvec(x, keep, ws, bs, residual)
+    return ops.sparse_matvec(x, keep, ws, bs, residual, raw)
 
 
 # ----------------------------------------------------------------------------- projections
@@ -162,18 +164,33 @@ class TopKProjection(nnx.Module):
     its down site the residual adapter ``(r_mid, A)`` (``fuses_residual``): the sparse GEMV adds the
     down output onto r_mid·A in float32 (on GPU as extra tiles of the down GEMV's launch; see
     ``pallas/sparse_gemv.py`` for the alternatives).
+
+    It also takes each site's input prologue (``fuses_norm``, :meth:`fused`): the decoder hands it the
+    residual stream, not its RMSNorm, so the selection kernel can compute the norm (and SiLU·up
+    before down) on the row it reads anyway, from the previous GEMV's float32 accumulator.
     """
 
     fuses_residual = True
+    fuses_norm = True
 
     def __init__(self, ks: dict[str, int], gains: bool = True):
         self.ks = _ks(ks)
         self.gains = gains
 
     def __call__(self, site, layer, x, linears, gain=None, residual=None):
-        x = _gained(x, gain if self.gains else None)
-        keep = ops.select_topk(x, self.ks[SITES.index(site)], width(linears), side=residual)
-        return kept_projection(x, keep, linears, residual)
+        return self.fused(site, layer, x, linears, gain=gain, residual=residual)[0]
+
+    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, raw=False):
+        """``(outputs, h)``: the site's outputs on ``prologue``'s row made from x (on x itself without
+        one; γ applied unless the gains are folded), with ``raw`` one float32 unrounded buffer; h is a
+        Norm prologue's rounded residual stream (else None)."""
+        gain = gain if self.gains else None
+        if prologue is None:
+            x = _gained(x, gain)
+        elif gain is not None:
+            prologue = dataclasses.replace(prologue, gain=gain)
+        keep = ops.select_topk(x, self.ks[SITES.index(site)], width(linears), side=residual, prologue=prologue)
+        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep.h
 
 
 class RotatedTopKProjection(nnx.Module):

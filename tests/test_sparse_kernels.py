@@ -109,6 +109,73 @@ def test_select_kernel_spare_programs_fill_zeros_or_compute_the_side_gemv(d, k_s
         sel.select_kernel(x, jnp.int32(k), side=(rv, a[:, :100]))
 
 
+@pytest.mark.parametrize("d,add,gain", [(576, False, False), (4096, True, False), (3584, True, True),
+                                        (11008, False, True), (18944, True, True)])
+def test_select_kernel_norm_prologue_matches_jnp(d, add, gain):
+    """The Norm prologue: float32 accumulators h (+ add) rounded to bf16 and summed, RMSNorm (times γ)
+    in the kernel; the rounded residual is exact, the normed row within a bf16 rounding of the jnp
+    twin (float32 sums in another order), and the keep set exactly Top-K of the row the kernel wrote."""
+    rng = np.random.default_rng(d)
+    h = jnp.asarray(rng.standard_normal((1, d)) * 3, jnp.float32)
+    a = jnp.asarray(rng.standard_normal((1, d)), jnp.float32) if add else None
+    g = jnp.asarray(rng.uniform(0.5, 2, d), jnp.bfloat16) if gain else None
+    pro = sel.Norm(1e-5, jnp.bfloat16, a, g)
+    k = _k(0.5, d)
+    packed, row, hb = sel.select_kernel(h, jnp.int32(k), compact=False, prologue=pro)
+    want_row, want_h = pro.reference(h)
+    np.testing.assert_array_equal(np.asarray(hb, np.float32), np.asarray(want_h, np.float32))
+    assert row.dtype == jnp.bfloat16 and not np.isnan(np.asarray(row, np.float32)).any()
+    np.testing.assert_allclose(np.asarray(row, np.float32), np.asarray(want_row, np.float32), rtol=8e-3, atol=0)
+    assert np.mean(np.asarray(row, np.float32) == np.asarray(want_row, np.float32)) > 0.95
+    got = np.asarray(sel.keep_mask(row, packed[:, :2]))
+    np.testing.assert_array_equal(got, np.asarray(sel.keep_mask(row, sel.topk_threshold_reference(row, k))))
+    assert got.sum() == k
+
+
+@pytest.mark.parametrize("f", [1536, 11008, 14336, 18944])
+def test_select_kernel_gated_prologue_matches_jnp(f):
+    """The Gated prologue: SiLU(g)·u from the gate/up GEMV's one float32 buffer [g | u], in the kernel."""
+    rng = np.random.default_rng(f)
+    gu = jnp.asarray(rng.standard_normal((1, 2 * f)) * 2, jnp.float32)
+    pro = sel.Gated(jnp.bfloat16)
+    k = _k(0.6, f)
+    packed, row = sel.select_kernel(gu, jnp.int32(k), compact=False, prologue=pro)
+    want_row, _ = pro.reference(gu)
+    assert row.shape == (1, f) and not np.isnan(np.asarray(row, np.float32)).any()
+    np.testing.assert_allclose(np.asarray(row, np.float32), np.asarray(want_row, np.float32), rtol=8e-3, atol=1e-30)
+    got = np.asarray(sel.keep_mask(row, packed[:, :2]))
+    np.testing.assert_array_equal(got, np.asarray(sel.keep_mask(row, sel.topk_threshold_reference(row, k))))
+
+
+def test_select_topk_prologue_dispatch(monkeypatch):
+    """Kernel prologue with "norm" on (one bf16-bound row), the jnp twin before the selection otherwise;
+    both give the row, the residual and a keep set of exactly k on that row."""
+    rng = np.random.default_rng(11)
+    h = jnp.asarray(rng.standard_normal((1, 1, 1000)), jnp.float32)
+    o = jnp.asarray(rng.standard_normal((1, 1, 1000)), jnp.float32)
+    pro = ops.Norm(1e-6, jnp.bfloat16, add=o)
+    ref = ops.select_topk(h, 300, prologue=pro)  # CPU: the jnp twin
+    assert ref.packed is None and ref.x.dtype == jnp.bfloat16 and ref.h.shape == (1, 1, 1000)
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    ks = ops.select_topk(h, 300, 2048, prologue=pro)
+    assert ks.packed is not None and ks.x.shape == (1, 1, 1000) and ks.zeros.shape == (2048,)
+    np.testing.assert_array_equal(np.asarray(ks.h, np.float32), np.asarray(ref.h, np.float32))
+    assert int(jnp.sum(ops.keep_mask(ks.x, ks.thr))) == 300
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse,tail")  # no "norm": twin, then the selection kernel
+    kn = ops.select_topk(h, 300, 2048, prologue=pro)
+    assert kn.packed is not None and kn.zeros is not None
+    np.testing.assert_array_equal(np.asarray(kn.x, np.float32), np.asarray(ref.x, np.float32))
+    gu = jnp.concatenate([h, o], axis=-1)
+    kg = ops.select_topk(gu, 300, prologue=ops.Gated(jnp.bfloat16))  # "gated" off: twin, then the kernel
+    assert kg.packed is not None
+    np.testing.assert_array_equal(np.asarray(kg.x, np.float32), np.asarray(ops.gated(*jnp.split(gu.astype(jnp.bfloat16), 2, -1)), np.float32))
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse,tail,norm,gated")
+    kg = ops.select_topk(gu, 300, prologue=ops.Gated(jnp.bfloat16))
+    assert kg.x.shape == (1, 1, 1000) and kg.h is None and int(jnp.sum(ops.keep_mask(kg.x, kg.thr))) == 300
+    with pytest.raises(ValueError, match=r"k=1001 for a vector of width D=1000"):
+        ops.select_topk(gu, 1001, prologue=ops.Gated(jnp.bfloat16))
+
+
 def test_topk_matches_a_sort_and_rejects_bad_k():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 2, 300)), jnp.float32)
@@ -337,10 +404,15 @@ def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the decode path
-@pytest.mark.parametrize("batch,flags", [(1, "gemv,attn,select,sparse,side"), (1, "gemv,attn,select,sparse,side,gather"),
-                                         (1, "gemv,attn,select,sparse"), (1, "gemv,attn,select,sparse,tail"),
-                                         (4, "gemv,attn,select,sparse,side")])
-def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, monkeypatch):
+@pytest.mark.parametrize("batch,flags,method", [(1, "gemv,attn,select,sparse,side", "larosa"),
+                                                (1, "gemv,attn,select,sparse,side,gather", "larosa"),
+                                                (1, "gemv,attn,select,sparse", "larosa"),
+                                                (1, "gemv,attn,select,sparse,tail", "larosa"),
+                                                (1, "gemv,attn,select,sparse,tail,norm", "larosa"),
+                                                (1, "gemv,attn,select,sparse,tail,norm,gated", "larosa"),
+                                                (1, "gemv,attn,select,sparse,tail,norm,gated", "topk"),
+                                                (4, "gemv,attn,select,sparse,side,norm", "larosa")])
+def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, method, monkeypatch):
     """La RoSA's fused model, bf16: prefill + decode steps with every kernel (interpret mode) give the
     jnp path's logits, for one token (selection kernel with the residual adapter on its spare
     programs, masked-tile or gather GEMV) and four (selection kernel, XLA GEMMs)."""
@@ -354,7 +426,9 @@ def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, monkeypatc
         "architectures": ["Qwen2ForCausalLM"], "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
         "tie_word_embeddings": False, "rms_norm_eps": 1e-6})
-    sm = sparsify(random_model(cfg, jnp.bfloat16, seed=3, adapters=True), None, SparseConfig("larosa", "fused", 0.5))
+    fused = method == "larosa"  # La RoSA fused (adapters, gains folded) or Top-K on the plain model (γ applied)
+    sm = sparsify(random_model(cfg, jnp.bfloat16, seed=3, adapters=fused), None,
+                  SparseConfig(method, "fused" if fused else "faithful", 0.5))
     prompt = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, 6)), jnp.int32)
 
     def run():

@@ -218,9 +218,9 @@ def test_projections_keep_exactly_k_at_every_site_with_ties(kind, monkeypatch):
 
     kept_projection = sparsity.kept_projection
 
-    def spy_kept(x, keep, linears, residual=None):  # the sparse-GEMV path: what the weights see is keep(x)
+    def spy_kept(x, keep, linears, residual=None, raw=False):  # the sparse-GEMV path: what the weights see is keep(x)
         seen.append((current[0], np.asarray(ops.apply(x, keep.thr), np.float32), None))
-        return kept_projection(x, keep, linears, residual)
+        return kept_projection(x, keep, linears, residual, raw)
 
     monkeypatch.setattr(sparsity, "dense_projection", spy)
     monkeypatch.setattr(sparsity, "kept_projection", spy_kept)
@@ -254,10 +254,11 @@ def test_real_activations_keep_exactly_k_at_every_site(method, mode, monkeypatch
     calls = []
     orig = ops.select_topk
 
-    def spy(x, k, width=0, side=None):  # every Top-K decision of the projections goes through select_topk
-        keep = orig(x, k, width, side)
-        calls.append((jnp.sum(ops.apply(x, keep.thr) != 0, axis=-1), jnp.sum(x == 0, axis=-1), jnp.asarray(k)))
-        widths.append(x.shape[-1])  # static, recorded while tracing
+    def spy(x, k, width=0, side=None, prologue=None):  # every Top-K decision of the projections goes through select_topk
+        keep = orig(x, k, width, side, prologue)
+        row = x if prologue is None else keep.x  # with a prologue (norm, SiLU·up) the row it made
+        calls.append((jnp.sum(ops.apply(row, keep.thr) != 0, axis=-1), jnp.sum(row == 0, axis=-1), jnp.asarray(k)))
+        widths.append(row.shape[-1])  # static, recorded while tracing
         return keep
 
     monkeypatch.setattr(ops, "select_topk", spy)

@@ -66,9 +66,7 @@ acc_dtype = ops.acc_dtype
 
 def rms_norm(x: Array, scale: Array | None, eps: float) -> Array:
     """HF's LlamaRMSNorm: normalise in float32, cast back, then multiply by the gain."""
-    xf = x.astype(acc_dtype(x.dtype))
-    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-    return y if scale is None else scale * y
+    return ops.rms_normalize(x, eps, scale)
 
 
 class RMSNorm(nnx.Module):
@@ -180,29 +178,18 @@ class Block(nnx.Module):
         """One decoder layer. ``slots`` = (write index, query slots [T], start [B]); ``adapter``: the
         fused model's d × d residual adapter into the next layer's basis (column block over
         ``adapter_axis`` under tensor parallelism)."""
-        b, t, _ = h.shape
-        write, q_slots, start = slots
+        if getattr(proj, "fuses_norm", False) and adapter_axis is None:
+            return self._fused(h, layer, cfg, rope, kv, slots, proj, adapter)
         x = rms_norm(h, None, cfg.rms_norm_eps)
         a = self.attn
         q, k, v = proj("qkv", layer, x, (a.q, a.k, a.v), self.attn_norm.scale[...])
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if kv is None:  # full forward without cache: keys are this call's tokens
-            keys, vals, k_slots = k, v, q_slots
-        else:
-            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write, 0, 0))
-            vals = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write, 0, 0))
-            kv = (keys, vals)
-            k_slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
-        o = attend(q, keys.astype(q.dtype), vals.astype(q.dtype), q_slots, k_slots, start)
+        o, kv = self._attend(q, k, v, cfg, rope, kv, slots)
         (o,) = proj("o", layer, o, (a.o,), None)
         h = h + o
         x = rms_norm(h, None, cfg.rms_norm_eps)
         m = self.mlp
         g, u = proj("gate_up", layer, x, (m.gate, m.up), self.mlp_norm.scale[...])
-        ct = acc_dtype(g.dtype)
-        act = (jax.nn.silu(g.astype(ct)) * u.astype(ct)).astype(g.dtype)
+        act = ops.gated(g, u)
         if adapter is None:
             (y,) = proj("down", layer, act, (m.down,), None)
             return h + y, kv
@@ -216,6 +203,41 @@ class Block(nnx.Module):
         if adapter_axis is not None:  # this device's column block of the product: gather the rest
             ha = jax.lax.all_gather(ha, adapter_axis, axis=ha.ndim - 1, tiled=True)
         return ha + y, kv
+
+    def _fused(self, h, layer, cfg, rope, kv, slots, proj, adapter):
+        """The same layer through a projection that takes each site's input prologue (``proj.fused``):
+        the norms, the residual add before the MLP and SiLU·up happen where the Top-K row is read,
+        and o, gate/up and down (with the adapter) hand on float32 accumulators. ``h`` may arrive as
+        the previous layer's float32 accumulator: the norm prologue rounds it to the model's dtype."""
+        a, m = self.attn, self.mlp
+        eps, dt = cfg.rms_norm_eps, a.q.kernel.dtype
+        (q, k, v), h = proj.fused("qkv", layer, h, (a.q, a.k, a.v), gain=self.attn_norm.scale[...],
+                                  prologue=ops.Norm(eps, dt))
+        o, kv = self._attend(q, k, v, cfg, rope, kv, slots)
+        (o,), _ = proj.fused("o", layer, o, (a.o,), raw=True)
+        (gu,), h = proj.fused("gate_up", layer, h, (m.gate, m.up), gain=self.mlp_norm.scale[...],
+                              prologue=ops.Norm(eps, dt, add=o), raw=True)
+        if adapter is None:
+            (y,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt))
+            return h + y, kv
+        (h,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), residual=(h, adapter), raw=True)
+        return h, kv
+
+    def _attend(self, q, k, v, cfg, rope, kv, slots):
+        """RoPE, the cache write and attention: the o projection's input and the updated cache."""
+        b, t, _ = q.shape
+        write, q_slots, start = slots
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if kv is None:  # full forward without cache: keys are this call's tokens
+            keys, vals, k_slots = k, v, q_slots
+        else:
+            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write, 0, 0))
+            vals = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write, 0, 0))
+            kv = (keys, vals)
+            k_slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
+        return attend(q, keys.astype(q.dtype), vals.astype(q.dtype), q_slots, k_slots, start), kv
 
 
 class Transformer(nnx.Module):

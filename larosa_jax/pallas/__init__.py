@@ -4,14 +4,15 @@ The dispatch uses the kernel on GPU where the shapes and dtype fit, the twin eve
 tests run the kernels on CPU in Pallas interpret mode (``LAROSA_PALLAS_INTERPRET=1``).
 """
 
-from .common import MASK_VALUE, acc_dtype, enabled
+from .common import MASK_VALUE, acc_dtype, enabled, gated, rms_normalize
 from .attention import decode_attention, decode_attention_reference
 from .gemv import matvec, matvec_reference
-from .select import (KeepSet, apply, keep_mask, magnitude_threshold, select_pairs, select_threshold, select_topk,
+from .select import (Gated, KeepSet, Norm, apply, keep_mask, magnitude_threshold, select_pairs, select_threshold, select_topk,
                      topk, topk_threshold, topk_threshold_reference)
 from .sparse_gemv import sparse_matvec, sparse_matvec_reference
 
-__all__ = ["KeepSet", "MASK_VALUE", "acc_dtype", "apply", "decode_attention", "decode_attention_reference", "enabled",
+__all__ = ["Gated", "KeepSet", "MASK_VALUE", "Norm", "acc_dtype", "apply", "decode_attention", "decode_attention_reference",
+           "enabled", "gated", "rms_normalize",
            "keep_mask", "magnitude_threshold", "matvec", "matvec_reference", "select_pairs", "select_threshold",
            "select_topk", "sparse_matvec", "sparse_matvec_reference", "topk", "topk_threshold",
            "topk_threshold_reference"]

@@ -11,6 +11,9 @@ with a cumulative count and optionally compacts the kept indices for the gather 
 bisects the float32 bits the same way. A one-row selection is bound by latency and leaves all but
 one SM idle, so spare programs of the same launch do independent work beside it: zero-filling the
 next GEMV's accumulator, or a whole dense GEMV r·A (La RoSA's residual adapter, ``fusion.py``).
+A *prologue* lets the kernel make its row from the layer's float32 accumulators first (``Norm``:
+residual add and RMSNorm before q/k/v and gate/up; ``Gated``: SiLU(gate)·up before down), in
+place of XLA's small fusions between the launches.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .common import enabled, interpret, triton_params
+from .common import enabled, gated, interpret, rms_normalize, triton_params
 
 Array = jax.Array
 
@@ -99,7 +102,46 @@ class KeepSet:
     order: Array | None = None  # [1, dp]: kept indices ascending, then the dropped ones
     zeros: Array | None = None  # [width] float32 zeros
     side: Array | None = None  # [N] float32 r·A of a residual (r, A) handed to the selection
+    x: Array | None = None  # the row the keep set was chosen on, when a prologue computed it (the GEMV's input)
+    h: Array | None = None  # the rounded residual stream h (+ add) of a Norm prologue
     # (whole kernel outputs, not slices: a slice handed to the next Pallas call is first copied by XLA)
+
+
+# ----------------------------------------------------------------------------- prologues
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """Select on ``rms_normalize(h + add, eps, gain)``: h and add (float32 accumulators, or already in
+    ``dtype``) are first rounded to ``dtype``, as the layer's own casts would; the rounded sum is the
+    new residual (``KeepSet.h``). Before q/k/v (no add) and gate/up (add = the o output)."""
+
+    eps: float
+    dtype: object
+    add: Array | None = None
+    gain: Array | None = None
+
+    def width(self, x: Array) -> int:
+        return x.shape[-1]
+
+    def reference(self, x: Array) -> tuple[Array, Array]:
+        h = x.astype(self.dtype)
+        if self.add is not None:
+            h = h + self.add.astype(self.dtype)
+        return rms_normalize(h, self.eps, self.gain), h
+
+
+@dataclasses.dataclass(frozen=True)
+class Gated:
+    """Select on SiLU(g)·u for ``x = [g | u]`` side by side (the gate/up GEMV's one output buffer, float32
+    or ``dtype``), g and u rounded to ``dtype`` first. Before down."""
+
+    dtype: object
+
+    def width(self, x: Array) -> int:
+        return x.shape[-1] // 2
+
+    def reference(self, x: Array) -> tuple[Array, None]:
+        g, u = jnp.split(x, 2, axis=-1)
+        return gated(g.astype(self.dtype), u.astype(self.dtype)), None
 
 
 MAG_BITS, MAX_D = 15, 1 << 15  # magnitude bits of a bf16; widest row
@@ -109,7 +151,7 @@ ZB = 1024  # zero-fill chunk per spare program
 SBN, SBK = 32, 256  # side GEMV: columns per spare program (128 programs for d = 4096), rows per loop step
 
 
-def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k):
+def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k, pro, eps):
     """Top-K threshold pair (``search``) or a given one, then (``compact``) the compacted kept indices.
 
     Search: bisection over the 15 magnitude bits of a bf16 (15 dependent reductions; on an H200 a
@@ -119,10 +161,19 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k)
     ``order`` in ascending order, dropped ones after them (a permutation: no masked stores).
     Programs past the rows either zero-fill a float32 buffer of ``nz`` entries, or (``side_k``) each
     compute ``SBN`` columns of r·A over all ``side_k`` rows of A.
+    ``pro`` (a prologue: "norm", "norm+add", "norm+gain", "norm+add+gain" or "gated") makes the row
+    from the inputs first and writes it (and a Norm's rounded residual) out for the GEMV.
     """
+    pro_refs = {}
+    for name in _pro_inputs(pro):
+        pro_refs[name], *refs = refs
     if side_k:
         rv_ref, a_ref, *refs = refs
     thr_out, *outs = refs
+    if pro:
+        pro_refs["row"] = outs[int(compact)]
+        if pro != "gated":
+            pro_refs["h"] = outs[int(compact) + 1]
     row = pl.program_id(0)
     if nz:
         zero_out = outs[-1]
@@ -150,13 +201,42 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k)
 
     @pl.when(row < r)
     def _():
-        _select_row(row, arg_ref, x_ref, thr_out, outs[0] if compact else None, d=d, dp=dp, search=search)
+        _select_row(row, arg_ref, x_ref, thr_out, outs[0] if compact else None, d=d, dp=dp, search=search,
+                    pro=pro, pro_refs=pro_refs, eps=eps)
 
 
-def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search):
+def _pro_inputs(pro: str | None) -> list[str]:
+    return [n for n in ("add", "gain") if pro and n in pro.split("+")]
+
+
+def _prologue(row, x_ref, idx, *, d, dp, pro, refs, eps):
+    """The selection's row from a prologue's inputs (see :class:`Norm`, :class:`Gated`), stored for the GEMV."""
+    valid = idx < d
+    ld = lambda ref, i=row: pltriton.load(ref.at[pl.ds(i, 1), pl.ds(0, dp)], mask=valid, other=0.0)  # noqa: E731
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    if pro == "gated":  # row i of [g | u] viewed as rows 2i (g) and 2i + 1 (u)
+        g, u = ld(x_ref, 2 * row).astype(bf16).astype(f32), ld(x_ref, 2 * row + 1).astype(bf16).astype(f32)
+        y = (g / (1.0 + jnp.exp(-g)) * u).astype(bf16)
+    else:
+        h = ld(x_ref).astype(bf16)
+        if "add" in refs:
+            h = (h.astype(f32) + ld(refs["add"]).astype(bf16).astype(f32)).astype(bf16)
+        pltriton.store(refs["h"].at[pl.ds(row, 1), pl.ds(0, dp)], h, mask=valid)
+        hf = h.astype(f32)
+        y = (hf * jax.lax.rsqrt(jnp.sum(hf * hf) / d + eps)).astype(bf16)
+        if "gain" in refs:
+            gain = pltriton.load(refs["gain"].at[pl.ds(0, 1), pl.ds(0, dp)], mask=valid, other=0.0)
+            y = (y.astype(f32) * gain.astype(f32)).astype(bf16)
+    pltriton.store(refs["row"].at[pl.ds(row, 1), pl.ds(0, dp)], y, mask=valid)
+    return y
+
+
+def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search, pro=None, pro_refs=None, eps=0.0):
     idx = jax.lax.broadcasted_iota(jnp.int32, (1, dp), 1)
-    # the row, read as a power of two wide (Triton's shapes) with a masked load: no padded copy
-    x = pltriton.load(x_ref.at[pl.ds(row, 1), pl.ds(0, dp)], mask=idx < d, other=0.0)
+    if pro:
+        x = _prologue(row, x_ref, idx, d=d, dp=dp, pro=pro, refs=pro_refs, eps=eps)
+    else:  # the row, read as a power of two wide (Triton's shapes) with a masked load: no padded copy
+        x = pltriton.load(x_ref.at[pl.ds(row, 1), pl.ds(0, dp)], mask=idx < d, other=0.0)
     bits = jnp.where(idx < d, magnitude_bits(x), -1)  # padding: below every threshold >= 0
     if search:
         k = arg_ref[0]
@@ -205,12 +285,16 @@ def _side_rows(k: int) -> int:
 
 
 def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *, compact: bool = True,
-                  zeros: int = 0, side: tuple[Array, Array] | None = None, warps: int | None = None) -> list[Array]:
-    """One program per bf16 row of ``x [R, D]``: Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
+                  zeros: int = 0, side: tuple[Array, Array] | None = None, warps: int | None = None,
+                  prologue: Norm | Gated | None = None) -> list[Array]:
+    """One program per row of ``x [R, D]`` (bf16; with a ``prologue`` its inputs, of any float dtype,
+    from which the bf16 rows are made): Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
     ``[R, 4]`` (threshold pair, kept count, 0), then ``[R, dp]`` kept indices first (``compact``),
-    then a float32 zero buffer ``[zeros]`` (when ``zeros`` > 0) or the float32 product ``r @ A``
-    ``[N]`` of ``side = (r, A)`` (see :func:`side_supported`), both made by spare programs."""
-    r, d = x.shape
+    then the prologue's rows ``[R, D]`` (and a Norm's rounded residual ``[R, D]``), then a float32
+    zero buffer ``[zeros]`` (when ``zeros`` > 0) or the float32 product ``r @ A`` ``[N]`` of
+    ``side = (r, A)`` (see :func:`side_supported`), both made by spare programs."""
+    r = x.shape[0]
+    d = x.shape[1] if prologue is None else prologue.width(x)
     dp = max(1 << (d - 1).bit_length(), 16)
     warps = warps or (4 if dp <= 2048 else 8 if dp <= 16384 else 16)  # H200: 8 beat 4 and 16 at D = 4096, 11008
     search = thr is None
@@ -222,9 +306,21 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
     arg = jnp.asarray(k, jnp.int32).reshape(1) if search else thr.astype(jnp.int32)
     shapes = [jax.ShapeDtypeStruct((r, 4), jnp.int32)]
     shapes += [jax.ShapeDtypeStruct((r, dp), jnp.int32)] if compact else []
+    operands = [arg, x]
+    pro = None
+    if prologue is not None:
+        if isinstance(prologue, Gated):
+            pro = "gated"
+            operands[1] = x.reshape(2 * r, d)  # [g | u] rows as g and u rows: plain row loads
+        else:
+            pro = "+".join(["norm"] + [n for n in ("add", "gain") if getattr(prologue, n) is not None])
+            if prologue.add is not None:
+                operands.append(prologue.add.reshape(r, d))
+            if prologue.gain is not None:
+                operands.append(prologue.gain.reshape(1, d))
+        shapes += [jax.ShapeDtypeStruct((r, d), jnp.bfloat16)] * (1 if pro == "gated" else 2)
     shapes += [jax.ShapeDtypeStruct((zeros,), jnp.float32)] if zeros else []
     spare = -(-zeros // ZB)
-    operands = [arg, x]
     side_k = 0
     if side is not None:
         rv, a = side
@@ -232,8 +328,10 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
         shapes.append(jax.ShapeDtypeStruct((a.shape[1],), jnp.float32))
         spare = a.shape[1] // SBN
         operands += [rv.reshape(-1).astype(a.dtype), a]
+    eps = float(prologue.eps) if isinstance(prologue, Norm) else 0.0
     return pl.pallas_call(
-        functools.partial(_select_kernel, r=r, d=d, dp=dp, search=search, compact=compact, nz=zeros, side_k=side_k),
+        functools.partial(_select_kernel, r=r, d=d, dp=dp, search=search, compact=compact, nz=zeros, side_k=side_k,
+                          pro=pro, eps=eps),
         out_shape=shapes,
         grid=(r + spare,),  # whole-array refs, indexed by the program's row
         compiler_params=triton_params(num_warps=warps, num_stages=3 if side_k else 1),  # stages: the side loop
@@ -270,24 +368,45 @@ def _one_row(x: Array) -> bool:
     return x.ndim >= 1 and int(np.prod(x.shape[:-1])) == 1
 
 
-def _kernel_keep(thr: Array, outs: list[Array], compact: bool, width: int, side: bool) -> KeepSet:
+def _kernel_keep(thr: Array, outs: list[Array], compact: bool, width: int, side: bool, pro=None) -> KeepSet:
+    i = 1 + int(compact)
+    row = h = None
+    if pro is not None:
+        row, i = outs[i], i + 1
+        if isinstance(pro, Norm):
+            h, i = outs[i], i + 1
     return KeepSet(thr, outs[0], outs[1] if compact else None, outs[-1] if width and not side else None,
-                   outs[-1] if side else None)
+                   outs[-1] if side else None, row, h)
 
 
-def select_topk(x: Array, k: int | Array, width: int = 0, side: tuple[Array, Array] | None = None) -> KeepSet:
+def select_topk(x: Array, k: int | Array, width: int = 0, side: tuple[Array, Array] | None = None,
+                prologue: Norm | Gated | None = None) -> KeepSet:
     """Top-K keep set of each row. On GPU, for one bf16 row (batch-1 decode), one kernel also writes
     what the sparse GEMV reads: the compacted kept indices (when the gather GEMV is on) and its
     float32 accumulator: zeros of the GEMV's total output ``width``, or ``r @ A`` for a residual
-    ``side = (r, A)`` whose product the GEMV's output should include (``KeepSet.side``)."""
-    check_k(k, x.shape[-1])
-    if enabled("select") and supported(x) and _one_row(x):
-        compact = enabled("gather")
-        with_side = enabled("side") and side_supported(side) and _one_row(side[0])
-        outs = select_kernel(x.reshape(1, -1), k, compact=compact, zeros=0 if with_side else width,
-                             side=side if with_side else None)
-        return _kernel_keep(outs[0][:, :2].reshape(*x.shape[:-1], 2), outs, compact, width, with_side)
-    return KeepSet(topk_threshold(x, k))
+    ``side = (r, A)`` whose product the GEMV's output should include (``KeepSet.side``).
+
+    With a ``prologue`` x holds its inputs and the keep set is chosen on the row it makes (returned
+    as ``KeepSet.x``, a Norm's rounded residual as ``KeepSet.h``): inside the kernel with "norm" on
+    (Norm) or "gated" (Gated), else with its jnp twin before the selection."""
+    d = x.shape[-1] if prologue is None else prologue.width(x)
+    check_k(k, d)
+    kernel = enabled("select") and _one_row(x) and d <= MAX_D
+    if prologue is not None:
+        if not (kernel and enabled("gated" if isinstance(prologue, Gated) else "norm") and prologue.dtype == jnp.bfloat16):
+            row, h = prologue.reference(x)
+            return dataclasses.replace(select_topk(row, k, width, side), x=row, h=h)
+    elif not (kernel and supported(x)):
+        return KeepSet(topk_threshold(x, k))
+    compact = enabled("gather")
+    with_side = enabled("side") and side_supported(side) and _one_row(side[0])
+    outs = select_kernel(x.reshape(1, -1), k, compact=compact, zeros=0 if with_side else width,
+                         side=side if with_side else None, prologue=prologue)
+    keep = _kernel_keep(outs[0][:, :2].reshape(*x.shape[:-1], 2), outs, compact, width, with_side, prologue)
+    if prologue is None:
+        return keep
+    lead = x.shape[:-1]
+    return dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
 
 
 def select_threshold(x: Array, tau: Array, width: int = 0) -> KeepSet:

@@ -125,11 +125,11 @@ def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp, n_rows, tail):
 
 
 def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int = BN, warps: int = WARPS,
-         zeros: Array | None = None, tail: tuple[Array, Array] | None = None) -> list[Array]:
+         zeros: Array | None = None, tail: tuple[Array, Array] | None = None, split: bool = True) -> list[Array]:
     """Float32 ``keep(x)[R, K] @ w_i`` for every w_i ``[K, N_i]``, one launch; ``thr [R, >=2]`` (the
     selection kernel's packed rows do); ``zeros``: the zero-filled accumulator, if already made;
     ``tail = (r [1, K2], A [K2, N])`` (one token, one weight): the dense ``r @ A`` added by extra
-    programs of the same launch (La RoSA's residual adapter)."""
+    programs of the same launch (La RoSA's residual adapter); ``split=False``: the one buffer ``[R, ΣN_i]``."""
     r, k = x.shape
     rp = 1 if r == 1 else 16
     if tail is not None and (r != 1 or len(ws) != 1):
@@ -154,7 +154,7 @@ def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int =
         compiler_params=triton_params(num_warps=warps, num_stages=1),
         interpret=interpret(),
     )(*operands, _zeros(zeros, (rp, total)))
-    return _split(y[:r], ws)
+    return _split(y[:r], ws) if split else [y[:r]]
 
 
 def _zeros(zeros: Array | None, shape) -> Array:
@@ -196,7 +196,7 @@ def _split(y: Array, ws) -> list[Array]:
 
 
 def gather_sums(x: Array, order: Array, packed: Array, ws: tuple[Array, ...], *, bm: int = GBM, bn: int = GBN,
-                warps: int = GWARPS, zeros: Array | None = None) -> list[Array]:
+                warps: int = GWARPS, zeros: Array | None = None, split: bool = True) -> list[Array]:
     """Float32 ``x[kept] @ w_i[kept]`` for one row ``x [K]``, kept = ``order[0, :packed[0, 2]]`` (the
     selection kernel's outputs): only the kept rows are visited, in dense tiles of ``bm`` gathered rows
     (their count is known on the device only, so programs past it return at once)."""
@@ -213,16 +213,19 @@ def gather_sums(x: Array, order: Array, packed: Array, ws: tuple[Array, ...], *,
         compiler_params=triton_params(num_warps=warps, num_stages=1),
         interpret=interpret(),
     )(packed.astype(jnp.int32), order.astype(jnp.int32), x, *ws, _zeros(zeros, (total,)))
-    return _split(y, ws)
+    return _split(y, ws) if split else [y]
 
 
-def sparse_matvec_reference(x: Array, thr: Array, ws, bs, residual=None) -> tuple[Array, ...]:
+def sparse_matvec_reference(x: Array, thr: Array, ws, bs, residual=None, raw: bool = False) -> tuple[Array, ...]:
     """The jnp twin: zero the dropped entries, then the dense product (plus ``r @ A``, summed in float32,
-    or float64 for float64 models)."""
+    or float64 for float64 models); ``raw``: see :func:`sparse_matvec`."""
     out = matvec(apply(x, thr), ws, bs)
-    if residual is None:
-        return out
-    return ((out[0].astype(acc_dtype(out[0].dtype)) + residual_product(*residual)).astype(out[0].dtype),)
+    if residual is not None:
+        y = out[0].astype(acc_dtype(out[0].dtype)) + residual_product(*residual)
+        return (y,) if raw else (y.astype(out[0].dtype),)
+    if raw:
+        return (jnp.concatenate([o.astype(acc_dtype(o.dtype)) for o in out], axis=-1),)
+    return out
 
 
 def residual_product(rv: Array, a: Array) -> Array:
@@ -238,13 +241,17 @@ def tail_supported(residual: tuple[Array, Array], w: Array) -> bool:
 
 
 def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None],
-                  residual: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
+                  residual: tuple[Array, Array] | None = None, raw: bool = False) -> tuple[Array, ...]:
     """``keep(x) @ w_i + b_i`` for every i, plus ``r @ A`` for a ``residual = (r, A)`` (one weight
     only). On GPU for one token with bf16 weights: the gather kernel when ``keep`` carries compacted
     indices, the masked-tile kernel otherwise (r·A as extra tiles of its launch with ``tail``),
     accumulating into the buffer the selection kernel made (zeros, or r·A when it was handed the
     residual); for several tokens (XLA's GEMM is faster there) or shapes the kernels cannot tile
-    (with one warning naming them) the jnp twin."""
+    (with one warning naming them) the jnp twin.
+
+    ``raw``: one float32 output holding every weight's outputs side by side, not yet rounded to the
+    weights' dtype (the kernel's accumulator itself: its consumer, a selection prologue, rounds it,
+    so no cast or slice runs in between)."""
     ws, bs = tuple(ws), tuple(bs)
     if residual is not None and len(ws) != 1:
         raise ValueError(f"sparse_matvec: a residual goes with one weight, got {len(ws)}")
@@ -253,13 +260,13 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
     lead = x.shape[:-1]
     r = int(np.prod(lead))
     if not enabled("sparse") or r > 1:  # several tokens: XLA's dense GEMM on the masked rows
-        return sparse_matvec_reference(x, thr, ws, bs, residual)
+        return sparse_matvec_reference(x, thr, ws, bs, residual, raw)
     why = unsupported(x, ws)
     if why is not None:
         if why not in _warned:
             _warned.add(why)
             warnings.warn(f"sparse GEMV kernel: {why}; using the jnp path", stacklevel=2)
-        return sparse_matvec_reference(x, thr, ws, bs, residual)
+        return sparse_matvec_reference(x, thr, ws, bs, residual, raw)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
     acc, tail = keep.zeros, None
     if residual is not None:  # r·A: from the selection kernel (side), as tiles of this launch (tail), else XLA's dot
@@ -270,11 +277,17 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
         else:
             acc = residual_product(*residual).reshape(-1)
     if keep.order is not None:
-        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc)]
+        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc, split=not raw)]
     else:  # the selection kernel's pairs, read in place, or the given ones
         bm, bn, warps = NARROW_TILE if sum(w.shape[1] for w in ws) <= NARROW else WIDE_TILE
         ys = sums(x2, keep.packed if keep.packed is not None else thr.reshape(r, 2), ws, bm=bm, bn=bn, warps=warps,
-                  zeros=acc, tail=tail)
+                  zeros=acc, tail=tail, split=not raw)
+    if raw:
+        (y,) = ys
+        if any(b is not None for b in bs):
+            y = y + jnp.concatenate([jnp.zeros((w.shape[1],), y.dtype) if b is None else b.astype(y.dtype)
+                                     for w, b in zip(ws, bs)])
+        return (y.reshape(*lead, y.shape[-1]),)
     out = []
     for w, b, y in zip(ws, bs, ys):
         if b is not None:
