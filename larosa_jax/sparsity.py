@@ -160,25 +160,24 @@ class TopKProjection(nnx.Module):
     """Plain Top-K at every site (the ``topk`` baseline, and La RoSA's fused mode on folded weights).
 
     ``gains=False`` for a fused model, whose RMSNorm gains are folded into the weights (all ones):
-    skipping the multiply by ones saves two small kernels per layer at decode. The fused model hands
-    its down site the residual adapter ``(r_mid, A)`` (``fuses_residual``): the sparse GEMV adds the
-    down output onto r_mid·A in float32 (on GPU as extra tiles of the down GEMV's launch; see
-    ``pallas/sparse_gemv.py`` for the alternatives).
+    skipping the multiply by ones saves two small kernels per layer at decode.
 
-    It also takes each site's input prologue (``fuses_norm``, :meth:`fused`): the decoder hands it the
-    residual stream, not its RMSNorm, so the selection kernel can compute the norm (and SiLU·up
-    before down) on the row it reads anyway, from the previous GEMV's float32 accumulator.
+    The decoder calls :meth:`fused` (``fuses_norm``): it hands each site the residual stream, not its
+    RMSNorm, so the selection kernel can compute the norm (and SiLU·up before down) on the row it
+    reads anyway, from the previous GEMV's float32 accumulator. The fused model hands its down site
+    the residual adapter ``(r_mid, A)``: the sparse GEMV adds the down output onto r_mid·A in float32
+    (on GPU as extra tiles of the down GEMV's launch; see ``pallas/sparse_gemv.py`` for the
+    alternatives).
     """
 
-    fuses_residual = True
     fuses_norm = True
 
     def __init__(self, ks: dict[str, int], gains: bool = True):
         self.ks = _ks(ks)
         self.gains = gains
 
-    def __call__(self, site, layer, x, linears, gain=None, residual=None):
-        return self.fused(site, layer, x, linears, gain=gain, residual=residual)[0]
+    def __call__(self, site, layer, x, linears, gain=None):
+        return self.fused(site, layer, x, linears, gain=gain)[0]
 
     def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, raw=False):
         """``(outputs, h)``: the site's outputs on ``prologue``'s row made from x (on x itself without

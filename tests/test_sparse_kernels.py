@@ -168,7 +168,8 @@ def test_select_topk_prologue_dispatch(monkeypatch):
     gu = jnp.concatenate([h, o], axis=-1)
     kg = ops.select_topk(gu, 300, prologue=ops.Gated(jnp.bfloat16))  # "gated" off: twin, then the kernel
     assert kg.packed is not None
-    np.testing.assert_array_equal(np.asarray(kg.x, np.float32), np.asarray(ops.gated(*jnp.split(gu.astype(jnp.bfloat16), 2, -1)), np.float32))
+    want_act = ops.gated(*jnp.split(gu.astype(jnp.bfloat16), 2, -1))
+    np.testing.assert_array_equal(np.asarray(kg.x, np.float32), np.asarray(want_act, np.float32))
     monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse,tail,norm,gated")
     kg = ops.select_topk(gu, 300, prologue=ops.Gated(jnp.bfloat16))
     assert kg.x.shape == (1, 1, 1000) and kg.h is None and int(jnp.sum(ops.keep_mask(kg.x, kg.thr))) == 300
@@ -369,6 +370,30 @@ def test_sparse_matvec_dispatch_bias_batch_and_fallbacks(monkeypatch):
         warnings.simplefilter("error")
         g = ops.sparse_matvec(xp, ops.topk_threshold(xp, 64), ws[:1], bs[:1])
     assert g[0].shape == (2, 16, 256)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_sparse_matvec_raw_is_one_unrounded_float32_buffer(gather, monkeypatch):
+    """``raw``: every weight's outputs side by side in one float32 buffer, biases added (some weights
+    without one), not rounded; rounded, it is the plain outputs, on the kernel and the jnp path."""
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse" + (",gather" if gather else ""))
+    rng = np.random.default_rng(9)
+    ws = tuple(jnp.asarray(rng.standard_normal((576, n)) * 0.05, jnp.bfloat16) for n in (1536, 1536))
+    bs = (jnp.asarray(rng.standard_normal((1536,)), jnp.bfloat16), None)
+    x = jnp.asarray(rng.standard_normal((1, 1, 576)), jnp.bfloat16)
+    keep = ops.select_topk(x, 300, 3072)
+    assert (keep.order is not None) == gather
+    (raw,) = ops.sparse_matvec(x, keep, ws, bs, raw=True)
+    assert raw.shape == (1, 1, 3072) and raw.dtype == jnp.float32
+    xs = np.asarray(ops.apply(x, keep.thr), np.float64)
+    want = np.concatenate([xs @ np.asarray(w, np.float64) + (0 if b is None else np.asarray(b, np.float64))
+                           for w, b in zip(ws, bs)], axis=-1)
+    assert _rel(raw, want) < 1e-5  # float32, unrounded (bf16 rounding alone is ~1e-3)
+    (ref,) = ops.sparse_matvec_reference(x, keep.thr, ws, bs, raw=True)
+    assert ref.shape == raw.shape and ref.dtype == jnp.float32
+    plain = np.concatenate([np.asarray(o, np.float32) for o in ops.sparse_matvec(x, keep, ws, bs)], axis=-1)
+    np.testing.assert_array_equal(np.asarray(raw.astype(jnp.bfloat16), np.float32), plain)
 
 
 @pytest.mark.parametrize("extra", ["side", "side,gather", "tail", "tail,gather", ""])

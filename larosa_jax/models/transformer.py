@@ -194,10 +194,7 @@ class Block(nnx.Module):
             (y,) = proj("down", layer, act, (m.down,), None)
             return h + y, kv
         # fused La RoSA: the next layer's residual is h·A + MLP(h), the down weights already fold the
-        # next basis (fusion.py); a projection that can computes h·A beside its down Top-K
-        if getattr(proj, "fuses_residual", False):
-            (h,) = proj("down", layer, act, (m.down,), None, residual=(h, adapter))
-            return h, kv
+        # next basis (fusion.py); a Top-K projection computes h·A inside its down GEMV (_fused)
         (y,) = proj("down", layer, act, (m.down,), None)
         (ha,) = ops.matvec(h, (adapter,), (None,))  # the batch-1 GEMV kernel at decode
         if adapter_axis is not None:  # this device's column block of the product: gather the rest

@@ -41,7 +41,7 @@ def enabled(what: str) -> bool:
     for none). Opt-in, all measured slower in decode on an H200 (eval/results/NOTES.md): "side", the
     adapter's GEMV on the down selection kernel's spare programs; "gather", the batch-1 sparse GEMV
     on compacted kept indices instead of masked tiles; "gated", SiLU(gate)·up inside the down
-    selection kernel (15.8 µs at D = 11008, against 7.6 µs + one 1-1.4 µs XLA fusion).
+    selection kernel (15.8 µs at D = 11008, against 7.7 µs + one 1.4 µs XLA fusion).
     ``LAROSA_PALLAS_INTERPRET=1`` turns them on elsewhere in Pallas interpret mode (tests).
     """
     flags = os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS)
