@@ -67,3 +67,67 @@ def test_decode_attention_kernel_matches_jnp(b, hq, hkv, hd, s):
     # poisoned slots after q_slot and before start must not leak in
     kp = k.at[:, int(q_slot) + 1 :].set(1e4).at[0, : int(start[0])].set(-1e4)
     assert _rel(da.decode_attention_kernel(q, kp, v, q_slot, start), want) < 1e-5
+
+
+def _rope_tables(rng, b, hd):
+    pos = jnp.asarray(rng.integers(0, 300, (b, 1)), jnp.float32)
+    freqs = pos[..., None] * (10000.0 ** (-np.arange(0, hd, 2) / hd))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+@pytest.mark.parametrize("b,hq,hkv,hd,s,write", [(1, 32, 32, 128, 128, 70), (3, 28, 4, 128, 128, 64),
+                                                 (2, 9, 3, 64, 64, 5), (4, 8, 2, 64, 192, 191)])
+def test_decode_step_kernel_matches_jnp(b, hq, hkv, hd, s, write):
+    """RoPE + cache write + attention in one launch: the cache rows match bit for bit (one row written,
+    the rest untouched), the attention output to bf16 rounding; the stale cache row is never read."""
+    rng = np.random.default_rng(b * 100 + hq)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    q, k, v = f(b, 1, hq * hd), f(b, 1, hkv * hd), f(b, 1, hkv * hd)
+    cache_k, cache_v = f(b, s, hkv, hd), f(b, s, hkv, hd)
+    cos, sin = _rope_tables(rng, b, hd)
+    write = jnp.asarray(write, jnp.int32)
+    start = jnp.asarray(rng.integers(0, int(write), b), jnp.int32)
+    assert da.step_supported(q, k, v, cache_k, cache_v)
+    want = da.decode_step_reference(q, k, v, cos, sin, cache_k, cache_v, write, start)
+    poisoned = (cache_k.at[:, int(write)].set(1e4), cache_v.at[:, int(write)].set(-1e4))
+    got = jax.jit(da.decode_step_kernel)(q, k, v, cos, sin, *poisoned, write, start)
+    assert got[0].shape == want[0].shape == (b, 1, hq * hd) and got[0].dtype == jnp.bfloat16
+    assert _rel(got[0], want[0]) < 1e-2
+    for g, w in zip(got[1:], want[1:]):
+        assert g.dtype == w.dtype and bool(jnp.all(g == w))
+    # shapes it cannot take go to the twin
+    assert not da.step_supported(q.astype(jnp.float32), k, v, cache_k, cache_v)
+    assert not da.step_supported(q, k, v, cache_k[:, :-1], cache_v[:, :-1])
+
+
+def test_decode_with_the_attention_kernels_matches_the_jnp_path(monkeypatch):
+    """A bf16 dense model (head_dim 64, GQA): prefill + decode steps with the decode-step kernel give the
+    jnp path's logits and cache. Dense, so bf16 rounding is not amplified by Top-K flips."""
+    from larosa_jax.config import ModelConfig
+    from larosa_jax.models import init_cache
+    from larosa_jax.models.random_init import random_model
+
+    cfg = ModelConfig.from_hf({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 320, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-6})
+    model = random_model(cfg, jnp.bfloat16, seed=5)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 9)), jnp.int32)
+
+    def run():
+        cache = init_cache(cfg, 2, 64, jnp.bfloat16, start=jnp.asarray([0, 2], jnp.int32))
+        logits, cache = model(tokens[:, :6], cache)
+        out = [logits[:, -1]]
+        for i in range(6, 9):
+            logits, cache = model(tokens[:, i : i + 1], cache)
+            out.append(logits[:, -1])
+        return np.stack([np.asarray(o, np.float32) for o in out]), cache
+
+    want, want_cache = run()
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    monkeypatch.setenv("LAROSA_PALLAS", "attn,rope")
+    got, got_cache = run()
+    assert _rel(got, want) < 2e-2
+    for g, w in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+        assert _rel(g, w) < 1e-2

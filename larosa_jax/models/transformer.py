@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import pallas as ops
+from ..pallas.attention import apply_rope
 from ..config import ModelConfig, rope_inv_freq
 
 Array = jax.Array
@@ -113,14 +114,6 @@ def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """x ``[B, T, H, hd]``; rotate-half as in transformers' apply_rotary_pos_emb, in float32."""
-    xf = x.astype(acc_dtype(x.dtype))
-    half = x.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -224,12 +217,15 @@ class Block(nnx.Module):
         """RoPE, the cache write and attention: the o projection's input and the updated cache."""
         b, t, _ = q.shape
         write, q_slots, start = slots
+        if kv is not None and t == 1:  # decode: one kernel on GPU
+            o, keys, vals = ops.decode_step(q, k, v, *rope, kv[0], kv[1], write, start)
+            return o, (keys, vals)
         q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
         k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if kv is None:  # full forward without cache: keys are this call's tokens
             keys, vals, k_slots = k, v, q_slots
-        else:
+        else:  # prefill
             keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write, 0, 0))
             vals = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write, 0, 0))
             kv = (keys, vals)

@@ -5,7 +5,7 @@ tests run the kernels on CPU in Pallas interpret mode (``LAROSA_PALLAS_INTERPRET
 """
 
 from .common import MASK_VALUE, acc_dtype, enabled, gated, rms_normalize
-from .attention import decode_attention, decode_attention_reference
+from .attention import apply_rope, decode_attention, decode_attention_reference, decode_step, decode_step_reference
 from .gemv import matvec, matvec_reference
 from .select import (Gated, KeepSet, Norm, apply, keep_mask, magnitude_threshold, select_pairs, select_threshold, select_topk,
                      topk, topk_threshold, topk_threshold_reference)

@@ -5,6 +5,12 @@ Program (b, h, c) takes the query heads of KV head h of row b against cache slot
 XLA combines the per-block (max, sum, output) in float32. The jnp twin is a multiply + reduce
 that reads the cache in its ``[B, S, H_kv, hd]`` layout (a batched dot makes XLA transpose the
 whole cache every step).
+
+``decode_step`` is the whole attention of one decode token: RoPE on the new q and k, the cache
+write and attention in one launch (option "rope"). The program whose block holds the write slot
+puts the new key and value in its tile and stores that one row into the cache, which the call
+updates in place (aliased); the others only read. This replaces five small XLA fusions per layer
+(RoPE, the q padding, the casts and the two cache updates, about 7 µs on an H200).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from .common import MASK_VALUE, acc_dtype, enabled, interpret, triton_params
 
@@ -79,10 +86,16 @@ def decode_attention_kernel(q: Array, k: Array, v: Array, q_slot: Array, start: 
         compiler_params=triton_params(num_warps=4, num_stages=2),
         interpret=interpret(),
     )(bounds, qp, k, v)
+    return _combine(m, l, o, g, q.dtype)
+
+
+def _combine(m: Array, l: Array, o: Array, g: int, dtype) -> Array:
+    """Merge the per-block partials ``[B, Hkv, C, GP(, hd)]`` of the first g query rows: ``[B, 1, Hq·hd]``."""
+    b, hkv, _, _, hd = o.shape
     m, l, o = m[..., :g], l[..., :g], o[..., :g, :]
     w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, Hkv, C, G]
     out = jnp.sum(w[..., None] * o, axis=2) / jnp.sum(w * l, axis=2)[..., None]
-    return out.reshape(b, 1, hq * hd).astype(q.dtype)
+    return out.reshape(b, 1, hkv * g * hd).astype(dtype)
 
 
 def decode_attention_reference(q: Array, k: Array, v: Array, q_slot: Array, start: Array) -> Array:
@@ -106,3 +119,142 @@ def decode_attention(q: Array, k: Array, v: Array, q_slot: Array, start: Array) 
     if enabled("attn") and supported(q, k):
         return decode_attention_kernel(q, k, v, q_slot, start)
     return decode_attention_reference(q, k, v, q_slot, start)
+
+
+# ----------------------------------------------------------------------------- RoPE + cache write + attention
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x ``[B, T, H, hd]``; rotate-half as in transformers' apply_rotary_pos_emb, in float32."""
+    xf = x.astype(acc_dtype(x.dtype))
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
+
+
+def step_supported(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array) -> bool:
+    b, t, qd = q.shape
+    hkv, hd = cache_k.shape[2], cache_k.shape[3]
+    return (t == 1 and all(a.dtype == jnp.bfloat16 for a in (q, k, v, cache_k, cache_v))
+            and cache_k.shape[1] % BS == 0 and hd in (64, 128, 256) and qd % (hkv * hd) == 0
+            and qd // (hkv * hd) <= GP and k.shape[-1] == v.shape[-1] == hkv * hd)
+
+
+def _rope(x1, x2, c, s):
+    """Both halves of rotate-half RoPE in float32 (cos and sin repeat over the two halves)."""
+    x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+def _step_kernel(bounds_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, o_ref, ko_ref, vo_ref,
+                 *, g, scale):
+    """Program (b, h, c). q_ref ``[Hq, hd]`` (this row), kn/vn ``[hd]`` (new key/value of head h),
+    cos/sin ``[hd/2]``, cache tiles k/v ``[BS, hd]`` and their aliased outputs ko/vo."""
+    hkv_i, c = pl.program_id(1), pl.program_id(2)  # (read here: interpret mode cannot inside pl.when)
+    hq, hd = q_ref.shape
+    half = hd // 2
+    lo, write = bounds_ref[0], bounds_ref[1]  # visible slots: lo <= slot <= write (the new token's)
+    s0 = c * BS
+    cs, sn = cos_ref[...], sin_ref[...]
+    lo_h, hi_h = pl.ds(0, half), pl.ds(half, half)
+    k1, k2 = _rope(kn_ref[lo_h], kn_ref[hi_h], cs, sn)
+    k1, k2 = k1.astype(k_ref.dtype), k2.astype(k_ref.dtype)
+    vn = vn_ref[...]
+    here = (write >= s0) & (write < s0 + BS)  # this block holds the write slot
+
+    @pl.when(here)
+    def _():  # the cache write: one row of this tile
+        row = (jax.lax.broadcasted_iota(jnp.int32, (BS, half), 0) == write - s0)
+        pltriton.store(ko_ref.at[:, lo_h], jnp.broadcast_to(k1[None], (BS, half)), mask=row)
+        pltriton.store(ko_ref.at[:, hi_h], jnp.broadcast_to(k2[None], (BS, half)), mask=row)
+        rowv = (jax.lax.broadcasted_iota(jnp.int32, (BS, hd), 0) == write - s0)
+        pltriton.store(vo_ref, jnp.broadcast_to(vn[None], (BS, hd)), mask=rowv)
+
+    @pl.when((s0 <= write) & (s0 + BS > lo))
+    def _():
+        # the g query heads of KV head h, padded to GP rows by the load mask (clamped indices stay in bounds)
+        r = jax.lax.broadcasted_iota(jnp.int32, (GP, 1), 0)
+        col = jax.lax.broadcasted_iota(jnp.int32, (1, half), 1)
+        qrow = jnp.minimum(hkv_i * g + r, hq - 1)
+        qmask = jnp.broadcast_to(r < g, (GP, half))
+        q1 = pltriton.load(q_ref.at[qrow, col], mask=qmask, other=0.0)
+        q2 = pltriton.load(q_ref.at[qrow, col + half], mask=qmask, other=0.0)
+        q1, q2 = _rope(q1, q2, cs[None], sn[None])
+        q1, q2 = q1.astype(q_ref.dtype), q2.astype(q_ref.dtype)
+        slot_h = s0 + jax.lax.broadcasted_iota(jnp.int32, (BS, half), 0)
+        kk1 = jnp.where(slot_h == write, k1[None], k_ref[:, lo_h])  # the new key, whatever the cache held
+        kk2 = jnp.where(slot_h == write, k2[None], k_ref[:, hi_h])
+        dims = (((1,), (1,)), ((), ()))
+        s = (jax.lax.dot_general(q1, kk1, dims, preferred_element_type=jnp.float32)
+             + jax.lax.dot_general(q2, kk2, dims, preferred_element_type=jnp.float32)) * scale
+        slot = s0 + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where((slot >= lo) & (slot <= write), s, MASK_VALUE)
+        m = jnp.max(s, axis=1)
+        p = jnp.exp(s - m[:, None])
+        m_ref[...] = m
+        l_ref[...] = jnp.sum(p, axis=1)
+        slot_v = s0 + jax.lax.broadcasted_iota(jnp.int32, (BS, hd), 0)
+        vv = jnp.where(slot_v == write, vn[None], v_ref[...])
+        o_ref[...] = jax.lax.dot_general(p.astype(vv.dtype), vv, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    @pl.when((s0 > write) | (s0 + BS <= lo))
+    def _():  # nothing visible in this block: neutral partials, no cache read
+        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
+
+
+def decode_step_kernel(q, k, v, cos, sin, cache_k, cache_v, write, start):
+    """RoPE, cache write and split-S attention of one token per row in one launch (see decode_step)."""
+    b = q.shape[0]
+    s_max, hkv, hd = cache_k.shape[1:]
+    hq = q.shape[-1] // hd
+    g, nc, half = hq // hkv, s_max // BS, hd // 2
+    bounds = jnp.stack([start.astype(jnp.int32), jnp.broadcast_to(write.astype(jnp.int32), (b,))], axis=1)
+    cache_spec = pl.BlockSpec((None, BS, None, hd), lambda i, h, c: (i, c, h, 0))
+    m, l, o, keys, vals = pl.pallas_call(
+        functools.partial(_step_kernel, g=g, scale=hd**-0.5),
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, nc, GP), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, nc, GP), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, nc, GP, hd), jnp.float32),
+                   jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+                   jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)],
+        grid=(b, hkv, nc),
+        in_specs=[pl.BlockSpec((None, 2), lambda i, h, c: (i, 0)),
+                  pl.BlockSpec((None, hq, hd), lambda i, h, c: (i, 0, 0)),
+                  pl.BlockSpec((None, None, hd), lambda i, h, c: (i, h, 0)),
+                  pl.BlockSpec((None, None, hd), lambda i, h, c: (i, h, 0)),
+                  pl.BlockSpec((None, half), lambda i, h, c: (i, 0)),
+                  pl.BlockSpec((None, half), lambda i, h, c: (i, 0)),
+                  cache_spec, cache_spec],
+        out_specs=[pl.BlockSpec((None, None, None, GP), lambda i, h, c: (i, h, c, 0)),
+                   pl.BlockSpec((None, None, None, GP), lambda i, h, c: (i, h, c, 0)),
+                   pl.BlockSpec((None, None, None, GP, hd), lambda i, h, c: (i, h, c, 0, 0)),
+                   cache_spec, cache_spec],
+        input_output_aliases={6: 3, 7: 4},
+        compiler_params=triton_params(num_warps=4, num_stages=2),
+        interpret=interpret(),
+    )(bounds, q.reshape(b, hq, hd), k.reshape(b, hkv, hd), v.reshape(b, hkv, hd),
+      cos[:, 0, :half], sin[:, 0, :half], cache_k, cache_v)
+    return _combine(m, l, o, g, q.dtype), keys, vals
+
+
+def decode_step_reference(q, k, v, cos, sin, cache_k, cache_v, write, start):
+    """The jnp twin: RoPE, two cache updates, then ``decode_attention``."""
+    b = q.shape[0]
+    hkv, hd = cache_k.shape[2:]
+    q = apply_rope(q.reshape(b, 1, -1, hd), cos, sin)
+    k = apply_rope(k.reshape(b, 1, hkv, hd), cos, sin)
+    keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write, 0, 0))
+    vals = jax.lax.dynamic_update_slice(cache_v, v.reshape(b, 1, hkv, hd).astype(cache_v.dtype), (0, write, 0, 0))
+    return decode_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), write, start), keys, vals
+
+
+def decode_step(q: Array, k: Array, v: Array, cos: Array, sin: Array, cache_k: Array, cache_v: Array,
+                write: Array, start: Array) -> tuple[Array, Array, Array]:
+    """Attention of one decode token per row: q ``[B,1,Hq·hd]``, k/v ``[B,1,Hkv·hd]`` (projection outputs,
+    before RoPE), cos/sin ``[B,1,hd]``, cache ``[B,S,Hkv,hd]``, the new token at slot ``write``, row b's
+    keys visible from ``start[b]``. Returns (``[B,1,Hq·hd]``, updated cache k, v): one kernel on GPU
+    (options "attn" and "rope"), the jnp twin otherwise."""
+    if enabled("attn") and enabled("rope") and step_supported(q, k, v, cache_k, cache_v):
+        return decode_step_kernel(q, k, v, cos, sin, cache_k, cache_v, write, start)
+    return decode_step_reference(q, k, v, cos, sin, cache_k, cache_v, write, start)

@@ -15,7 +15,7 @@ def acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-DEFAULT_KERNELS = "gemv,attn,select,sparse,tail,norm"
+DEFAULT_KERNELS = "gemv,attn,rope,select,sparse,tail,norm"
 
 
 def rms_normalize(x: jax.Array, eps: float, gain: jax.Array | None = None) -> jax.Array:
@@ -35,9 +35,10 @@ def enabled(what: str) -> bool:
     """Whether kernel option ``what`` is on: "gemv", "attn", "select", "sparse" replace their jnp
     twins; "tail" puts the fused model's residual adapter r·A in the down site's sparse GEMV launch
     (extra dense tiles) instead of XLA's dot; "norm" runs the residual add and RMSNorm before q/k/v
-    and gate/up inside their selection kernels instead of XLA's small fusions.
+    and gate/up inside their selection kernels instead of XLA's small fusions; "rope" (with "attn")
+    does a decode token's RoPE and cache write in the attention kernel.
 
-    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled options (default all six, or "0"
+    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled options (default all seven, or "0"
     for none). Opt-in, all measured slower in decode on an H200 (eval/results/NOTES.md): "side", the
     adapter's GEMV on the down selection kernel's spare programs; "gather", the batch-1 sparse GEMV
     on compacted kept indices instead of masked tiles; "gated", SiLU(gate)·up inside the down
