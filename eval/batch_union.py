@@ -1,54 +1,95 @@
-"""Union of per-token Top-K keep sets over a batch of B decode rows, on real activations (SmolLM2-135M,
-WikiText-2 test): what a batch-B sparse GEMV on the union must read, La RoSA (fused, rotated) vs Top-K."""
-import json, sys, numpy as np, jax, jax.numpy as jnp
+"""Union of per-token Top-K keep sets over a batch of B decode rows, on real activations.
+
+A batch-B sparse GEMV on the union reads every weight row any of the B tokens keeps. This runs
+B windows of a text through the sparse model (La RoSA fused, Top-K without rotation), records
+each site's keep masks and reports the parameter-weighted fraction of rows that no row of the
+batch keeps, next to what B independent keep sets of the same size would leave.
+
+    python eval/batch_union.py CKPT ROTATIONS --text wiki.test.raw --out eval/results/batch_union_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
 from larosa_jax import checkpoint, sparsity
 from larosa_jax import pallas as ops
 from larosa_jax.calibration import CalibrationStats
+from larosa_jax.data import tokenize
 from larosa_jax.sparse_model import sparsify
-from larosa_jax.sparsity import SparseConfig, SITES, site_params
-from larosa_jax.data import load_text, tokenize
+from larosa_jax.sparsity import SITES, SparseConfig, site_params
 
-ckpt, rot, out = sys.argv[1], sys.argv[2], sys.argv[3]  # converted ckpt, fused-flavour rotations, JSON out
-wiki = sys.argv[4] if len(sys.argv) > 4 else "../shared/data/wikitext-2-raw-v1/wiki.test.raw"
-B, T = 8, 256
-model = checkpoint.load(ckpt)
-stats = CalibrationStats.load(rot)
-tok = checkpoint.load_tokenizer(ckpt)
-ids = tokenize(tok, open(wiki).read())
-rng = np.random.default_rng(0)
-starts = rng.choice(len(ids) - T, B, replace=False)
-tokens = jnp.asarray(np.stack([ids[s:s + T] for s in starts]), jnp.int32)
-cfg = model.config
-w = site_params(cfg)
-rec = []
-orig = sparsity.kept_projection
-def hook(x, keep, linears, residual=None, raw=False):
-    rec.append(np.asarray(ops.keep_mask(x, keep.thr)))
-    return orig(x, keep, linears, residual, raw)
-sparsity.kept_projection = hook
-res = {}
-for method, mode in [("larosa", "fused"), ("topk", "faithful")]:
-    for p in (0.25, 0.4, 0.5):
-        rec.clear()
-        sm = sparsify(model, stats, SparseConfig(method, mode, p))
-        sm(tokens)
-        assert len(rec) == 4 * cfg.num_layers, len(rec)
-        row = {}
-        for b in (1, 2, 4, 8):
-            dens = {s: [] for s in SITES}
-            rnd = {s: [] for s in SITES}
-            for i, m in enumerate(rec):
-                s = SITES[i % 4]
-                m = m.reshape(B, T, -1)[:b]  # b rows, same positions: a batch-b decode step at every t
-                u = m.any(axis=0).mean()
-                dens[s].append(float(u))
-                f = m[0].mean()
-                rnd[s].append(float(1 - (1 - f) ** b))
-            eff = sum(np.mean(dens[s]) * w[s] for s in SITES) / sum(w.values())
-            effr = sum(np.mean(rnd[s]) * w[s] for s in SITES) / sum(w.values())
-            row[b] = {"union_density": {s: float(np.mean(dens[s])) for s in SITES}, "effective_union_sparsity": 1 - eff,
-                      "independent_sets_effective_sparsity": 1 - effr}
-        res[f"{method}@{p}"] = row
-        print(method, p, {b: (round(r["effective_union_sparsity"], 3), round(r["independent_sets_effective_sparsity"], 3)) for b, r in row.items()}, flush=True)
-json.dump({"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "data": f"WikiText-2 test, {B} windows of {T} tokens",
-           "results": res}, open(out, "w"), indent=1)
+
+def record_masks():
+    """Patch the sparse projection so each call also appends its keep mask (site order qkv, o, gate_up, down)."""
+    rec, orig = [], sparsity.kept_projection
+
+    def hook(x, keep, linears, residual=None, raw=False):
+        rec.append(np.asarray(ops.keep_mask(x, keep.thr)))
+        return orig(x, keep, linears, residual, raw)
+
+    sparsity.kept_projection = hook
+    return rec
+
+
+def union_stats(rec, cfg, rows: int, t: int, batches=(1, 2, 4, 8)) -> dict:
+    w = site_params(cfg)
+    total = sum(w.values())
+    out = {}
+    for b in batches:
+        dens, indep = {s: [] for s in SITES}, {s: [] for s in SITES}
+        for i, m in enumerate(rec):
+            m = m.reshape(rows, t, -1)[:b]  # b rows at the same positions: a batch-b decode step at every t
+            dens[SITES[i % 4]].append(float(m.any(axis=0).mean()))
+            indep[SITES[i % 4]].append(float(1 - (1 - m[0].mean()) ** b))
+        out[b] = {"union_density": {s: float(np.mean(dens[s])) for s in SITES},
+                  "effective_union_sparsity": 1 - sum(np.mean(dens[s]) * w[s] for s in SITES) / total,
+                  "independent_sets_effective_sparsity": 1 - sum(np.mean(indep[s]) * w[s] for s in SITES) / total}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt", help="converted checkpoint (larosa convert)")
+    ap.add_argument("rotations", help="fused-flavour rotations (larosa calibrate --flavour fused)")
+    ap.add_argument("--text", default="../shared/data/wikitext-2-raw-v1/wiki.test.raw", help="raw text file")
+    ap.add_argument("--rows", type=int, default=8, help="windows (batch rows), at least the largest batch reported")
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--sparsity", default="0.25,0.4,0.5")
+    ap.add_argument("--out", required=True, help="JSON output")
+    args = ap.parse_args(argv)
+    if not Path(args.text).is_file():
+        ap.error(f"--text {args.text}: no such file")
+    if args.rows < 8:
+        ap.error(f"--rows {args.rows}: batches up to 8 are reported, need at least 8 rows")
+    model = checkpoint.load(args.ckpt)
+    stats = CalibrationStats.load(args.rotations)
+    ids = tokenize(checkpoint.load_tokenizer(args.ckpt), Path(args.text).read_text())
+    if len(ids) < args.rows * args.seqlen:
+        ap.error(f"--text {args.text}: {len(ids)} tokens, need {args.rows} × {args.seqlen}")
+    starts = np.random.default_rng(0).choice(len(ids) - args.seqlen, args.rows, replace=False)
+    tokens = jnp.asarray(np.stack([ids[s:s + args.seqlen] for s in starts]), jnp.int32)
+    rec = record_masks()
+    res = {}
+    for method, mode in [("larosa", "fused"), ("topk", "faithful")]:
+        for p in (float(v) for v in args.sparsity.split(",")):
+            rec.clear()
+            sparsify(model, stats, SparseConfig(method, mode, p))(tokens)
+            assert len(rec) == 4 * model.config.num_layers, len(rec)
+            res[f"{method}@{p}"] = row = union_stats(rec, model.config, args.rows, args.seqlen)
+            print(method, p, {b: round(r["effective_union_sparsity"], 3) for b, r in row.items()}, flush=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"model": Path(args.ckpt).name, "data": f"{Path(args.text).name}, {args.rows} windows of {args.seqlen} tokens",
+                   "results": res}, f, indent=1)
+    os.replace(tmp, args.out)  # atomic: a failed run leaves the old file
+
+
+if __name__ == "__main__":
+    main()

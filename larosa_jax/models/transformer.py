@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .. import pallas as ops
-from ..pallas.attention import apply_rope
 from ..config import ModelConfig, rope_inv_freq
 
 Array = jax.Array
@@ -220,8 +219,8 @@ class Block(nnx.Module):
         if kv is not None and t == 1:  # decode: one kernel on GPU
             o, keys, vals = ops.decode_step(q, k, v, *rope, kv[0], kv[1], write, start)
             return o, (keys, vals)
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
+        q = ops.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
+        k = ops.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if kv is None:  # full forward without cache: keys are this call's tokens
             keys, vals, k_slots = k, v, q_slots
