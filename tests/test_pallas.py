@@ -76,29 +76,43 @@ def _rope_tables(rng, b, hd):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+@pytest.mark.parametrize("buffer", [False, True])
 @pytest.mark.parametrize("b,hq,hkv,hd,s,write", [(1, 32, 32, 128, 128, 70), (3, 28, 4, 128, 128, 64),
                                                  (2, 9, 3, 64, 64, 5), (4, 8, 2, 64, 192, 191)])
-def test_decode_step_kernel_matches_jnp(b, hq, hkv, hd, s, write):
+def test_decode_step_kernel_matches_jnp(b, hq, hkv, hd, s, write, buffer):
     """RoPE + cache write + attention in one launch: the cache rows match bit for bit (one row written,
-    the rest untouched), the attention output to bf16 rounding; the stale cache row is never read."""
+    the rest untouched), the attention output to bf16 rounding; the stale cache row is never read.
+    ``buffer``: q/k/v arrive as one unrounded float32 buffer (the fused model's GEMV accumulator),
+    which must act exactly like its three slices rounded to bf16."""
     rng = np.random.default_rng(b * 100 + hq)
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
-    q, k, v = f(b, 1, hq * hd), f(b, 1, hkv * hd), f(b, 1, hkv * hd)
     cache_k, cache_v = f(b, s, hkv, hd), f(b, s, hkv, hd)
     cos, sin = _rope_tables(rng, b, hd)
     write = jnp.asarray(write, jnp.int32)
     start = jnp.asarray(rng.integers(0, int(write), b), jnp.int32)
-    assert da.step_supported(q, k, v, cache_k, cache_v)
-    want = da.decode_step_reference(q, k, v, cos, sin, cache_k, cache_v, write, start)
+    if buffer:
+        qkv = jnp.asarray(rng.standard_normal((b, 1, (hq + 2 * hkv) * hd)), jnp.float32)
+        q, k, v = da.split_qkv(qkv, hkv, hd, jnp.bfloat16)
+        assert q.shape == (b, 1, hq * hd) and v.shape == (b, 1, hkv * hd) and q.dtype == jnp.bfloat16
+        assert bool(jnp.all(v.astype(jnp.float32) == qkv[..., (hq + hkv) * hd:].astype(jnp.bfloat16)))
+    else:
+        q, k, v = f(b, 1, hq * hd), f(b, 1, hkv * hd), f(b, 1, hkv * hd)
+        qkv = (q, k, v)
+    assert da.step_supported(qkv, cache_k, cache_v)
+    want = da.decode_step_reference((q, k, v), cos, sin, cache_k, cache_v, write, start)
+    if buffer:  # the twin takes the buffer the same way
+        for g, w in zip(da.decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start), want):
+            assert bool(jnp.all(g == w))
     poisoned = (cache_k.at[:, int(write)].set(1e4), cache_v.at[:, int(write)].set(-1e4))
-    got = jax.jit(da.decode_step_kernel)(q, k, v, cos, sin, *poisoned, write, start)
+    got = jax.jit(da.decode_step_kernel)(qkv, cos, sin, *poisoned, write, start)
     assert got[0].shape == want[0].shape == (b, 1, hq * hd) and got[0].dtype == jnp.bfloat16
     assert _rel(got[0], want[0]) < 1e-2
     for g, w in zip(got[1:], want[1:]):
         assert g.dtype == w.dtype and bool(jnp.all(g == w))
-    # shapes it cannot take go to the twin
-    assert not da.step_supported(q.astype(jnp.float32), k, v, cache_k, cache_v)
-    assert not da.step_supported(q, k, v, cache_k[:, :-1], cache_v[:, :-1])
+    # what it cannot take goes to the twin
+    assert not da.step_supported((q.astype(jnp.float32), k, v), cache_k, cache_v)
+    assert not da.step_supported(qkv, cache_k[:, :-1], cache_v[:, :-1])
+    assert not da.step_supported(qkv, cache_k, cache_v, jnp.float32) or not buffer
 
 
 def test_decode_with_the_attention_kernels_matches_the_jnp_path(monkeypatch):

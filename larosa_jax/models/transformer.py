@@ -148,6 +148,15 @@ def attend(q: Array, k: Array, v: Array, q_slots: Array, k_slots: Array, start: 
     return o.reshape(b, t, hq * hd).astype(q.dtype)
 
 
+def residual(h, dtype) -> Array:
+    """The residual stream a fused layer hands on, in the model's dtype: h itself, or h + y for a
+    pair (both rounded first, as the next layer's norm prologue does: ``ops.Norm.reference``)."""
+    if isinstance(h, tuple):
+        h, y = h
+        return (h.astype(dtype) + y.astype(dtype)).astype(dtype)
+    return h.astype(dtype)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -174,8 +183,8 @@ class Block(nnx.Module):
             return self._fused(h, layer, cfg, rope, kv, slots, proj, adapter)
         x = rms_norm(h, None, cfg.rms_norm_eps)
         a = self.attn
-        q, k, v = proj("qkv", layer, x, (a.q, a.k, a.v), self.attn_norm.scale[...])
-        o, kv = self._attend(q, k, v, cfg, rope, kv, slots)
+        qkv = proj("qkv", layer, x, (a.q, a.k, a.v), self.attn_norm.scale[...])
+        o, kv = self._attend(qkv, cfg, rope, kv, slots)
         (o,) = proj("o", layer, o, (a.o,), None)
         h = h + o
         x = rms_norm(h, None, cfg.rms_norm_eps)
@@ -195,30 +204,36 @@ class Block(nnx.Module):
 
     def _fused(self, h, layer, cfg, rope, kv, slots, proj, adapter):
         """The same layer through a projection that takes each site's input prologue (``proj.fused``):
-        the norms, the residual add before the MLP and SiLU·up happen where the Top-K row is read,
-        and o, gate/up and down (with the adapter) hand on float32 accumulators. ``h`` may arrive as
-        the previous layer's float32 accumulator: the norm prologue rounds it to the model's dtype."""
+        the norms, the residual adds and SiLU·up happen where the Top-K row is read, and every GEMV
+        hands on its float32 accumulator. ``h`` may arrive as the previous layer's float32 accumulator
+        (La RoSA: down plus the adapter) or as a pair (h, y) whose sum is the residual (Top-K: the
+        down output y is added inside the next selection); the norm prologue rounds both to the
+        model's dtype, and ``residual`` makes the sum where no selection follows."""
         a, m = self.attn, self.mlp
         eps, dt = cfg.rms_norm_eps, a.q.kernel.dtype
-        (q, k, v), h = proj.fused("qkv", layer, h, (a.q, a.k, a.v), gain=self.attn_norm.scale[...],
-                                  prologue=ops.Norm(eps, dt))
-        o, kv = self._attend(q, k, v, cfg, rope, kv, slots)
+        h, add = h if isinstance(h, tuple) else (h, None)
+        (qkv,), h = proj.fused("qkv", layer, h, (a.q, a.k, a.v), gain=self.attn_norm.scale[...],
+                               prologue=ops.Norm(eps, dt, add=add), raw=True)  # one float32 buffer: decode_step rounds it
+        o, kv = self._attend(qkv, cfg, rope, kv, slots)
         (o,), _ = proj.fused("o", layer, o, (a.o,), raw=True)
         (gu,), h = proj.fused("gate_up", layer, h, (m.gate, m.up), gain=self.mlp_norm.scale[...],
                               prologue=ops.Norm(eps, dt, add=o), raw=True)
         if adapter is None:
-            (y,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt))
-            return h + y, kv
+            (y,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), raw=True)
+            return (h, y), kv
         (h,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), residual=(h, adapter), raw=True)
         return h, kv
 
-    def _attend(self, q, k, v, cfg, rope, kv, slots):
-        """RoPE, the cache write and attention: the o projection's input and the updated cache."""
-        b, t, _ = q.shape
+    def _attend(self, qkv, cfg, rope, kv, slots):
+        """RoPE, the cache write and attention: the o projection's input and the updated cache.
+        ``qkv``: (q, k, v), or the fused path's one float32 buffer of all three (``ops.split_qkv``)."""
         write, q_slots, start = slots
+        t, dt = rope[0].shape[1], self.attn.q.kernel.dtype
         if kv is not None and t == 1:  # decode: one kernel on GPU
-            o, keys, vals = ops.decode_step(q, k, v, *rope, kv[0], kv[1], write, start)
+            o, keys, vals = ops.decode_step(qkv, *rope, kv[0], kv[1], write, start, dtype=dt)
             return o, (keys, vals)
+        q, k, v = ops.split_qkv(qkv, cfg.num_kv_heads, cfg.head_dim, dt)
+        b = q.shape[0]
         q = ops.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), *rope)
         k = ops.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -274,7 +289,7 @@ class Transformer(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        logits = self.logits(h)
+        logits = self.logits(residual(h, self.embed.embedding.dtype))
         if cache is not None:
             cache = KVCache(k=new_k, v=new_v, pos=cache.pos + tokens.shape[1], start=cache.start)
         return logits, cache

@@ -12,6 +12,9 @@ puts the new key and value in its tile and stores that one row into the cache, w
 updates in place (aliased); the others only read. This replaces three small XLA fusions per layer
 (the q padding with RoPE and the two cache updates: 4.2 µs per layer on an H200, run 5's trace); the
 kernel itself takes 1.35 µs longer than the attention alone (eval/results/NOTES.md, run 6).
+The fused model hands it the q/k/v sparse GEMV's float32 accumulator as one buffer, read three
+times at head offsets and rounded on load, so no slice runs in between either (1.26 µs per layer,
+run 7).
 """
 
 from __future__ import annotations
@@ -146,12 +149,28 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return (xf * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
 
 
-def step_supported(q: Array, k: Array, v: Array, cache_k: Array, cache_v: Array) -> bool:
-    _, t, qd = q.shape
+def split_qkv(qkv, hkv: int, hd: int, dtype) -> tuple[Array, Array, Array]:
+    """(q, k, v) from a projection's outputs: the tuple itself, or one buffer ``[..., (Hq + 2·Hkv)·hd]``
+    (the q/k/v sparse GEMV's float32 accumulator, biases added) sliced and rounded to ``dtype``."""
+    if isinstance(qkv, (tuple, list)):
+        return tuple(qkv)
+    kd = hkv * hd
+    qd = qkv.shape[-1] - 2 * kd
+    return tuple(qkv[..., a:b].astype(dtype) for a, b in ((0, qd), (qd, qd + kd), (qd + kd, qd + 2 * kd)))
+
+
+def step_supported(qkv, cache_k: Array, cache_v: Array, dtype=jnp.bfloat16) -> bool:
     hkv, hd = cache_k.shape[2], cache_k.shape[3]
-    return (t == 1 and all(a.dtype == jnp.bfloat16 for a in (q, k, v, cache_k, cache_v))
-            and cache_k.shape[1] % BS == 0 and hd in (64, 128, 256) and qd % (hkv * hd) == 0
-            and qd // (hkv * hd) <= GP and k.shape[-1] == v.shape[-1] == hkv * hd)
+    if isinstance(qkv, (tuple, list)):
+        q, k, v = qkv
+        ok = (all(a.dtype == jnp.bfloat16 for a in qkv) and k.shape[-1] == v.shape[-1] == hkv * hd
+              and q.shape[1] == 1)
+        qd = q.shape[-1]
+    else:
+        ok = qkv.dtype in (jnp.float32, jnp.bfloat16) and dtype == jnp.bfloat16 and qkv.shape[1] == 1
+        qd = qkv.shape[-1] - 2 * hkv * hd
+    return (ok and cache_k.dtype == cache_v.dtype == jnp.bfloat16 and cache_k.shape[1] % BS == 0
+            and hd in (64, 128, 256) and qd > 0 and qd % (hkv * hd) == 0 and qd // (hkv * hd) <= GP)
 
 
 def _rope(x1, x2, c, s):
@@ -161,19 +180,22 @@ def _rope(x1, x2, c, s):
 
 
 def _step_kernel(bounds_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, o_ref, ko_ref, vo_ref,
-                 *, g, scale):
-    """Program (b, h, c). q_ref ``[Hq, hd]`` (this row), kn/vn ``[hd]`` (new key/value of head h),
-    cos/sin ``[hd/2]``, cache tiles k/v ``[BS, hd]`` and their aliased outputs ko/vo."""
+                 *, g, hq, scale):
+    """Program (b, h, c). q_ref ``[≥Hq, hd]`` (this row's first Hq heads), kn/vn ``[hd]`` (new key/value
+    of head h), cos/sin ``[hd/2]``, cache tiles k/v ``[BS, hd]`` and their aliased outputs ko/vo.
+    q/k/v are rounded to the cache's dtype first (a no-op for bf16 projections; a float32 GEMV
+    accumulator rounds as the model's own cast would)."""
     hkv_i, c = pl.program_id(1), pl.program_id(2)  # (read here: interpret mode cannot inside pl.when)
-    hq, hd = q_ref.shape
+    hd = q_ref.shape[1]
+    dt = k_ref.dtype
     half = hd // 2
     lo, write = bounds_ref[0], bounds_ref[1]  # visible slots: lo <= slot <= write (the new token's)
     s0 = c * BS
     cs, sn = cos_ref[...], sin_ref[...]
     lo_h, hi_h = pl.ds(0, half), pl.ds(half, half)
-    k1, k2 = _rope(kn_ref[lo_h], kn_ref[hi_h], cs, sn)
-    k1, k2 = k1.astype(k_ref.dtype), k2.astype(k_ref.dtype)
-    vn = vn_ref[...]
+    k1, k2 = _rope(kn_ref[lo_h].astype(dt), kn_ref[hi_h].astype(dt), cs, sn)
+    k1, k2 = k1.astype(dt), k2.astype(dt)
+    vn = vn_ref[...].astype(dt)
     here = (write >= s0) & (write < s0 + BS)  # this block holds the write slot
 
     @pl.when(here)
@@ -191,10 +213,10 @@ def _step_kernel(bounds_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k_ref, v_r
         col = jax.lax.broadcasted_iota(jnp.int32, (1, half), 1)
         qrow = jnp.minimum(hkv_i * g + r, hq - 1)
         qmask = jnp.broadcast_to(r < g, (GP, half))
-        q1 = pltriton.load(q_ref.at[qrow, col], mask=qmask, other=0.0)
-        q2 = pltriton.load(q_ref.at[qrow, col + half], mask=qmask, other=0.0)
+        q1 = pltriton.load(q_ref.at[qrow, col], mask=qmask, other=0.0).astype(dt)
+        q2 = pltriton.load(q_ref.at[qrow, col + half], mask=qmask, other=0.0).astype(dt)
         q1, q2 = _rope(q1, q2, cs[None], sn[None])
-        q1, q2 = q1.astype(q_ref.dtype), q2.astype(q_ref.dtype)
+        q1, q2 = q1.astype(dt), q2.astype(dt)
         slot_h = s0 + jax.lax.broadcasted_iota(jnp.int32, (BS, half), 0)
         kk1 = jnp.where(slot_h == write, k1[None], k_ref[:, lo_h])  # the new key, whatever the cache held
         kk2 = jnp.where(slot_h == write, k2[None], k_ref[:, hi_h])
@@ -211,25 +233,32 @@ def _step_kernel(bounds_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k_ref, v_r
         _neutral(m_ref, l_ref, o_ref)
 
 
-def decode_step_kernel(q, k, v, cos, sin, cache_k, cache_v, write, start):
+def decode_step_kernel(qkv, cos, sin, cache_k, cache_v, write, start):
     """RoPE, cache write and split-S attention of one token per row in one launch (see decode_step)."""
-    b = q.shape[0]
+    b = cache_k.shape[0]
     s_max, hkv, hd = cache_k.shape[1:]
-    hq = q.shape[-1] // hd
+    if isinstance(qkv, (tuple, list)):
+        q, k, v = qkv
+        hq = q.shape[-1] // hd
+        operands, k_head, v_head = (q.reshape(b, hq, hd), k.reshape(b, hkv, hd), v.reshape(b, hkv, hd)), 0, 0
+    else:  # one buffer: q, k and v are its head rows [0, Hq), [Hq, Hq + Hkv), [Hq + Hkv, Hq + 2·Hkv)
+        hq = qkv.shape[-1] // hd - 2 * hkv
+        buf = qkv.reshape(b, hq + 2 * hkv, hd)
+        operands, k_head, v_head = (buf, buf, buf), hq, hq + hkv
     g, nc, half = hq // hkv, s_max // BS, hd // 2
     bounds = jnp.stack([start.astype(jnp.int32), jnp.broadcast_to(write.astype(jnp.int32), (b,))], axis=1)
     cache_spec = pl.BlockSpec((None, BS, None, hd), lambda i, h, c: (i, c, h, 0))
     shapes, specs = _partial_outputs(b, hkv, nc, hd)
     m, l, o, keys, vals = pl.pallas_call(
-        functools.partial(_step_kernel, g=g, scale=hd**-0.5),
+        functools.partial(_step_kernel, g=g, hq=hq, scale=hd**-0.5),
         out_shape=[*shapes,
                    jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                    jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)],
         grid=(b, hkv, nc),
         in_specs=[pl.BlockSpec((None, 2), lambda i, h, c: (i, 0)),
                   pl.BlockSpec((None, hq, hd), lambda i, h, c: (i, 0, 0)),
-                  pl.BlockSpec((None, None, hd), lambda i, h, c: (i, h, 0)),
-                  pl.BlockSpec((None, None, hd), lambda i, h, c: (i, h, 0)),
+                  pl.BlockSpec((None, None, hd), lambda i, h, c: (i, k_head + h, 0)),
+                  pl.BlockSpec((None, None, hd), lambda i, h, c: (i, v_head + h, 0)),
                   pl.BlockSpec((None, half), lambda i, h, c: (i, 0)),
                   pl.BlockSpec((None, half), lambda i, h, c: (i, 0)),
                   cache_spec, cache_spec],
@@ -237,15 +266,15 @@ def decode_step_kernel(q, k, v, cos, sin, cache_k, cache_v, write, start):
         input_output_aliases={6: 3, 7: 4},
         compiler_params=triton_params(num_warps=4, num_stages=2),
         interpret=interpret(),
-    )(bounds, q.reshape(b, hq, hd), k.reshape(b, hkv, hd), v.reshape(b, hkv, hd),
-      cos[:, 0, :half], sin[:, 0, :half], cache_k, cache_v)
-    return _combine(m, l, o, g, q.dtype), keys, vals
+    )(bounds, *operands, cos[:, 0, :half], sin[:, 0, :half], cache_k, cache_v)
+    return _combine(m, l, o, g, cache_k.dtype), keys, vals
 
 
-def decode_step_reference(q, k, v, cos, sin, cache_k, cache_v, write, start):
+def decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start, dtype=None):
     """The jnp twin: RoPE, two cache updates, then ``decode_attention``."""
-    b = q.shape[0]
+    b = cache_k.shape[0]
     hkv, hd = cache_k.shape[2:]
+    q, k, v = split_qkv(qkv, hkv, hd, cache_k.dtype if dtype is None else dtype)
     q = apply_rope(q.reshape(b, 1, -1, hd), cos, sin)
     k = apply_rope(k.reshape(b, 1, hkv, hd), cos, sin)
     keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write, 0, 0))
@@ -253,12 +282,16 @@ def decode_step_reference(q, k, v, cos, sin, cache_k, cache_v, write, start):
     return decode_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), write, start), keys, vals
 
 
-def decode_step(q: Array, k: Array, v: Array, cos: Array, sin: Array, cache_k: Array, cache_v: Array,
-                write: Array, start: Array) -> tuple[Array, Array, Array]:
-    """Attention of one decode token per row: q ``[B,1,Hq·hd]``, k/v ``[B,1,Hkv·hd]`` (projection outputs,
-    before RoPE), cos/sin ``[B,1,hd]``, cache ``[B,S,Hkv,hd]``, the new token at slot ``write``, row b's
-    keys visible from ``start[b]``. Returns (``[B,1,Hq·hd]``, updated cache k, v): one kernel on GPU
-    (options "attn" and "rope"), the jnp twin otherwise."""
-    if enabled("attn") and enabled("rope") and step_supported(q, k, v, cache_k, cache_v):
-        return decode_step_kernel(q, k, v, cos, sin, cache_k, cache_v, write, start)
-    return decode_step_reference(q, k, v, cos, sin, cache_k, cache_v, write, start)
+def decode_step(qkv, cos: Array, sin: Array, cache_k: Array, cache_v: Array,
+                write: Array, start: Array, dtype=None) -> tuple[Array, Array, Array]:
+    """Attention of one decode token per row. ``qkv``: the projection outputs before RoPE, either
+    (q ``[B,1,Hq·hd]``, k, v ``[B,1,Hkv·hd]``) or one buffer ``[B,1,(Hq+2·Hkv)·hd]`` (the fused
+    model's q/k/v GEMV accumulator, rounded to ``dtype`` (the model's; default the cache's) inside the
+    kernel, so no slice or cast runs before it); cos/sin ``[B,1,hd]``,
+    cache ``[B,S,Hkv,hd]``, the new token at slot ``write``, row b's keys visible from ``start[b]``.
+    Returns (``[B,1,Hq·hd]``, updated cache k, v): one kernel on GPU (options
+    "attn" and "rope"), the jnp twin otherwise."""
+    dtype = cache_k.dtype if dtype is None else dtype
+    if enabled("attn") and enabled("rope") and step_supported(qkv, cache_k, cache_v, dtype):
+        return decode_step_kernel(qkv, cos, sin, cache_k, cache_v, write, start)
+    return decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start, dtype)

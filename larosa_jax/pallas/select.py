@@ -112,7 +112,8 @@ class KeepSet:
 class Norm:
     """Select on ``rms_normalize(h + add, eps, gain)``: h and add (float32 accumulators, or already in
     ``dtype``) are first rounded to ``dtype``, as the layer's own casts would; the rounded sum is the
-    new residual (``KeepSet.h``). Before q/k/v (no add) and gate/up (add = the o output)."""
+    new residual (``KeepSet.h``). Before q/k/v (add = the previous layer's down output when that layer
+    has no adapter: Top-K, La RoSA's last layer) and gate/up (add = the o output)."""
 
     eps: float
     dtype: object
