@@ -136,7 +136,7 @@ def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear], resi
                     raw: bool = False) -> tuple[Array, ...]:
     """Outputs of ``linears`` on x restricted to its keep set (plus ``r @ A`` for a ``residual``):
     at decode on GPU the sparse GEMV reads only the kept weight rows. ``raw``: one float32 output,
-    unrounded, for a selection prologue to read (``ops.sparse_matvec``)."""
+    unrounded, for a selection prologue or ``ops.decode_step`` to read (``ops.sparse_matvec``)."""
     ws = tuple(lin.kernel[...] for lin in linears)
     bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
     return ops.sparse_matvec(x, keep, ws, bs, residual, raw)

@@ -175,10 +175,11 @@ class Block(nnx.Module):
         proj: Projection,
         adapter: Array | None = None,
         adapter_axis: str | None = None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+    ) -> tuple[Array | tuple[Array, Array], tuple[Array, Array] | None]:
         """One decoder layer. ``slots`` = (write index, query slots [T], start [B]); ``adapter``: the
         fused model's d × d residual adapter into the next layer's basis (column block over
-        ``adapter_axis`` under tensor parallelism)."""
+        ``adapter_axis`` under tensor parallelism). Through ``_fused`` the returned residual may be a
+        pair (h, y) to be summed by the next layer or by :func:`residual`."""
         if getattr(proj, "fuses_norm", False) and adapter_axis is None:
             return self._fused(h, layer, cfg, rope, kv, slots, proj, adapter)
         x = rms_norm(h, None, cfg.rms_norm_eps)
@@ -289,7 +290,7 @@ class Transformer(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        logits = self.logits(residual(h, self.embed.embedding.dtype))
+        logits = self.logits(residual(h, self.embed.embedding.dtype))  # the model's one dtype
         if cache is not None:
             cache = KVCache(k=new_k, v=new_v, pos=cache.pos + tokens.shape[1], start=cache.start)
         return logits, cache

@@ -159,15 +159,19 @@ def split_qkv(qkv, hkv: int, hd: int, dtype) -> tuple[Array, Array, Array]:
     return tuple(qkv[..., a:b].astype(dtype) for a, b in ((0, qd), (qd, qd + kd), (qd + kd, qd + 2 * kd)))
 
 
-def step_supported(qkv, cache_k: Array, cache_v: Array, dtype=jnp.bfloat16) -> bool:
+def step_supported(qkv, cache_k: Array, cache_v: Array, dtype=None) -> bool:
+    """Whether the kernel takes these operands; ``dtype``: what a buffer rounds to (default the cache's).
+    The kernel rounds to the cache's dtype, so both must be bf16."""
     hkv, hd = cache_k.shape[2], cache_k.shape[3]
+    dtype = cache_k.dtype if dtype is None else dtype
     if isinstance(qkv, (tuple, list)):
         q, k, v = qkv
         ok = (all(a.dtype == jnp.bfloat16 for a in qkv) and k.shape[-1] == v.shape[-1] == hkv * hd
               and q.shape[1] == 1)
         qd = q.shape[-1]
     else:
-        ok = qkv.dtype in (jnp.float32, jnp.bfloat16) and dtype == jnp.bfloat16 and qkv.shape[1] == 1
+        ok = (qkv.dtype in (jnp.float32, jnp.bfloat16) and dtype == jnp.bfloat16 and qkv.ndim == 3
+              and qkv.shape[:2] == (cache_k.shape[0], 1))
         qd = qkv.shape[-1] - 2 * hkv * hd
     return (ok and cache_k.dtype == cache_v.dtype == jnp.bfloat16 and cache_k.shape[1] % BS == 0
             and hd in (64, 128, 256) and qd > 0 and qd % (hkv * hd) == 0 and qd // (hkv * hd) <= GP)
@@ -181,7 +185,7 @@ def _rope(x1, x2, c, s):
 
 def _step_kernel(bounds_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, o_ref, ko_ref, vo_ref,
                  *, g, hq, scale):
-    """Program (b, h, c). q_ref ``[≥Hq, hd]`` (this row's first Hq heads), kn/vn ``[hd]`` (new key/value
+    """Program (b, h, c). q_ref ``[Hq, hd]`` (this row's q heads), kn/vn ``[hd]`` (new key/value
     of head h), cos/sin ``[hd/2]``, cache tiles k/v ``[BS, hd]`` and their aliased outputs ko/vo.
     q/k/v are rounded to the cache's dtype first (a no-op for bf16 projections; a float32 GEMV
     accumulator rounds as the model's own cast would)."""
@@ -286,8 +290,9 @@ def decode_step(qkv, cos: Array, sin: Array, cache_k: Array, cache_v: Array,
                 write: Array, start: Array, dtype=None) -> tuple[Array, Array, Array]:
     """Attention of one decode token per row. ``qkv``: the projection outputs before RoPE, either
     (q ``[B,1,Hq·hd]``, k, v ``[B,1,Hkv·hd]``) or one buffer ``[B,1,(Hq+2·Hkv)·hd]`` (the fused
-    model's q/k/v GEMV accumulator, rounded to ``dtype`` (the model's; default the cache's) inside the
-    kernel, so no slice or cast runs before it); cos/sin ``[B,1,hd]``,
+    model's q/k/v GEMV accumulator, rounded to ``dtype`` (the model's; default the cache's) as it is
+    read: the kernel rounds to the cache's dtype and takes only ``dtype`` = cache dtype = bf16, so
+    no slice or cast runs before it); cos/sin ``[B,1,hd]``,
     cache ``[B,S,Hkv,hd]``, the new token at slot ``write``, row b's keys visible from ``start[b]``.
     Returns (``[B,1,Hq·hd]``, updated cache k, v): one kernel on GPU (options
     "attn" and "rope"), the jnp twin otherwise."""

@@ -250,8 +250,9 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
     (with one warning naming them) the jnp twin.
 
     ``raw``: one float32 output holding every weight's outputs side by side, not yet rounded to the
-    weights' dtype (the kernel's accumulator itself: its consumer, a selection prologue, rounds it,
-    so no cast or slice runs in between)."""
+    weights' dtype (the kernel's accumulator itself: its consumer, a selection prologue or the
+    decode-step kernel, rounds it, so no cast or slice runs in between; the jnp twin stores its
+    rounded outputs in float32, or float64 for float64 weights)."""
     ws, bs = tuple(ws), tuple(bs)
     if residual is not None and len(ws) != 1:
         raise ValueError(f"sparse_matvec: a residual goes with one weight, got {len(ws)}")
