@@ -112,7 +112,8 @@ def test_decode_step_kernel_matches_jnp(b, hq, hkv, hd, s, write, buffer):
     # what it cannot take goes to the twin
     assert not da.step_supported((q.astype(jnp.float32), k, v), cache_k, cache_v)
     assert not da.step_supported(qkv, cache_k[:, :-1], cache_v[:, :-1])
-    assert not da.step_supported(qkv, cache_k, cache_v, jnp.float32) or not buffer
+    if buffer:  # a buffer for a float32 model: the kernel would round it to the bf16 cache's dtype
+        assert not da.step_supported(qkv, cache_k, cache_v, jnp.float32)
 
 
 def test_decode_with_the_attention_kernels_matches_the_jnp_path(monkeypatch):

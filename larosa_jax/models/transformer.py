@@ -241,9 +241,7 @@ class Block(nnx.Module):
         if kv is None:  # full forward without cache: keys are this call's tokens
             keys, vals, k_slots = k, v, q_slots
         else:  # prefill
-            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write, 0, 0))
-            vals = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write, 0, 0))
-            kv = (keys, vals)
+            kv = keys, vals = ops.write_cache(kv[0], kv[1], k, v, write)
             k_slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
         return attend(q, keys.astype(q.dtype), vals.astype(q.dtype), q_slots, k_slots, start), kv
 

@@ -159,6 +159,12 @@ def split_qkv(qkv, hkv: int, hd: int, dtype) -> tuple[Array, Array, Array]:
     return tuple(qkv[..., a:b].astype(dtype) for a, b in ((0, qd), (qd, qd + kd), (qd + kd, qd + 2 * kd)))
 
 
+def write_cache(cache_k: Array, cache_v: Array, k: Array, v: Array, write: Array) -> tuple[Array, Array]:
+    """The cache with k, v ``[B, T, Hkv, hd]`` stored at slots ``write ...`` (cast to the cache's dtype)."""
+    return (jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write, 0, 0)),
+            jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write, 0, 0)))
+
+
 def step_supported(qkv, cache_k: Array, cache_v: Array, dtype=None) -> bool:
     """Whether the kernel takes these operands; ``dtype``: what a buffer rounds to (default the cache's).
     The kernel rounds to the cache's dtype, so both must be bf16."""
@@ -281,8 +287,7 @@ def decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start, dtype=N
     q, k, v = split_qkv(qkv, hkv, hd, cache_k.dtype if dtype is None else dtype)
     q = apply_rope(q.reshape(b, 1, -1, hd), cos, sin)
     k = apply_rope(k.reshape(b, 1, hkv, hd), cos, sin)
-    keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write, 0, 0))
-    vals = jax.lax.dynamic_update_slice(cache_v, v.reshape(b, 1, hkv, hd).astype(cache_v.dtype), (0, write, 0, 0))
+    keys, vals = write_cache(cache_k, cache_v, k, v.reshape(b, 1, hkv, hd), write)
     return decode_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), write, start), keys, vals
 
 
