@@ -7,8 +7,10 @@ after a warm-up call on the same shapes; the median of ``--repeats`` runs is rep
 
 ``--configs`` lists what to decode besides ``dense``: ``larosa@P`` (the fused, deployable La RoSA
 model: γ and Q folded, d × d adapters between layers, Top-K at every site; the official α_rot with
-α_plain solved so that the effective sparsity is exactly P) and ``topk@P`` (Top-K without rotation,
-no adapters, α = 1: the TEAL-like peer). ``--batch`` lists batch sizes. Speed-ups are against dense
+α_plain solved so that the effective sparsity is exactly P), ``topk@P`` (Top-K without rotation,
+no adapters, α = 1: the TEAL-like peer) and ``teal@P`` (TEAL itself: per-layer, per-site magnitude
+thresholds at the p-quantile of |x|, calibrated on the prompt; no selection at decode, so each
+token's sparsity scatters around P; ``teal_realized`` records it on a second prompt). ``--batch`` lists batch sizes. Speed-ups are against dense
 at the same batch, in the same run.
 
 Roofline: bytes read per decode step = every weight matrix (the lm_head in full; the embedding
@@ -75,9 +77,11 @@ from larosa_jax.pallas.sparse_gemv import NARROW, NARROW_TILE, WIDE_TILE  # noqa
 from larosa_jax.models.random_init import random_model  # noqa: E402
 from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa: E402
 from larosa_jax.search import alpha_plain_for  # noqa: E402
-from larosa_jax.sparse_model import sparsify  # noqa: E402
+from larosa_jax.models.transformer import dense_projection  # noqa: E402
+from larosa_jax.sparse_model import SparseModel, sparsify  # noqa: E402
 from kernel_trace import kernel_profile, print_profile  # noqa: E402  (eval/kernel_trace.py)
-from larosa_jax.sparsity import SITES, SparseConfig, SparsityError, site_dims, site_ks, site_params  # noqa: E402
+from larosa_jax.sparsity import (SITES, SparseConfig, SparsityError, TealProjection, site_dims, site_ks,  # noqa: E402
+                                 site_params)
 
 HF_CONFIGS = {
     "llama2-7b": {
@@ -204,8 +208,8 @@ def parse_configs(text: str) -> list[tuple[str, float]]:
             pv = float(p)
         except ValueError:
             pv = -1.0
-        if m not in ("larosa", "larosa-a1", "topk") or not 0 < pv < 1:
-            raise SystemExit(f"--configs: {c!r} is not METHOD@P with METHOD larosa, larosa-a1 or topk and 0 < P < 1")
+        if m not in ("larosa", "larosa-a1", "topk", "teal") or not 0 < pv < 1:
+            raise SystemExit(f"--configs: {c!r} is not METHOD@P with METHOD larosa, larosa-a1, topk or teal and 0 < P < 1")
         out.append((m, pv))
     return out
 
@@ -217,6 +221,8 @@ def sparse_config(cfg: ModelConfig, method: str, p: float) -> SparseConfig:
         return SparseConfig("dense")
     if method == "topk":
         return SparseConfig("topk", "faithful", p, "uniform")
+    if method == "teal":
+        return SparseConfig("teal", "faithful", p)
     a_rot = 1.0 if method == "larosa-a1" else SparseConfig("larosa", "fused", p).alphas()[0]
     return SparseConfig("larosa", "fused", p, (a_rot, alpha_plain_for(cfg, a_rot)))
 
@@ -243,9 +249,16 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
     for method, p in configs:
         graphdef0, state0, specs = bases[method.startswith("larosa")]
         sc = sparse_config(cfg, method, p)
+        teal = None
         if method == "dense":
             m = nnx.merge(graphdef0, state0)
             ks, eff = None, 0.0
+        elif method == "teal":
+            base = nnx.merge(graphdef0, state0)
+            thresholds, teal = teal_calibration(base, _prompt(cfg, 1, args.prompt), _prompt(cfg, 1, args.prompt, seed=1), p)
+            m = SparseModel(base, sc, TealProjection(thresholds))
+            dims = site_dims(cfg)
+            ks, eff = {s: int(round((1 - p) * dims[s])) for s in SITES}, m.effective_sparsity
         else:
             m = sparsify(nnx.merge(graphdef0, state0), None, sc)
             ks, eff = site_ks(cfg, sc), m.effective_sparsity
@@ -265,6 +278,8 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
                        kv_heads=cfg.num_kv_heads, vocab=cfg.vocab_size, prompt=args.prompt, new_tokens=args.new,
                        weight_bytes_per_step=wbytes, kv_bytes_per_step_mean=kvbytes, roofline_ms_per_token=roof_ms,
                        pct_of_roofline=100 * roof_ms / ms_tok, build_seconds=t_build)
+            if teal is not None:
+                res["teal_realized"] = teal
             if method == "dense":
                 dense_ms[b] = (ms_tok, wbytes + kvbytes)
             if b in dense_ms:
@@ -295,9 +310,36 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
     return results
 
 
-def _prompt(cfg: ModelConfig, batch: int, n: int) -> jax.Array:
-    rng = np.random.RandomState(0)
+def _prompt(cfg: ModelConfig, batch: int, n: int, seed: int = 0) -> jax.Array:
+    rng = np.random.RandomState(seed)
     return jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, n)), jnp.int32)
+
+
+def teal_calibration(model, tokens, held, p: float) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
+    """TEAL's thresholds for this (random) model: the p-quantile of |x| at every site and layer over
+    the prompt ``tokens`` (γ applied, as TEAL compares), and the sparsity they give on ``held``
+    tokens, per site and layer (decode tokens see their own)."""
+    cfg = model.config
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def quantiles(state, tokens, thresholds):
+        got, frac = {s: [] for s in SITES}, {s: [] for s in SITES}
+
+        def capture(site, layer, x, linears, gain=None):
+            a = jnp.abs((x if gain is None else gain * x).astype(jnp.float32))
+            got[site].append(jnp.quantile(a.reshape(-1), p))
+            frac[site].append(jnp.mean(a <= thresholds[SITES.index(site), layer]))
+            return dense_projection(site, layer, x, linears, gain)
+
+        nnx.merge(graphdef, state)(tokens, proj=capture)
+        return {s: jnp.stack(v) for s, v in got.items()}, {s: jnp.stack(v) for s, v in frac.items()}
+
+    none = jnp.zeros((len(SITES), cfg.num_layers), jnp.float32)
+    th, _ = quantiles(state, tokens, none)
+    th = {s: np.asarray(v) for s, v in th.items()}
+    _, frac = quantiles(state, held, jnp.stack([jnp.asarray(th[s]) for s in SITES]))
+    return th, {s: np.asarray(v).round(4).tolist() for s, v in frac.items()}
 
 
 def time_decode(name: str, what: str, graphdef, state, cfg: ModelConfig, batch: int, args) -> dict:
@@ -499,7 +541,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
     sparse = [r for r in everything if r.get("method", "dense") != "dense" or r.get("batch", 1) != 1]
     if sparse:
         lines += ["", "Sparse decode (random bf16 weights; `larosa` = the fused model with d × d adapters, `topk` = no "
-                  "rotation, no adapters). Speed-up is against dense at the same batch in this run; ideal = dense bytes "
+                  "rotation, no adapters, `teal` = TEAL's magnitude thresholds calibrated on the prompt, no selection; its realized "
+                  "sparsity on a second prompt is listed below). Speed-up is against dense at the same batch in this run; ideal = dense bytes "
                   "per step / sparse bytes per step (kept weight rows, adapters, lm_head, KV cache), for per-token keep sets.", "",
                   "| model | config | effective sparsity | batch | ms/step | tokens/s | speed-up vs dense | ideal | % of roofline |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -508,6 +551,15 @@ def markdown(meta: dict, results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {r['config']} | {r['effective_sparsity']:.3f} | {r['batch']} | {r['ms_per_token']:.3f} | "
                          f"{r['batch'] * r['tokens_per_s']:.1f} | " + (f"{sp:.3f}x | {r['ideal_speedup']:.3f}x" if sp else " | ")
                          + f" | {r['pct_of_roofline']:.1f} |")
+    teal = [r for r in everything if r.get("teal_realized")]
+    if teal:
+        lines += ["", "TEAL thresholds on a second random prompt (fraction of entries at or under the threshold; "
+                  "mean, min and max over layers):", "", "| model | config | " + " | ".join(SITES) + " |",
+                  "| --- | --- | " + " | ".join("---:" for _ in SITES) + " |"]
+        for r in teal:
+            fr = r["teal_realized"]
+            lines.append(f"| {r['model']} | {r['config']} | " + " | ".join(
+                f"{np.mean(fr[s]):.3f} ({min(fr[s]):.3f}-{max(fr[s]):.3f})" for s in SITES) + " |")
     prof = [r for r in everything if r.get("profile", {}).get("top")]
     for r in prof:
         pr = r["profile"]
@@ -586,6 +638,8 @@ def main(argv=None):
     for n in names:  # every (model, config) must have valid k at every site before minutes of benchmarking
         cfg = ModelConfig.from_hf(tiny(HF_CONFIGS[n]) if args.tiny else HF_CONFIGS[n], source=n)
         for method, p in parse_configs(args.configs):
+            if method == "teal":  # thresholds, no k
+                continue
             try:
                 site_ks(cfg, sparse_config(cfg, method, p))
             except SparsityError as e:

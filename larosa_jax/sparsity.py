@@ -17,7 +17,7 @@ from flax import nnx
 
 from . import pallas as ops
 from .config import ModelConfig
-from .models.transformer import Linear, dense_projection
+from .models.transformer import _List, Linear, dense_projection
 
 Array = jax.Array
 METHODS = ("dense", "topk", "teal", "cats", "larosa")
@@ -217,15 +217,35 @@ class RotatedTopKProjection(nnx.Module):
 
 
 class TealProjection(nnx.Module):
-    """TEAL: per-layer, per-site magnitude thresholds (calibration quantiles at p)."""
+    """TEAL: per-layer, per-site magnitude thresholds (calibration quantiles at p).
+
+    Like :class:`TopKProjection` it takes each site's input prologue (:meth:`fused`): at batch-1
+    decode on GPU no selection runs, the sparse GEMV compares each entry with the threshold as it
+    reads the row, and the norms happen in a search-free launch of the selection kernel."""
+
+    fuses_norm = True
 
     def __init__(self, thresholds: dict[str, Array]):
         self.thresholds = Stat(jnp.stack([jnp.asarray(thresholds[s], jnp.float32) for s in SITES]))  # [site, L]
+        # each threshold's pair for bf16 rows, one array per (layer, site): made per site at decode, or
+        # sliced from one stacked array, each pair cost its own ~1.1 µs XLA launch (H200 trace, run 8)
+        bf16_row = jnp.zeros((1, 1), jnp.bfloat16)
+        self.pairs = _List([Stat(ops.magnitude_threshold(bf16_row, t)) for t in self.thresholds[...].T.reshape(-1)])
 
     def __call__(self, site, layer, x, linears, gain=None):
-        x = _gained(x, gain)
-        keep = ops.select_threshold(x, self.thresholds[SITES.index(site), layer], width(linears))
-        return kept_projection(x, keep, linears)
+        return self.fused(site, layer, x, linears, gain=gain)[0]
+
+    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, raw=False):
+        """``(outputs, h)`` as :meth:`TopKProjection.fused` (γ always applied: TEAL runs on the plain model)."""
+        if prologue is None:
+            x = _gained(x, gain)
+        elif gain is not None:
+            prologue = dataclasses.replace(prologue, gain=gain)
+        i = SITES.index(site)
+        bf16 = (x.dtype if prologue is None else prologue.dtype) == jnp.bfloat16
+        keep = ops.select_threshold(x, self.thresholds[i, layer], width(linears), prologue=prologue,
+                                    pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None)
+        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep.h
 
 
 class CatsProjection(nnx.Module):

@@ -24,13 +24,15 @@ def test_bench_decode_tiny_sparse_configs(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     bd = _script("bench_decode")
     out = tmp_path / "decode"
-    bd.main(["--tiny", "--models", "qwen2-7b", "--configs", "larosa@0.5,topk@0.25", "--batch", "1,2",
+    bd.main(["--tiny", "--models", "qwen2-7b", "--configs", "larosa@0.5,topk@0.25,teal@0.5", "--batch", "1,2",
              "--prompt", "8", "--new", "4", "--out", str(out)])
     doc = json.loads(Path(str(out) + ".json").read_text())
     rows = {(r["config"], r["batch"]): r for r in doc["results"]}
-    assert set(rows) == {(c, b) for c in ("dense", "larosa@0.5", "topk@0.25") for b in (1, 2)}
+    assert set(rows) == {(c, b) for c in ("dense", "larosa@0.5", "topk@0.25", "teal@0.5") for b in (1, 2)}
     assert abs(rows[("larosa@0.5", 1)]["effective_sparsity"] - 0.5) < 0.01  # α_plain solved for effective = p
     assert abs(rows[("topk@0.25", 1)]["effective_sparsity"] - 0.25) < 0.01
+    realized = rows[("teal@0.5", 1)]["teal_realized"]  # thresholds from one prompt, checked on another
+    assert set(realized) == {"qkv", "o", "gate_up", "down"} and all(0.3 < v < 0.7 for fr in realized.values() for v in fr)
     for (c, b), r in rows.items():
         assert r["speedup_vs_dense"] > 0 and r["ideal_speedup"] >= 1.0
         assert (r["ideal_speedup"] > 1.0) == (c != "dense")
@@ -41,8 +43,8 @@ def test_bench_decode_tiny_sparse_configs(tmp_path, monkeypatch):
 
 def test_bench_decode_rejects_bad_configs():
     bd = _script("bench_decode")
-    with pytest.raises(SystemExit, match="larosa, larosa-a1 or topk and 0 < P < 1"):
-        bd.parse_configs("teal@0.5")
+    with pytest.raises(SystemExit, match="larosa, larosa-a1, topk or teal and 0 < P < 1"):
+        bd.parse_configs("cats@0.5")
     with pytest.raises(SystemExit, match="not METHOD@P"):
         bd.parse_configs("larosa@1.5")
     # La RoSA at 75%: the official α_rot leaves α_plain < 0, refused before any benchmarking; α_rot = 1 fits

@@ -177,6 +177,31 @@ def test_select_topk_prologue_dispatch(monkeypatch):
         ops.select_topk(gu, 1001, prologue=ops.Gated(jnp.bfloat16))
 
 
+@pytest.mark.parametrize("d", [576, 4096, 3584])
+def test_select_threshold_with_norm_prologue_matches_the_twin(d, monkeypatch):
+    """TEAL in the fused path: the selection kernel without the search makes the row and the residual
+    and keeps exactly the entries of |row| > τ (τ rounded to bf16, as the twin compares), for τ below,
+    inside and above the row's range."""
+    rng = np.random.default_rng(d)
+    h = jnp.asarray(rng.standard_normal((1, 1, d)), jnp.float32)
+    o = jnp.asarray(rng.standard_normal((1, 1, d)), jnp.float32)
+    g = jnp.asarray(rng.uniform(0.5, 2.0, d), jnp.bfloat16)
+    pro = ops.Norm(1e-5, jnp.bfloat16, add=o, gain=g)
+    for tau in (-1.0, 0.0, 0.7313, 1.5, 100.0):
+        monkeypatch.delenv("LAROSA_PALLAS_INTERPRET", raising=False)
+        ref = ops.select_threshold(h, jnp.float32(tau), prologue=pro)
+        assert ref.packed is None
+        monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+        ks = ops.select_threshold(h, jnp.float32(tau), 3 * d, prologue=pro)
+        assert ks.packed is not None and ks.zeros.shape == (3 * d,) and not np.asarray(ks.zeros).any()
+        np.testing.assert_array_equal(np.asarray(ks.h, np.float32), np.asarray(ref.h, np.float32))
+        np.testing.assert_allclose(np.asarray(ks.x, np.float32), np.asarray(ref.x, np.float32), rtol=8e-3, atol=1e-30)
+        row = np.asarray(ks.x, np.float32)
+        want = np.abs(row) > np.float32(jnp.asarray(tau, jnp.bfloat16))
+        np.testing.assert_array_equal(np.asarray(ops.keep_mask(ks.x, ks.thr)), want)
+        assert int(ks.packed[0, 2]) == int(want.sum())
+
+
 def test_topk_matches_a_sort_and_rejects_bad_k():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 2, 300)), jnp.float32)
@@ -436,6 +461,8 @@ def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
                                                 (1, "gemv,attn,select,sparse,tail,norm", "larosa"),
                                                 (1, "gemv,attn,select,sparse,tail,norm,gated", "larosa"),
                                                 (1, "gemv,attn,select,sparse,tail,norm,gated", "topk"),
+                                                (1, "gemv,attn,select,sparse,tail,norm,rope", "teal"),
+                                                (1, "gemv,attn,select,sparse,tail,norm,gated,gather", "teal"),
                                                 (4, "gemv,attn,select,sparse,side,norm", "larosa")])
 def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, method, monkeypatch):
     """La RoSA's fused model, bf16: prefill + decode steps with every kernel (interpret mode) give the
@@ -451,10 +478,19 @@ def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, method, mo
         "architectures": ["Qwen2ForCausalLM"], "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
         "tie_word_embeddings": False, "rms_norm_eps": 1e-6})
-    fused = method == "larosa"  # La RoSA fused (adapters, gains folded) or Top-K on the plain model (γ applied)
-    sm = sparsify(random_model(cfg, jnp.bfloat16, seed=3, adapters=fused), None,
-                  SparseConfig(method, "fused" if fused else "faithful", 0.5))
+    fused = method == "larosa"  # La RoSA fused (adapters, gains folded) or Top-K / TEAL on the plain model (γ applied)
+    base = random_model(cfg, jnp.bfloat16, seed=3, adapters=fused)
     prompt = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, 6)), jnp.int32)
+    if method == "teal":  # thresholds at the median |x| of the prompt's activations (γ applied), per site and layer
+        from _helpers import capture
+        from larosa_jax.sparse_model import SparseModel
+        from larosa_jax.sparsity import SITES, TealProjection
+
+        rec = capture(base, prompt)
+        th = {s: np.array([np.median(np.abs(rec[f"{s}.{l}"].astype(np.float32))) for l in range(2)]) for s in SITES}
+        sm = SparseModel(base, SparseConfig("teal", "faithful", 0.5), TealProjection(th))
+    else:
+        sm = sparsify(base, None, SparseConfig(method, "fused" if fused else "faithful", 0.5))
 
     def run():
         cache = init_cache(cfg, batch, 64, jnp.bfloat16)

@@ -398,3 +398,28 @@ def test_alpha_grid_points_are_valid_and_keep_effective_sparsity(cfg_name, p):
         assert all(1 <= ks[s] <= d for s, d in site_dims(cfg).items())
         eff = effective_sparsity_of(cfg, sc)
         assert abs(eff - p) <= tol, f"α=({a_rot:.4f}, {a_plain:.4f}): effective {eff:.5f} at p={p}"
+
+
+def test_teal_bf16_pairs_are_the_threshold_in_the_rows_dtype():
+    """A bf16 TEAL projection compares with its precomputed pairs: the same keep set as |x·γ| > τ
+    rounded to bf16, at every site, with τ chosen between bf16 neighbours (where float32 would differ)."""
+    from larosa_jax.models.random_init import random_model
+
+    cfg = small_config()
+    model = random_model(cfg, jnp.bfloat16, seed=2)
+    rng = np.random.default_rng(3)
+    dims = site_dims(cfg)
+    L = cfg.num_layers
+    taus = {s: rng.uniform(0.3, 0.9, L).astype(np.float32) for s in SITES}
+    proj = TealProjection(taus)
+    for layer in range(L):
+        linears = _site_linears(model.layers[layer])
+        for site in SITES:
+            x = jnp.asarray(rng.standard_normal((1, 3, dims[site])), jnp.bfloat16)
+            gain = jnp.asarray(rng.uniform(0.5, 1.5, dims[site]), jnp.bfloat16) if SITE_TYPE[site] == "rot" else None
+            xin = x if gain is None else gain * x
+            tau = jnp.asarray(taus[site][layer], jnp.bfloat16)
+            want = dense_projection(site, layer, jnp.where(jnp.abs(xin) > tau, xin, 0), linears[site])
+            got = proj(site, layer, x, linears[site], gain)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

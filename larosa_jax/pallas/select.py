@@ -392,12 +392,11 @@ def select_topk(x: Array, k: int | Array, width: int = 0, side: tuple[Array, Arr
     (Norm) or "gated" (Gated), else with its jnp twin before the selection."""
     d = x.shape[-1] if prologue is None else prologue.width(x)
     check_k(k, d)
-    kernel = enabled("select") and _one_row(x) and d <= MAX_D
     if prologue is not None:
-        if not (kernel and enabled("gated" if isinstance(prologue, Gated) else "norm") and prologue.dtype == jnp.bfloat16):
+        if not _prologue_in_kernel(x, d, prologue):
             row, h = prologue.reference(x)
             return dataclasses.replace(select_topk(row, k, width, side), x=row, h=h)
-    elif not (kernel and supported(x)):
+    elif not (enabled("select") and _one_row(x) and supported(x)):
         return KeepSet(topk_threshold(x, k))
     compact = enabled("gather")
     with_side = enabled("side") and side_supported(side) and _one_row(side[0])
@@ -410,9 +409,38 @@ def select_topk(x: Array, k: int | Array, width: int = 0, side: tuple[Array, Arr
     return dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
 
 
-def select_threshold(x: Array, tau: Array, width: int = 0) -> KeepSet:
-    """TEAL/CATS ``|x| > τ`` keep set; on GPU for one bf16 row like :func:`select_topk`."""
-    return select_pairs(x, magnitude_threshold(x, tau), width)
+def select_threshold(x: Array, tau: Array, width: int = 0, prologue: Norm | Gated | None = None,
+                     pairs: Array | None = None) -> KeepSet:
+    """TEAL/CATS ``|x| > τ`` keep set; on GPU for one bf16 row like :func:`select_topk`.
+
+    With a ``prologue`` (TEAL in a decoder's fused path) the threshold applies to the row it makes.
+    A Norm prologue runs in the selection kernel without the search (the given pair, the row, the
+    residual and the GEMV's zeroed accumulator in one launch); a Gated one in its jnp twin unless
+    "gated" is on (on one SM SiLU·up costs more than XLA's fusion, eval/results/NOTES.md).
+    ``pairs``: τ's threshold pair ``[1, 2]`` for the row's dtype, made once ahead (state), so that no
+    XLA op turns τ into it at every decode step."""
+    lead = x.shape[:-1]
+
+    def thr_of(row):
+        return magnitude_threshold(row, tau) if pairs is None else jnp.broadcast_to(pairs, (*lead, 2))
+
+    if prologue is None:
+        return select_pairs(x, thr_of(x), width)
+    d = prologue.width(x)
+    if not _prologue_in_kernel(x, d, prologue):
+        row, h = prologue.reference(x)
+        return dataclasses.replace(select_pairs(row, thr_of(row), width), x=row, h=h)
+    thr = thr_of(jnp.zeros((*lead, 1), prologue.dtype))  # τ rounded as the row will be
+    compact = enabled("gather")
+    outs = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2), compact=compact, zeros=width, prologue=prologue)
+    keep = _kernel_keep(thr, outs, compact, width, False, prologue)
+    return dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
+
+
+def _prologue_in_kernel(x: Array, d: int, prologue: Norm | Gated) -> bool:
+    """Whether the selection kernel makes the prologue's row (one row, bf16, its option on)."""
+    return (enabled("select") and _one_row(x) and d <= MAX_D and prologue.dtype == jnp.bfloat16
+            and enabled("gated" if isinstance(prologue, Gated) else "norm"))
 
 
 def select_pairs(x: Array, thr: Array, width: int = 0) -> KeepSet:
