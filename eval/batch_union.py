@@ -26,12 +26,13 @@ from larosa_jax.sparse_model import sparsify
 from larosa_jax.sparsity import SITES, SparseConfig, site_params
 
 
-def record_masks():
-    """Patch the sparse projection so each call also appends its keep mask (site order qkv, o, gate_up, down)."""
+def record_sites(what=lambda x, keep: np.asarray(ops.keep_mask(x, keep.thr))):
+    """Patch the sparse projection so each call also appends ``what(row, keep set)`` (by default the keep
+    mask; site order qkv, o, gate_up, down)."""
     rec, orig = [], sparsity.kept_projection
 
     def hook(x, keep, linears, residual=None, raw=False):
-        rec.append(np.asarray(ops.keep_mask(x, keep.thr)))
+        rec.append(what(x, keep))
         return orig(x, keep, linears, residual, raw)
 
     sparsity.kept_projection = hook
@@ -75,7 +76,7 @@ def main(argv=None):
         ap.error(f"--text {args.text}: {len(ids)} tokens, need {args.rows} × {args.seqlen}")
     starts = np.random.default_rng(0).choice(len(ids) - args.seqlen, args.rows, replace=False)
     tokens = jnp.asarray(np.stack([ids[s:s + args.seqlen] for s in starts]), jnp.int32)
-    rec = record_masks()
+    rec = record_sites()
     res = {}
     for method, mode in [("larosa", "fused"), ("topk", "faithful")]:
         for p in (float(v) for v in args.sparsity.split(",")):

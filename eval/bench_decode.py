@@ -446,14 +446,14 @@ def edit_flags(flags: str, edit: str) -> str:
 def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, variants) -> dict:
     """The whole decode call with parts of the GPU path switched off (A/B against the default).
 
-    ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel; ``gather``:
-    the batch-1 sparse GEMV on compacted indices instead of masked tiles; ``side``: the residual
+    ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel; ``masked``:
+    the batch-1 sparse GEMV on masked tiles instead of compacted indices; ``side``: the residual
     adapter's GEMV on the down-site selection kernel's spare programs, not in its own launch;
     ``nograph``: default kernels, XLA command buffers (CUDA graphs) off; ``+FLAG`` / ``-FLAG`` edits
     (e.g. ``-tail+side``): this run's kernel flags with those added or removed.
     """
     flags_for = {"xla": "0", "gemv": "gemv", "attn": "attn", "nograph": None, "default": None,
-                 "gather": edit_flags(DEFAULT_KERNELS, "+gather"), "side": edit_flags(DEFAULT_KERNELS, "+side")}
+                 "masked": edit_flags(DEFAULT_KERNELS, "-gather"), "side": edit_flags(DEFAULT_KERNELS, "+side")}
     for v in variants:  # "-tail+side": this run's kernel flags with tail removed and side added
         if v not in flags_for:
             flags_for[v] = edit_flags(os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS), v)
@@ -499,7 +499,7 @@ def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args
 # ----------------------------------------------------------------------------- output
 _VARIANT_LABEL = {"xla": "XLA only (LAROSA_PALLAS=0)", "gemv": "Pallas GEMV, XLA attention",
                   "attn": "Pallas attention, XLA GEMV", "nograph": "default, no CUDA graphs",
-                  "gather": "sparse GEMV on compacted indices", "side": "adapter GEMV beside the down selection"}
+                  "masked": "sparse GEMV on masked tiles", "side": "adapter GEMV beside the down selection"}
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
@@ -514,6 +514,7 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"Roofline: (weights read per step incl. lm_head + mean live KV cache) / copy bandwidth "
         f"{meta['bandwidth']['copy_GBps']:.0f} GB/s (device-to-device copy, read + write bytes, measured in the same run; "
         f"read-only reduction {meta['bandwidth']['read_only_GBps']:.0f} GB/s).",
+        f"Kernel options (`LAROSA_PALLAS`): {meta.get('larosa_pallas', 'not recorded')}; the variant columns edit these.",
         "",
         "| model | weights GB/step | KV MB/step | tokens/s | ms/token | roofline ms/token | % of roofline |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -618,7 +619,7 @@ def main(argv=None):
                     help="comma list of MODEL[:CONFIG] (MODEL may be 'all', CONFIG defaults to dense) to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
     ap.add_argument("--variants", default=None,
-                    help="comma list of xla,gemv,attn,gather,side,nograph or flag edits like -tail+side (decode A/B)")
+                    help="comma list of xla,gemv,attn,masked,side,nograph or flag edits like -tail+side (decode A/B)")
     ap.add_argument("--variants-model", default="all",
                     help="comma list of MODEL[:CONFIG] (or 'all'; CONFIG defaults to dense) for --variants, at batch 1")
     ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")

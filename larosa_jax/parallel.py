@@ -156,7 +156,7 @@ class RowParallel(nnx.Module):
             thr = ops.topk_threshold(full, ks[SITES.index(site)])
             off = jax.lax.axis_index(self.axis) * x.shape[-1]
             thr = jnp.stack([thr[..., 0], jnp.clip(thr[..., 1] - off, 0, x.shape[-1])], axis=-1)
-            outs = kept_projection(x, ops.select_pairs(x, thr), linears)
+            outs = kept_projection(x, ops.KeepSet(thr), linears)
         return tuple(jax.lax.psum(o.astype(jnp.float32), self.axis).astype(o.dtype) for o in outs)
 
 

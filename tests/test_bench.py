@@ -69,3 +69,24 @@ def test_bench_kernels_tiny_checks_and_writes(tmp_path, monkeypatch):
     errs = [r["rel_err"] for r in doc["results"] if r["op"] == "sparse"]
     assert errs and max(errs) < 1e-2
     assert "select+sparse 0.5" in Path(str(out) + ".md").read_text()
+
+
+def test_select_window_reports_hit_rates_on_real_rows(tmp_path):
+    """eval/select_window.py end to end on the bundled stories260K: a hit rate per site, sparsity and
+    method, each the fraction of token rows ``window_hits`` accepts, written as JSON and Markdown."""
+    from _helpers import TEXT_FILE, stories, stories_stats_dir
+
+    sw = _script("select_window")
+    out = tmp_path / "sw"
+    doc = sw.main([str(stories().ckpt), str(stories_stats_dir("fused")), "--text", str(TEXT_FILE), "--rows", "2",
+                   "--seqlen", "64", "--sparsity", "0.5", "--out", str(out)])
+    assert set(doc["results"]) == {"larosa@0.5", "topk@0.5"}
+    for row in doc["results"].values():
+        for s, v in row.items():
+            assert 0.0 <= v["worst_layer"] <= v["hit_rate"] <= 1.0, (s, v)
+            assert 1 <= v["k"] < v["d"]
+    assert json.loads((tmp_path / "sw.json").read_text())["results"] == doc["results"]
+    assert "| larosa@0.5 |" in (tmp_path / "sw.md").read_text()
+    with pytest.raises(SystemExit):
+        sw.main([str(stories().ckpt), str(stories_stats_dir("fused")), "--text", str(tmp_path / "none.txt"),
+                 "--out", str(out)])

@@ -74,6 +74,68 @@ def test_select_kernel_breaks_ties_towards_lower_indices(k):
     _check_compaction(x, np.asarray(packed), order, want)
 
 
+def _window_rows(d, rng):
+    """Rows whose k-th magnitude the window search finds inside its window (Gaussian, Laplace) and rows it
+    does not (1% outliers 1000x larger inflate mean|x|; constant rows; zeros), for every k tried."""
+    return np.stack([rng.standard_normal(d), rng.laplace(size=d) * 1e-3,
+                     rng.standard_normal(d) * np.where(rng.random(d) < 0.01, 1000, 1), np.ones(d), np.zeros(d),
+                     rng.integers(-3, 4, d)])
+
+
+@pytest.mark.parametrize("d", [576, 11008, 18944])
+def test_window_search_is_exact_inside_and_outside_its_window(d):
+    """The windowed search writes the same pairs as the full bisection, whether the k-th magnitude lies
+    in the window (packed column 3 = 1) or not, and its flag is the one ``window_hits`` predicts."""
+    rng = np.random.default_rng(d + 1)
+    x = jnp.asarray(_window_rows(d, rng), jnp.bfloat16)
+    for k in (1, d // 4, d // 2, 3 * d // 4):
+        win = np.asarray(sel.select_kernel(x, jnp.int32(k), compact=False, window=True)[0])
+        full = np.asarray(sel.select_kernel(x, jnp.int32(k), compact=False, window=False)[0])
+        np.testing.assert_array_equal(win[:, :3], full[:, :3])
+        assert (full[:, 3] == 0).all()
+        got = np.asarray(sel.keep_mask(x, win[:, :2]))
+        np.testing.assert_array_equal(got, np.asarray(sel.keep_mask(x, sel.topk_threshold_reference(x, k))))
+        assert (got.sum(-1) == k).all()
+        np.testing.assert_array_equal(win[:, 3], np.asarray(sel.window_hits(x, k)).astype(np.int32))
+        assert win[0, 3] == 1 and win[1, 3] == 1, f"Gaussian / Laplace rows outside the window at k={k}"
+        if k >= d // 4:
+            assert win[2, 3] == 0, "outlier row should miss the window (exercises the fallback)"
+
+
+def test_window_search_at_the_widest_row():
+    """D = 2^15 = MAX_D: a count of 2^15 in the packed check's high half must still read back right."""
+    d = sel.MAX_D
+    x = jnp.asarray(np.stack([np.ones(d), np.random.default_rng(0).standard_normal(d)]), jnp.bfloat16)
+    for k in (d, d // 2):
+        win = np.asarray(sel.select_kernel(x, jnp.int32(k), compact=False, window=True)[0])
+        full = np.asarray(sel.select_kernel(x, jnp.int32(k), compact=False, window=False)[0])
+        np.testing.assert_array_equal(win[:, :3], full[:, :3])
+        np.testing.assert_array_equal(win[:, 3], np.asarray(sel.window_hits(x, k)).astype(np.int32))
+    assert win[1, 3] == 1
+
+
+@pytest.mark.parametrize("d,chunk", [(3000, 512), (11008, 1024)])
+def test_select_kernel_compaction_split_over_programs(d, chunk):
+    """On GPU each row's compaction is split over programs (each searches the row and stores one slice of
+    the positions); the split gives the whole-row result, with and without a Norm prologue, whose outputs
+    only the row's first program writes."""
+    rng = np.random.default_rng(d)
+    x = jnp.asarray(rng.standard_normal((2, d)), jnp.bfloat16)
+    k = jnp.int32(_k(0.6, d))
+    for a, b in zip(sel.select_kernel(x, k, chunk=chunk, zeros=700), sel.select_kernel(x, k, zeros=700)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _check_compaction(x, np.asarray(sel.select_kernel(x, k, chunk=chunk)[0]), sel.select_kernel(x, k, chunk=chunk)[1],
+                      np.asarray(sel.keep_mask(x, sel.topk_threshold_reference(x, k))))
+    h = jnp.asarray(rng.standard_normal((1, d)), jnp.float32)
+    gain = jnp.asarray(rng.uniform(0.5, 2, d), jnp.bfloat16)
+    gu = jnp.asarray(rng.standard_normal((1, 2 * d)) * 2, jnp.float32)
+    for inp, pro, n_out in ((h, sel.Norm(1e-5, jnp.bfloat16, h * 0.5, gain), 4), (gu, sel.Gated(jnp.bfloat16), 3)):
+        split, whole = sel.select_kernel(inp, k, chunk=chunk, prologue=pro), sel.select_kernel(inp, k, prologue=pro)
+        assert len(split) == n_out
+        for a, b in zip(split, whole):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_select_kernel_compacts_a_given_threshold():
     """TEAL's |x| > τ: the kernel skips the search and only compacts (count varies by row)."""
     rng = np.random.default_rng(2)
@@ -230,19 +292,16 @@ def test_select_dispatch_uses_the_kernel_for_one_bf16_row(monkeypatch):
     monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
     rng = np.random.default_rng(5)
     one = jnp.asarray(rng.standard_normal((1, 1, 1000)), jnp.bfloat16)
-    ks = ops.select_topk(one, 300, 2048)  # default: pairs and the GEMV's zeroed accumulator, no compaction
-    assert ks.order is None and int(ks.packed[0, 2]) == 300 and ks.thr.shape == (1, 1, 2)
+    ks = ops.select_topk(one, 300, 2048)  # default: pairs, compacted kept indices, the GEMV's zeroed accumulator
+    assert ks.order is not None and int(ks.packed[0, 2]) == 300 and ks.thr.shape == (1, 1, 2)
     assert ks.zeros.shape == (2048,) and not np.asarray(ks.zeros).any()
-    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse,gather")
-    ks = ops.select_topk(one, 300)
-    assert ks.order is not None and int(ks.packed[0, 2]) == 300 and ks.zeros is None
     assert ops.select_topk(one.astype(jnp.float32), 300).order is None  # float32: the jnp twin
     assert ops.select_topk(jnp.concatenate([one, one]), 300).order is None  # two rows: pairs only
-    kt = ops.select_threshold(one, jnp.float32(0.5))  # gather on: compacted by the kernel
-    assert int(kt.packed[0, 2]) == int(np.sum(np.abs(np.asarray(one, np.float32)) > 0.5))
-    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse")
-    kt = ops.select_threshold(one, jnp.float32(0.5), 2048)  # masked tiles read the pairs: no kernel
-    assert kt.packed is None and kt.zeros is None and kt.thr.shape == (1, 1, 2)
+    kt = ops.select_threshold(one, jnp.float32(0.5), 2048)  # TEAL: masked tiles read the pairs, no kernel
+    assert kt.packed is None and kt.zeros is None and kt.order is None and kt.thr.shape == (1, 1, 2)
+    monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse")  # no "gather": pairs for masked tiles
+    ks = ops.select_topk(one, 300)
+    assert ks.order is None and int(ks.packed[0, 2]) == 300 and ks.zeros is None
 
 
 # ----------------------------------------------------------------------------- sparse GEMV
@@ -361,10 +420,10 @@ def test_sparse_matvec_dispatch_bias_batch_and_fallbacks(monkeypatch):
     rng = np.random.default_rng(4)
     ws = tuple(jnp.asarray(rng.standard_normal((256, n)) * 0.06, jnp.bfloat16) for n in (256, 64, 64))
     bs = tuple(jnp.asarray(rng.standard_normal((n,)), jnp.bfloat16) for n in (256, 64, 64))  # Qwen2 q/k/v biases
-    for rows in (1, 4):  # [B, T=1, D] as at decode: masked-tile kernel for one token, XLA for four
+    for rows in (1, 4):  # [B, T=1, D] as at decode: gather kernel for one token (default flags), XLA for four
         x = jnp.asarray(rng.standard_normal((rows, 1, 256)), jnp.bfloat16)
         keep = ops.select_topk(x, 100, 384)
-        assert (keep.packed is not None) == (rows == 1) and keep.order is None
+        assert (keep.packed is not None) == (rows == 1) and (keep.order is not None) == (rows == 1)
         got = ops.sparse_matvec(x, keep, ws, bs)
         want = ops.sparse_matvec_reference(x, keep.thr, ws, bs)
         for g, w in zip(got, want):
@@ -444,7 +503,7 @@ def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
         assert (keep.order is not None) == (rows == 1 and gather)
         calls.clear()
         (got,) = ops.sparse_matvec(x, keep, (w,), (b,), residual=(r, a))
-        assert len(calls) == (0 if rows == 1 and (side or ("tail" in extra and not gather)) else 1)  # gather: no tail
+        assert len(calls) == (0 if rows == 1 and (side or "tail" in extra) else 1)
         xs = np.asarray(ops.apply(x, keep.thr), np.float64)
         want = xs @ np.asarray(w, np.float64) + np.asarray(b, np.float64) + np.asarray(r, np.float64) @ np.asarray(a, np.float64)
         assert got.shape == (rows, 1, 576) and got.dtype == jnp.bfloat16
@@ -463,6 +522,7 @@ def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
                                                 (1, "gemv,attn,select,sparse,tail,norm,gated", "topk"),
                                                 (1, "gemv,attn,select,sparse,tail,norm,rope", "teal"),
                                                 (1, "gemv,attn,select,sparse,tail,norm,gated,gather", "teal"),
+                                                (1, "default", "larosa"), (1, "default", "topk"),
                                                 (4, "gemv,attn,select,sparse,side,norm", "larosa")])
 def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, method, monkeypatch):
     """La RoSA's fused model, bf16: prefill + decode steps with every kernel (interpret mode) give the
@@ -504,7 +564,10 @@ def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, method, mo
 
     want = run()
     monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
-    monkeypatch.setenv("LAROSA_PALLAS", flags)
+    if flags == "default":
+        monkeypatch.delenv("LAROSA_PALLAS", raising=False)
+    else:
+        monkeypatch.setenv("LAROSA_PALLAS", flags)
     sg._warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every shape here tiles: no fallback

@@ -15,7 +15,7 @@ def acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-DEFAULT_KERNELS = "gemv,attn,rope,select,sparse,tail,norm"
+DEFAULT_KERNELS = "gemv,attn,rope,select,sparse,tail,norm,window,gather"
 
 
 def rms_normalize(x: jax.Array, eps: float, gain: jax.Array | None = None) -> jax.Array:
@@ -36,13 +36,16 @@ def enabled(what: str) -> bool:
     twins; "tail" puts the fused model's residual adapter r·A in the down site's sparse GEMV launch
     (extra dense tiles) instead of XLA's dot; "norm" runs the residual add and RMSNorm before q/k/v
     and gate/up inside their selection kernels instead of XLA's small fusions; "rope" (with "attn")
-    does a decode token's RoPE and cache write in the attention kernel.
+    does a decode token's RoPE and cache write in the attention kernel; "window" starts the Top-K
+    search in a window guessed from the row's mean |x| (same result, fewer counting steps);
+    "gather": a batch-1 Top-K selection also compacts the kept indices (split over programs) and the
+    sparse GEMV reads dense tiles of kept rows instead of masked tiles (TEAL's given thresholds keep
+    the masked tiles, which need no selection launch).
 
-    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled options (default all seven, or "0"
-    for none). Opt-in, all measured slower in decode on an H200 (eval/results/NOTES.md): "side", the
-    adapter's GEMV on the down selection kernel's spare programs; "gather", the batch-1 sparse GEMV
-    on compacted kept indices instead of masked tiles; "gated", SiLU(gate)·up inside the down
-    selection kernel (15.8 µs at D = 11008, against 7.7 µs + one 1.4 µs XLA fusion).
+    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled options (default all nine, or "0"
+    for none). Opt-in, both measured slower in decode on an H200 (eval/results/NOTES.md): "side", the
+    adapter's GEMV on the down selection kernel's spare programs; "gated", SiLU(gate)·up inside the
+    down selection kernel (15.8 µs at D = 11008, against 7.7 µs + one 1.4 µs XLA fusion).
     ``LAROSA_PALLAS_INTERPRET=1`` turns them on elsewhere in Pallas interpret mode (tests).
     """
     flags = os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS)

@@ -6,11 +6,13 @@ Top-K (exactly k entries, ties at the k-th magnitude broken towards lower indice
 magnitude threshold (``|x| > τ``: t = bits(τ), m = 0) are both such pairs, so one GEMV kernel
 serves every method without materialising the masked vector.
 
-The kernel (bf16 rows, one program per row) bisects the 15 magnitude bits of a bf16, cuts ties
-with a cumulative count and optionally compacts the kept indices for the gather GEMV; the jnp twin
-bisects the float32 bits the same way. A one-row selection is bound by latency and leaves all but
-one SM idle, so spare programs of the same launch do independent work beside it: zero-filling the
-next GEMV's accumulator, or a whole dense GEMV r·A (La RoSA's residual adapter, ``fusion.py``).
+The kernel (bf16 rows) bisects the magnitude bits of a bf16, within a two-octave window guessed
+from the row's mean |x| when one count confirms the k-th magnitude lies there (else all 15 bits),
+cuts ties with a cumulative count and optionally compacts the kept indices for the gather GEMV, a
+row's compaction split over several programs; the jnp twin bisects the float32 bits. A one-row
+selection is bound by latency and leaves most SMs idle, so spare programs of the same launch do
+independent work beside it: zero-filling the next GEMV's accumulator, or a whole dense GEMV r·A
+(La RoSA's residual adapter, ``fusion.py``).
 A *prologue* lets the kernel make its row from the layer's float32 accumulators first (``Norm``:
 residual add and RMSNorm before q/k/v and gate/up; ``Gated``: SiLU(gate)·up before down), in
 place of XLA's small fusions between the launches.
@@ -89,6 +91,20 @@ def topk_threshold_reference(x: Array, k: int | Array) -> Array:
     return jnp.stack([t, m], axis=-1)
 
 
+def window_hits(x: Array, k: int | Array) -> Array:
+    """Whether the kernel's window search (option "window") finds each row's k-th largest |x| inside its
+    window, so that it skips the top bits' bisection: the kernel's own test (its packed column 3), in jnp,
+    for measuring on real activations (eval/select_window.py). x is rounded to bf16 as the kernel reads it."""
+    d = x.shape[-1]
+    xb = x.astype(jnp.bfloat16)
+    k = jnp.asarray(k, jnp.int32)
+    mag = jax.lax.shift_right_logical(magnitude_bits(xb), 16)
+    w = window_base(xb.astype(jnp.float32), k, d)
+    c_lo = jnp.sum(mag >= w, axis=-1, dtype=jnp.int32)
+    c_top = jnp.sum(mag >= w + (1 << WINDOW_BITS), axis=-1, dtype=jnp.int32)
+    return (c_lo >= k) & (c_top < k)
+
+
 # ----------------------------------------------------------------------------- keep sets
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -146,20 +162,31 @@ class Gated:
 
 
 MAG_BITS, MAX_D = 15, 1 << 15  # magnitude bits of a bf16; widest row
+# The search window (option "window"): 2^8 bf16 codes span two octaves of |x|; its low end sits
+# 2^-1.25 below the Laplace guess. On SmolLM2's real rows the k-th magnitude over mean|x|·ln(D/k) lay
+# within 2^-2.2 … 2^0.65 (1st/99th percentiles, any site, p = 0.25-0.5; most sites far narrower), on
+# Gaussian rows it is 2^-0.2 … 2^0.6 for keep fractions 0.1-0.9.
+WINDOW_BITS, WINDOW_LOW = 8, 2.0 ** -1.25
 
 
 ZB = 1024  # zero-fill chunk per spare program
+CHUNK = 1024  # compaction: entries whose positions one program stores
 SBN, SBK = 32, 256  # side GEMV: columns per spare program (128 programs for d = 4096), rows per loop step
 
 
-def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k, pro, eps):
+def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chunks, nz, side_k, pro, eps):
     """Top-K threshold pair (``search``) or a given one, then (``compact``) the compacted kept indices.
 
     Search: bisection over the 15 magnitude bits of a bf16 (15 dependent reductions; on an H200 a
-    k-ary search counting 3 or 7 candidates per step in one reduction ran slower), then ties at
-    the k-th magnitude are cut towards lower indices with one cumulative count.
+    k-ary search counting 3 or 7 candidates per step in one reduction ran slower), or with ``window``
+    over 8 of them when one check finds the answer in the guessed window (:func:`_window_search`),
+    then ties at the k-th magnitude are cut towards lower indices with one cumulative count.
     Compaction: a cumulative count gives each kept entry its rank; kept indices go to the front of
-    ``order`` in ascending order, dropped ones after them (a permutation: no masked stores).
+    ``order`` in ascending order, dropped ones after them (a permutation). Each row has ``chunks``
+    programs that all search it and each place one ``CHUNK``-wide slice of it (its kept count before the
+    slice, a cumulative count within): one program compacting a whole row took 9 µs at D = 11008 on an
+    H200, and the other SMs sit idle during a one-row selection anyway. The row's first program writes
+    the pair and the prologue's outputs.
     Programs past the rows either zero-fill a float32 buffer of ``nz`` entries, or (``side_k``) each
     compute ``SBN`` columns of r·A over all ``side_k`` rows of A.
     ``pro`` (a prologue: "norm", "norm+add", "norm+gain", "norm+add+gain" or "gated") makes the row
@@ -175,21 +202,21 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k,
         pro_refs["row"] = outs[int(compact)]
         if pro != "gated":
             pro_refs["h"] = outs[int(compact) + 1]
-    row = pl.program_id(0)
+    prog, rc = pl.program_id(0), r * chunks
     if nz:
         zero_out = outs[-1]
 
-        @pl.when(row >= r)
+        @pl.when(prog >= rc)
         def _():
-            z = (row - r) * ZB + jax.lax.broadcasted_iota(jnp.int32, (ZB,), 0)
+            z = (prog - rc) * ZB + jax.lax.broadcasted_iota(jnp.int32, (ZB,), 0)
             pltriton.store(zero_out.at[z], jnp.zeros((ZB,), jnp.float32), mask=z < nz)
 
     if side_k:
         side_out = outs[-1]
 
-        @pl.when(row >= r)
+        @pl.when(prog >= rc)
         def _():
-            c0 = pl.multiple_of((row - r) * SBN, SBN)
+            c0 = pl.multiple_of((prog - rc) * SBN, SBN)
             bk = _side_rows(side_k)
 
             def body(i, acc):
@@ -200,52 +227,101 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, compact, nz, side_k,
             acc = jax.lax.fori_loop(0, side_k // bk, body, jnp.zeros((bk, SBN), jnp.float32))
             side_out[pl.ds(c0, SBN)] = jnp.sum(acc, axis=0)
 
-    @pl.when(row < r)
+    @pl.when(prog < rc)
     def _():
-        _select_row(row, arg_ref, x_ref, thr_out, outs[0] if compact else None, d=d, dp=dp, search=search,
-                    pro=pro, pro_refs=pro_refs, eps=eps)
+        _select_row(prog // chunks, arg_ref, x_ref, thr_out, outs[0] if compact else None, d=d, dp=dp, search=search,
+                    window=window, pro=pro, pro_refs=pro_refs, eps=eps, chunk=prog % chunks, chunks=chunks)
 
 
 def _pro_inputs(pro: str | None) -> list[str]:
     return [n for n in ("add", "gain") if pro and n in pro.split("+")]
 
 
-def _prologue(row, x_ref, idx, *, d, dp, pro, refs, eps):
-    """The selection's row from a prologue's inputs (see :class:`Norm`, :class:`Gated`), stored for the GEMV."""
-    valid = idx < d
-    ld = lambda ref, i=row: pltriton.load(ref.at[pl.ds(i, 1), pl.ds(0, dp)], mask=valid, other=0.0)  # noqa: E731
+def _make_row(ld, x_ref, row, *, pro, refs, d, eps, scale=None):
+    """The selection's row (over the columns ``ld`` loads) from a prologue's inputs (see :class:`Norm`,
+    :class:`Gated`): ``(row, a Norm's rounded residual h, its RMS scale)``. A slice of the row takes the
+    whole row's ``scale``, so it holds the very values the whole row does."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     if pro == "gated":  # row i of [g | u] viewed as rows 2i (g) and 2i + 1 (u)
         g, u = ld(x_ref, 2 * row).astype(bf16).astype(f32), ld(x_ref, 2 * row + 1).astype(bf16).astype(f32)
-        y = (g / (1.0 + jnp.exp(-g)) * u).astype(bf16)
-    else:
-        h = ld(x_ref).astype(bf16)
-        if "add" in refs:
-            h = (h.astype(f32) + ld(refs["add"]).astype(bf16).astype(f32)).astype(bf16)
-        pltriton.store(refs["h"].at[pl.ds(row, 1), pl.ds(0, dp)], h, mask=valid)
-        hf = h.astype(f32)
-        y = (hf * jax.lax.rsqrt(jnp.sum(hf * hf) / d + eps)).astype(bf16)
-        if "gain" in refs:
-            gain = pltriton.load(refs["gain"].at[pl.ds(0, 1), pl.ds(0, dp)], mask=valid, other=0.0)
-            y = (y.astype(f32) * gain.astype(f32)).astype(bf16)
-    pltriton.store(refs["row"].at[pl.ds(row, 1), pl.ds(0, dp)], y, mask=valid)
-    return y
+        return (g / (1.0 + jnp.exp(-g)) * u).astype(bf16), None, None
+    h = ld(x_ref, row).astype(bf16)
+    if "add" in refs:
+        h = (h.astype(f32) + ld(refs["add"], row).astype(bf16).astype(f32)).astype(bf16)
+    hf = h.astype(f32)
+    if scale is None:
+        scale = jax.lax.rsqrt(jnp.sum(hf * hf) / d + eps)
+    y = (hf * scale).astype(bf16)
+    if "gain" in refs:
+        y = (y.astype(f32) * ld(refs["gain"], 0).astype(f32)).astype(bf16)
+    return y, h, scale
 
 
-def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search, pro=None, pro_refs=None, eps=0.0):
+def _loader(c0: int | Array, width: int, d: int):
+    """Masked loads of columns ``[c0, c0 + width)`` of one row of a ref (zeros past D)."""
+    cols = c0 + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    return lambda ref, i: pltriton.load(ref.at[pl.ds(i, 1), pl.ds(c0, width)], mask=cols < d, other=0.0)
+
+
+def _prologue(row, x_ref, idx, *, d, dp, pro, refs, eps, lead):
+    """The whole row from a prologue's inputs, stored (and a Norm's rounded residual) for the GEMV by the
+    row's ``lead`` program; returns (row, RMS scale)."""
+    valid = idx < d
+    y, h, scale = _make_row(_loader(0, dp, d), x_ref, row, pro=pro, refs=refs, d=d, eps=eps)
+    if h is not None:
+        pltriton.store(refs["h"].at[pl.ds(row, 1), pl.ds(0, dp)], h, mask=valid & lead)
+    pltriton.store(refs["row"].at[pl.ds(row, 1), pl.ds(0, dp)], y, mask=valid & lead)
+    return y, scale
+
+
+def _bisect(mag: Array, k: Array, lo: Array, top: int, bottom: int) -> Array:
+    """Decide bits ``top - 1 … bottom`` above ``lo``: the largest ``lo + j·2^bottom`` (j < 2^(top - bottom))
+    with count(mag >= it) >= k, given that lo satisfies it (one dependent reduction per bit)."""
+    for bit in range(top - 1, bottom - 1, -1):
+        mid = lo + (1 << bit)
+        lo = jnp.where(jnp.sum((mag >= mid).astype(jnp.int32)) >= k, mid, lo)
+    return lo
+
+
+def window_base(x: Array, k: Array, d: int) -> Array:
+    """The window's lowest bf16 magnitude code: mean|x| · ln(D/k) (the k-th largest |x| of a Laplace row)
+    times ``WINDOW_LOW``. Shared by the kernel and :func:`window_hits` (x: float32 ``[..., D]``, zero padded)."""
+    g = jnp.sum(jnp.abs(x), axis=-1, keepdims=True) / d * jnp.log(d / k.astype(jnp.float32)) * WINDOW_LOW
+    return jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(g, jnp.int32), 16)
+
+
+def _window_search(x: Array, mag: Array, k: Array, d: int) -> tuple[Array, Array]:
+    """Bisection inside a window of ``2^WINDOW_BITS`` codes guessed from the row's mean |x|, after one
+    check that the k-th magnitude lies in it (both counts in one reduction); outside it, the top bits are
+    bisected first as without a window. Exact either way; (k-th magnitude code, 1 if inside)."""
+    w = window_base(x.astype(jnp.float32), k, d)  # [1, 1]
+    top = w + (1 << WINDOW_BITS)
+    # both counts (<= MAX_D = 2^15) in one int32 sum: low and high 16 bits (read back unsigned)
+    c = jnp.sum((mag >= w).astype(jnp.int32) + jax.lax.shift_left((mag >= top).astype(jnp.int32), 16))
+    c_lo, c_top = c & 0xFFFF, jax.lax.shift_right_logical(c, 16)
+    inside = (c_lo >= k) & (c_top < k)
+    w = jnp.sum(w)  # the scalar
+    lo = jax.lax.cond(inside, lambda: w, lambda: _bisect(mag, k, jnp.int32(0), MAG_BITS, WINDOW_BITS))
+    return _bisect(mag, k, lo, WINDOW_BITS, 0), inside.astype(jnp.int32)
+
+
+def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search, window=False, pro=None, pro_refs=None, eps=0.0,
+                chunk=0, chunks=1):
     idx = jax.lax.broadcasted_iota(jnp.int32, (1, dp), 1)
+    lead = chunk == 0  # the row's program that writes the pair and the prologue's outputs
     if pro:
-        x = _prologue(row, x_ref, idx, d=d, dp=dp, pro=pro, refs=pro_refs, eps=eps)
+        x, scale = _prologue(row, x_ref, idx, d=d, dp=dp, pro=pro, refs=pro_refs, eps=eps, lead=lead)
     else:  # the row, read as a power of two wide (Triton's shapes) with a masked load: no padded copy
         x = pltriton.load(x_ref.at[pl.ds(row, 1), pl.ds(0, dp)], mask=idx < d, other=0.0)
     bits = jnp.where(idx < d, magnitude_bits(x), -1)  # padding: below every threshold >= 0
+    inside = jnp.int32(0)
     if search:
         k = arg_ref[0]
         mag = jnp.where(idx < d, jax.lax.shift_right_logical(bits, 16), -1)  # bf16 bits (exact for bf16 x)
-        lo = jnp.int32(0)  # invariant: count(mag >= lo) >= k
-        for bit in range(MAG_BITS - 1, -1, -1):
-            mid = lo + (1 << bit)
-            lo = jnp.where(jnp.sum((mag >= mid).astype(jnp.int32)) >= k, mid, lo)
+        if window:
+            lo, inside = _window_search(x, mag, k, d)
+        else:
+            lo = _bisect(mag, k, jnp.int32(0), MAG_BITS, 0)
         tied = mag == lo
         room = k - jnp.sum((mag > lo).astype(jnp.int32))  # >= 1
         rank = jnp.cumsum(tied.astype(jnp.int32), axis=1)
@@ -254,15 +330,24 @@ def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search, pro=N
     else:
         t, m = arg_ref[row, 0], arg_ref[row, 1]
     keep = (bits > t) | ((bits == t) & (idx < m))
-    if order_out is not None:
-        rank = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # inclusive
-        n = jnp.sum(keep.astype(jnp.int32))
-        pos = jnp.where(keep, rank - 1, n + idx - rank)
-        pltriton.store(order_out.at[row, pos[0]], idx[0])
-    else:
-        n = jnp.sum(keep.astype(jnp.int32))
-    col = jax.lax.broadcasted_iota(jnp.int32, (1, 4), 1)  # Triton wants power-of-two shapes: (t, m, n, 0)
-    thr_out[pl.ds(row, 1), :] = jnp.where(col == 0, t, jnp.where(col == 1, m, jnp.where(col == 2, n, 0)))
+    n = jnp.sum(keep.astype(jnp.int32))
+    if order_out is not None:  # this program's slice of the row: its entries' places in the permutation
+        cw = dp // chunks
+        c0 = pl.multiple_of(chunk * cw, cw)
+        cidx = c0 + jax.lax.broadcasted_iota(jnp.int32, (1, cw), 1)
+        ld = _loader(c0, cw, d)
+        if pro:
+            xc = _make_row(ld, x_ref, row, pro=pro, refs=pro_refs, d=d, eps=eps, scale=scale)[0]
+        else:
+            xc = ld(x_ref, row)
+        cbits = jnp.where(cidx < d, magnitude_bits(xc), -1)
+        ckeep = (cbits > t) | ((cbits == t) & (cidx < m))
+        rank = jnp.sum((keep & (idx < c0)).astype(jnp.int32)) + jnp.cumsum(ckeep.astype(jnp.int32), axis=1)  # inclusive
+        pos = jnp.where(ckeep, rank - 1, n + cidx - rank)
+        pltriton.store(order_out.at[row, pos[0]], cidx[0])
+    col = jax.lax.broadcasted_iota(jnp.int32, (1, 4), 1)  # Triton wants power-of-two shapes: (t, m, n, in window)
+    pair = jnp.where(col == 0, t, jnp.where(col == 1, m, jnp.where(col == 2, n, inside)))
+    pltriton.store(thr_out.at[pl.ds(row, 1), :], pair, mask=jnp.broadcast_to(lead, (1, 4)))
 
 
 def supported(x: Array) -> bool:
@@ -287,13 +372,16 @@ def _side_rows(k: int) -> int:
 
 def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *, compact: bool = True,
                   zeros: int = 0, side: tuple[Array, Array] | None = None, warps: int | None = None,
-                  prologue: Norm | Gated | None = None) -> list[Array]:
-    """One program per row of ``x [R, D]`` (bf16; with a ``prologue`` its inputs, of any float dtype,
-    from which the bf16 rows are made): Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
-    ``[R, 4]`` (threshold pair, kept count, 0), then ``[R, dp]`` kept indices first (``compact``),
+                  prologue: Norm | Gated | None = None, window: bool = True, chunk: int | None = None) -> list[Array]:
+    """One program per row of ``x [R, D]`` (D/chunk when compacting; bf16, or with a ``prologue`` its
+    inputs, of any float dtype, from which the bf16 rows are made): Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
+    ``[R, 4]`` (threshold pair, kept count, 1 where a ``window`` search found the k-th magnitude inside
+    its window, else 0), then ``[R, dp]`` kept indices first (``compact``),
     then the prologue's rows ``[R, D]`` (and a Norm's rounded residual ``[R, D]``), then a float32
     zero buffer ``[zeros]`` (when ``zeros`` > 0) or the float32 product ``r @ A`` ``[N]`` of
-    ``side = (r, A)`` (see :func:`side_supported`), both made by spare programs."""
+    ``side = (r, A)`` (see :func:`side_supported`), both made by spare programs. ``chunk``: entries per
+    compacting program, a power of two (default ``CHUNK`` on GPU, the whole row in interpret mode, which
+    runs programs one after another)."""
     r = x.shape[0]
     d = x.shape[1] if prologue is None else prologue.width(x)
     dp = max(1 << (d - 1).bit_length(), 16)
@@ -330,11 +418,12 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
         spare = a.shape[1] // SBN
         operands += [rv.reshape(-1).astype(a.dtype), a]
     eps = float(prologue.eps) if isinstance(prologue, Norm) else 0.0
+    chunks = dp // min(dp, chunk or (dp if interpret() else CHUNK)) if compact else 1
     return pl.pallas_call(
-        functools.partial(_select_kernel, r=r, d=d, dp=dp, search=search, compact=compact, nz=zeros, side_k=side_k,
-                          pro=pro, eps=eps),
+        functools.partial(_select_kernel, r=r, d=d, dp=dp, search=search, window=window, compact=compact, chunks=chunks,
+                          nz=zeros, side_k=side_k, pro=pro, eps=eps),
         out_shape=shapes,
-        grid=(r + spare,),  # whole-array refs, indexed by the program's row
+        grid=(r * chunks + spare,),  # whole-array refs, indexed by the program's row
         compiler_params=triton_params(num_warps=warps, num_stages=3 if side_k else 1),  # stages: the side loop
         interpret=interpret(),
     )(*operands)
@@ -361,7 +450,7 @@ def topk_threshold(x: Array, k: int | Array) -> Array:
     if not (enabled("select") and supported(x)):
         return topk_threshold_reference(x, k)
     lead = x.shape[:-1]
-    thr = topk_threshold_kernel(x.reshape(-1, x.shape[-1]), k)
+    thr = topk_threshold_kernel(x.reshape(-1, x.shape[-1]), k, window=enabled("window"))
     return thr.reshape(*lead, 2)
 
 
@@ -401,7 +490,7 @@ def select_topk(x: Array, k: int | Array, width: int = 0, side: tuple[Array, Arr
     compact = enabled("gather")
     with_side = enabled("side") and side_supported(side) and _one_row(side[0])
     outs = select_kernel(x.reshape(1, -1), k, compact=compact, zeros=0 if with_side else width,
-                         side=side if with_side else None, prologue=prologue)
+                         side=side if with_side else None, prologue=prologue, window=enabled("window"))
     keep = _kernel_keep(outs[0][:, :2].reshape(*x.shape[:-1], 2), outs, compact, width, with_side, prologue)
     if prologue is None:
         return keep
@@ -418,22 +507,23 @@ def select_threshold(x: Array, tau: Array, width: int = 0, prologue: Norm | Gate
     residual and the GEMV's zeroed accumulator in one launch); a Gated one in its jnp twin unless
     "gated" is on (on one SM SiLU·up costs more than XLA's fusion, eval/results/NOTES.md).
     ``pairs``: τ's threshold pair ``[1, 2]`` for the row's dtype, made once ahead (state), so that no
-    XLA op turns τ into it at every decode step."""
+    XLA op turns τ into it at every decode step. The kept indices are never compacted here: the
+    masked-tile GEMV reads the pair in place, so the o and down sites need no selection launch at all
+    (TEAL's decode was measured so, eval/results/NOTES.md)."""
     lead = x.shape[:-1]
 
     def thr_of(row):
         return magnitude_threshold(row, tau) if pairs is None else jnp.broadcast_to(pairs, (*lead, 2))
 
     if prologue is None:
-        return select_pairs(x, thr_of(x), width)
+        return KeepSet(thr_of(x))
     d = prologue.width(x)
     if not _prologue_in_kernel(x, d, prologue):
         row, h = prologue.reference(x)
-        return dataclasses.replace(select_pairs(row, thr_of(row), width), x=row, h=h)
+        return KeepSet(thr_of(row), x=row, h=h)
     thr = thr_of(jnp.zeros((*lead, 1), prologue.dtype))  # τ rounded as the row will be
-    compact = enabled("gather")
-    outs = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2), compact=compact, zeros=width, prologue=prologue)
-    keep = _kernel_keep(thr, outs, compact, width, False, prologue)
+    outs = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2), compact=False, zeros=width, prologue=prologue)
+    keep = _kernel_keep(thr, outs, False, width, False, prologue)
     return dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
 
 
@@ -441,15 +531,6 @@ def _prologue_in_kernel(x: Array, d: int, prologue: Norm | Gated) -> bool:
     """Whether the selection kernel makes the prologue's row (one row, bf16, its option on)."""
     return (enabled("select") and _one_row(x) and d <= MAX_D and prologue.dtype == jnp.bfloat16
             and enabled("gated" if isinstance(prologue, Gated) else "norm"))
-
-
-def select_pairs(x: Array, thr: Array, width: int = 0) -> KeepSet:
-    """The keep set of given threshold pairs ``thr [..., 2]``. The masked-tile GEMV reads the pairs
-    themselves, so only the gather GEMV needs a kernel here (one bf16 row on GPU: the compaction)."""
-    if enabled("select") and enabled("gather") and supported(x) and _one_row(x):
-        outs = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2), zeros=width)
-        return _kernel_keep(thr, outs, True, width, False)
-    return KeepSet(thr)
 
 
 def topk(x: Array, k: int | Array) -> Array:

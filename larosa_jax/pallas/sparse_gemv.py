@@ -4,26 +4,27 @@ W is input-major ``[D_in, D_out]``, so a dropped input entry is a whole weight r
 leave HBM. Both kernels run one program per weight tile with no loop and add their float32 partial
 products atomically into one buffer holding every output side by side, zeroed by the selection
 kernel's spare programs. At a fused model's down site La RoSA's residual product r·A joins the same
-sum: as extra dense tiles of the masked GEMV's launch (``tail``, the default: 0.12 ms per token
-faster than XLA's dot in a Llama-2-7B decode on an H200), else XLA's dot or with ``side`` the
-selection kernel's spare programs.
+sum as extra dense tiles of the GEMV's launch (``tail``, the default: 0.12 ms per token faster than
+XLA's dot in a Llama-2-7B decode on an H200), else XLA's dot or with ``side`` the selection kernel's
+spare programs.
 Thousands of small programs keep enough loads in flight to stream at HBM speed without software
 pipelining; a mask computed from loaded data defeats that pipelining, and a looping split-K kernel
 with row masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one
 input (q/k/v with Qwen2's biases, gate/up) share one launch and one keep set.
 
-* Masked tiles (:func:`sums`; the batch-1 decode path): program (j, i) takes rows
-  ``[i·BM, (i+1)·BM)`` of column block j and loads those the token keeps, masked-off rows issuing
-  no memory traffic; the products are CUDA-core FMAs over the whole tile, kept or not. It needs
-  only the selection's threshold pair, so the selection kernel skips compacting the kept indices,
-  which cost 2 µs at D = 4096 and 9 µs at D = 11008 on an H200. For several tokens it loads the
-  rows any token keeps (the union) and multiplies on the tensor cores, but at 4 tokens and 50%
-  sparsity that ran 1.4-1.6x slower than XLA's dense GEMM (random keep sets, whose union is ~94%
-  dense; eval/results/kernels_h200.md), so several tokens take XLA's GEMM on the masked rows.
-* Gather (:func:`gather_sums`, opt-in with ``LAROSA_PALLAS=...,gather``): the selection kernel also
-  compacts the kept indices, and program (j, i) reads the ``GBM`` kept rows
-  ``order[i·GBM : (i+1)·GBM]``, a dense tile of gathered rows. Faster per byte at high sparsity
-  (down_proj at 73%: 10.9 against 15.2 µs), but the compaction costs more than that saves.
+* Gather (:func:`gather_sums`; the batch-1 decode path after a Top-K selection, option ``gather``):
+  the selection kernel also compacts the kept indices (split over programs, 0.6-2.2 µs), and program
+  (j, i) reads the ``GBM`` kept rows ``order[i·GBM : (i+1)·GBM]``, a dense tile of gathered rows. At
+  Llama-2-7B's 50% sites it runs 1.8-4.2 µs per site faster than masked tiles (down at 73% with the
+  adapter: 20.0 against 24.2 µs; run 12 in NOTES.md).
+* Masked tiles (:func:`sums`; TEAL's given thresholds, and Top-K with ``-gather``): program (j, i)
+  takes rows ``[i·BM, (i+1)·BM)`` of column block j and loads those the token keeps, masked-off rows
+  issuing no memory traffic; the products are CUDA-core FMAs over the whole tile, kept or not. It
+  needs only the threshold pair, so TEAL's o and down sites need no selection launch at all. For
+  several tokens it loads the rows any token keeps (the union) and multiplies on the tensor cores,
+  but at 4 tokens and 50% sparsity that ran 1.4-1.6x slower than XLA's dense GEMM (random keep sets,
+  whose union is ~94% dense; eval/results/kernels_h200.md), so several tokens take XLA's GEMM on the
+  masked rows.
 """
 
 from __future__ import annotations
@@ -161,13 +162,26 @@ def _zeros(zeros: Array | None, shape) -> Array:
     return jnp.zeros(shape, jnp.float32) if zeros is None else zeros[: int(np.prod(shape))].reshape(shape)
 
 
-def _gather_kernel(packed_ref, order_ref, x_ref, *refs, n_blocks, bn, bm):
+def _gather_kernel(packed_ref, order_ref, x_ref, *refs, n_blocks, bn, bm, n_rows, tail):
+    """Program (j, i): kept rows ``order[i·bm : (i+1)·bm]`` of column block j; with a ``tail`` the programs
+    past the ``n_rows`` row tiles take dense tiles of r·A into the same outputs (as :func:`_kernel`)."""
     m = len(n_blocks)
-    w_refs, o_ref = refs[:m], refs[m + 1]  # refs[m] is the zero input aliased to the output
+    w_refs, rest = refs[:m], refs[m:]
+    if tail:
+        r_ref, a_ref, rest = rest[0], rest[1], rest[2:]
+    o_ref = rest[1]  # rest[0] is the zero input aliased to the output
     j, i = pl.program_id(0), pl.program_id(1)
     n = packed_ref[0, 2]  # number kept, as the selection kernel wrote it
 
-    @pl.when(i * bm < n)  # programs past the kept count have nothing to do
+    if tail:
+
+        @pl.when(i >= n_rows)
+        def _():
+            rows = pl.ds(pl.multiple_of((i - n_rows) * bm, bm), bm)
+            col = pl.ds(pl.multiple_of(j * bn, bn), bn)
+            pltriton.atomic_add(o_ref, (col,), _product(r_ref[:, rows], a_ref[rows, col], 1)[0])
+
+    @pl.when((i < n_rows) & (i * bm < n))  # programs past the kept count have nothing to do
     def _():
         pos = i * bm + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
         valid = pos < n
@@ -196,23 +210,33 @@ def _split(y: Array, ws) -> list[Array]:
 
 
 def gather_sums(x: Array, order: Array, packed: Array, ws: tuple[Array, ...], *, bm: int = GBM, bn: int = GBN,
-                warps: int = GWARPS, zeros: Array | None = None, split: bool = True) -> list[Array]:
+                warps: int = GWARPS, zeros: Array | None = None, tail: tuple[Array, Array] | None = None,
+                split: bool = True) -> list[Array]:
     """Float32 ``x[kept] @ w_i[kept]`` for one row ``x [K]``, kept = ``order[0, :packed[0, 2]]`` (the
     selection kernel's outputs): only the kept rows are visited, in dense tiles of ``bm`` gathered rows
-    (their count is known on the device only, so programs past it return at once)."""
+    (their count is known on the device only, so programs past it return at once); ``tail = (r, A)``
+    (one weight) as in :func:`sums`."""
     k = x.shape[-1]
+    if tail is not None and len(ws) != 1:
+        raise ValueError(f"gather_sums: a tail goes with one weight, got {len(ws)}")
+    k2 = 0 if tail is None else tail[1].shape[0]
+    while k2 % bm:
+        bm //= 2
     bn = _bn([w.shape[1] for w in ws], bn)
     n_blocks = tuple(w.shape[1] // bn for w in ws)
-    m = len(ws)
     total = sum(w.shape[1] for w in ws)
+    n_rows = -(-k // bm)
+    operands = [packed.astype(jnp.int32), order.astype(jnp.int32), x, *ws]
+    if tail is not None:
+        operands += [tail[0].reshape(1, k2).astype(tail[1].dtype), tail[1]]
     y = pl.pallas_call(
-        functools.partial(_gather_kernel, n_blocks=n_blocks, bn=bn, bm=bm),
+        functools.partial(_gather_kernel, n_blocks=n_blocks, bn=bn, bm=bm, n_rows=n_rows, tail=tail is not None),
         out_shape=jax.ShapeDtypeStruct((total,), jnp.float32),
-        grid=(sum(n_blocks), -(-k // bm)),
-        input_output_aliases={3 + m: 0},
+        grid=(sum(n_blocks), n_rows + k2 // bm),
+        input_output_aliases={len(operands): 0},
         compiler_params=triton_params(num_warps=warps, num_stages=1),
         interpret=interpret(),
-    )(packed.astype(jnp.int32), order.astype(jnp.int32), x, *ws, _zeros(zeros, (total,)))
+    )(*operands, _zeros(zeros, (total,)))
     return _split(y, ws) if split else [y]
 
 
@@ -234,7 +258,7 @@ def residual_product(rv: Array, a: Array) -> Array:
 
 
 def tail_supported(residual: tuple[Array, Array], w: Array) -> bool:
-    """Whether r·A can ride in the masked GEMV's launch: one row r, bf16 A ``[K2, N]`` with N = w's outputs."""
+    """Whether r·A can ride in the sparse GEMV's launch: one row r, bf16 A ``[K2, N]`` with N = w's outputs."""
     rv, a = residual
     return (a.dtype == jnp.bfloat16 and a.ndim == 2 and a.shape[1] == w.shape[1] and a.shape[0] % 16 == 0
             and int(np.prod(rv.shape)) == a.shape[0])
@@ -244,7 +268,7 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
                   residual: tuple[Array, Array] | None = None, raw: bool = False) -> tuple[Array, ...]:
     """``keep(x) @ w_i + b_i`` for every i, plus ``r @ A`` for a ``residual = (r, A)`` (one weight
     only). On GPU for one token with bf16 weights: the gather kernel when ``keep`` carries compacted
-    indices, the masked-tile kernel otherwise (r·A as extra tiles of its launch with ``tail``),
+    indices, the masked-tile kernel otherwise (either with r·A as extra tiles of its launch: ``tail``),
     accumulating into the buffer the selection kernel made (zeros, or r·A when it was handed the
     residual); for several tokens (XLA's GEMM is faster there) or shapes the kernels cannot tile
     (with one warning naming them) the jnp twin.
@@ -273,12 +297,12 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
     if residual is not None:  # r·A: from the selection kernel (side), as tiles of this launch (tail), else XLA's dot
         if keep.side is not None:
             acc = keep.side
-        elif enabled("tail") and keep.order is None and tail_supported(residual, ws[0]):
+        elif enabled("tail") and tail_supported(residual, ws[0]):
             tail = residual
         else:
             acc = residual_product(*residual).reshape(-1)
     if keep.order is not None:
-        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc, split=not raw)]
+        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc, tail=tail, split=not raw)]
     else:  # the selection kernel's pairs, read in place, or the given ones
         bm, bn, warps = NARROW_TILE if sum(w.shape[1] for w in ws) <= NARROW else WIDE_TILE
         ys = sums(x2, keep.packed if keep.packed is not None else thr.reshape(r, 2), ws, bm=bm, bn=bn, warps=warps,
