@@ -11,6 +11,7 @@ batch keeps, next to what B independent keep sets of the same size would leave.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -26,9 +27,10 @@ from larosa_jax.sparse_model import sparsify
 from larosa_jax.sparsity import SITES, SparseConfig, site_params
 
 
+@contextlib.contextmanager
 def record_sites(what=lambda x, keep: np.asarray(ops.keep_mask(x, keep.thr))):
-    """Patch the sparse projection so each call also appends ``what(row, keep set)`` (by default the keep
-    mask; site order qkv, o, gate_up, down)."""
+    """Within the block, each sparse projection also appends ``what(row, keep set)`` to the list yielded
+    (by default the keep mask; site order qkv, o, gate_up, down); the projection is restored after."""
     rec, orig = [], sparsity.kept_projection
 
     def hook(x, keep, linears, residual=None, raw=False):
@@ -36,7 +38,10 @@ def record_sites(what=lambda x, keep: np.asarray(ops.keep_mask(x, keep.thr))):
         return orig(x, keep, linears, residual, raw)
 
     sparsity.kept_projection = hook
-    return rec
+    try:
+        yield rec
+    finally:
+        sparsity.kept_projection = orig
 
 
 def union_stats(rec, cfg, rows: int, t: int, batches=(1, 2, 4, 8)) -> dict:
@@ -76,15 +81,15 @@ def main(argv=None):
         ap.error(f"--text {args.text}: {len(ids)} tokens, need {args.rows} × {args.seqlen}")
     starts = np.random.default_rng(0).choice(len(ids) - args.seqlen, args.rows, replace=False)
     tokens = jnp.asarray(np.stack([ids[s:s + args.seqlen] for s in starts]), jnp.int32)
-    rec = record_sites()
     res = {}
-    for method, mode in [("larosa", "fused"), ("topk", "faithful")]:
-        for p in (float(v) for v in args.sparsity.split(",")):
-            rec.clear()
-            sparsify(model, stats, SparseConfig(method, mode, p))(tokens)
-            assert len(rec) == 4 * model.config.num_layers, len(rec)
-            res[f"{method}@{p}"] = row = union_stats(rec, model.config, args.rows, args.seqlen)
-            print(method, p, {b: round(r["effective_union_sparsity"], 3) for b, r in row.items()}, flush=True)
+    with record_sites() as rec:
+        for method, mode in [("larosa", "fused"), ("topk", "faithful")]:
+            for p in (float(v) for v in args.sparsity.split(",")):
+                rec.clear()
+                sparsify(model, stats, SparseConfig(method, mode, p))(tokens)
+                assert len(rec) == 4 * model.config.num_layers, len(rec)
+                res[f"{method}@{p}"] = row = union_stats(rec, model.config, args.rows, args.seqlen)
+                print(method, p, {b: round(r["effective_union_sparsity"], 3) for b, r in row.items()}, flush=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"model": Path(args.ckpt).name, "data": f"{Path(args.text).name}, {args.rows} windows of {args.seqlen} tokens",

@@ -9,7 +9,7 @@ to read the loop condition, which would swamp kernels of a few microseconds. Row
 
 * ``xla dense``: ``x @ W`` as XLA compiles it; ``pallas dense``: the batch-1 dense GEMV kernel;
 * ``sparse s=…``: ``sparse_matvec`` on a precomputed keep set of sparsity s (Top-K of a Gaussian x):
-  the masked-tile kernel at batch 1 (the gather kernel with ``LAROSA_PALLAS=...,gather``), XLA's
+  the gather kernel at batch 1 (masked tiles with ``LAROSA_PALLAS`` listing no ``gather``), XLA's
   GEMM on the masked rows above (``--sweep`` times both kernels' tiles);
 * ``select+sparse s=…``: the Top-K selection kernel in front of it (the decode path);
 * selection alone: the kernel (as the decode path calls it), ``lax.top_k`` and the jnp bisection twin.

@@ -35,13 +35,12 @@ from batch_union import record_sites  # noqa: E402
 
 def hit_rates(model, stats, tokens, configs) -> dict:
     cfg = model.config
-    rec = record_sites(lambda x, keep: x)
     out = {}
     for method, mode, p in configs:
         sc = SparseConfig(method, mode, p)
         ks, dims = site_ks(cfg, sc), site_dims(cfg)
-        rec.clear()
-        sparsify(model, stats, sc)(tokens)
+        with record_sites(lambda x, keep: x) as rec:
+            sparsify(model, stats, sc)(tokens)
         hits = {s: [] for s in SITES}
         for i, x in enumerate(rec):
             s = SITES[i % len(SITES)]

@@ -76,10 +76,13 @@ def test_select_kernel_breaks_ties_towards_lower_indices(k):
 
 def _window_rows(d, rng):
     """Rows whose k-th magnitude the window search finds inside its window (Gaussian, Laplace) and rows it
-    does not (1% outliers 1000x larger inflate mean|x|; constant rows; zeros), for every k tried."""
+    does not (1% outliers 1000x larger inflate mean|x|; constant rows; zeros; an inf or a NaN entry
+    making mean|x| inf or NaN), for every k tried."""
+    inf, nan = rng.standard_normal(d), rng.standard_normal(d)
+    inf[d // 3], nan[d // 2] = np.inf, np.nan
     return np.stack([rng.standard_normal(d), rng.laplace(size=d) * 1e-3,
                      rng.standard_normal(d) * np.where(rng.random(d) < 0.01, 1000, 1), np.ones(d), np.zeros(d),
-                     rng.integers(-3, 4, d)])
+                     rng.integers(-3, 4, d), inf, nan])
 
 
 @pytest.mark.parametrize("d", [576, 11008, 18944])
@@ -122,10 +125,12 @@ def test_select_kernel_compaction_split_over_programs(d, chunk):
     rng = np.random.default_rng(d)
     x = jnp.asarray(rng.standard_normal((2, d)), jnp.bfloat16)
     k = jnp.int32(_k(0.6, d))
-    for a, b in zip(sel.select_kernel(x, k, chunk=chunk, zeros=700), sel.select_kernel(x, k, zeros=700)):
+    split = sel.select_kernel(x, k, chunk=chunk, zeros=700)
+    for a, b in zip(split, sel.select_kernel(x, k, zeros=700)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    _check_compaction(x, np.asarray(sel.select_kernel(x, k, chunk=chunk)[0]), sel.select_kernel(x, k, chunk=chunk)[1],
-                      np.asarray(sel.keep_mask(x, sel.topk_threshold_reference(x, k))))
+    _check_compaction(x, np.asarray(split[0]), split[1], np.asarray(sel.keep_mask(x, sel.topk_threshold_reference(x, k))))
+    with pytest.raises(ValueError, match="power of two"):
+        sel.select_kernel(x, k, chunk=700)
     h = jnp.asarray(rng.standard_normal((1, d)), jnp.float32)
     gain = jnp.asarray(rng.uniform(0.5, 2, d), jnp.bfloat16)
     gu = jnp.asarray(rng.standard_normal((1, 2 * d)) * 2, jnp.float32)

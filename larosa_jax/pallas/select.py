@@ -93,8 +93,9 @@ def topk_threshold_reference(x: Array, k: int | Array) -> Array:
 
 def window_hits(x: Array, k: int | Array) -> Array:
     """Whether the kernel's window search (option "window") finds each row's k-th largest |x| inside its
-    window, so that it skips the top bits' bisection: the kernel's own test (its packed column 3), in jnp,
-    for measuring on real activations (eval/select_window.py). x is rounded to bf16 as the kernel reads it."""
+    window, so that it skips the top bits' bisection: the kernel's test (its packed column 3) in jnp, for
+    measuring on real activations (eval/select_window.py). x is rounded to bf16 as the kernel reads it;
+    the kernel sums |x| in another order, so on a GPU its window may start one code off in rare rows."""
     d = x.shape[-1]
     xb = x.astype(jnp.bfloat16)
     k = jnp.asarray(k, jnp.int32)
@@ -114,7 +115,7 @@ class KeepSet:
     (for the gather GEMV) and the zero-filled float32 accumulator ``zeros`` of the GEMV that follows."""
 
     thr: Array  # [..., 2] threshold pairs
-    packed: Array | None = None  # [1, 4]: (t, m, number kept, 0) as the kernel wrote it
+    packed: Array | None = None  # [1, 4]: (t, m, number kept, window hit) as the kernel wrote it
     order: Array | None = None  # [1, dp]: kept indices ascending, then the dropped ones
     zeros: Array | None = None  # [width] float32 zeros
     side: Array | None = None  # [N] float32 r·A of a residual (r, A) handed to the selection
@@ -418,12 +419,14 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
         spare = a.shape[1] // SBN
         operands += [rv.reshape(-1).astype(a.dtype), a]
     eps = float(prologue.eps) if isinstance(prologue, Norm) else 0.0
+    if chunk is not None and (chunk < 1 or chunk & (chunk - 1)):
+        raise ValueError(f"select_kernel: chunk={chunk}; entries per compacting program must be a power of two")
     chunks = dp // min(dp, chunk or (dp if interpret() else CHUNK)) if compact else 1
     return pl.pallas_call(
         functools.partial(_select_kernel, r=r, d=d, dp=dp, search=search, window=window, compact=compact, chunks=chunks,
                           nz=zeros, side_k=side_k, pro=pro, eps=eps),
         out_shape=shapes,
-        grid=(r * chunks + spare,),  # whole-array refs, indexed by the program's row
+        grid=(r * chunks + spare,),  # whole-array refs: row = program // chunks, then the spare programs
         compiler_params=triton_params(num_warps=warps, num_stages=3 if side_k else 1),  # stages: the side loop
         interpret=interpret(),
     )(*operands)

@@ -15,7 +15,7 @@ input (q/k/v with Qwen2's biases, gate/up) share one launch and one keep set.
 * Gather (:func:`gather_sums`; the batch-1 decode path after a Top-K selection, option ``gather``):
   the selection kernel also compacts the kept indices (split over programs, 0.6-2.2 µs), and program
   (j, i) reads the ``GBM`` kept rows ``order[i·GBM : (i+1)·GBM]``, a dense tile of gathered rows. At
-  Llama-2-7B's 50% sites it runs 1.8-4.2 µs per site faster than masked tiles (down at 73% with the
+  Llama-2-7B's 50% sites it runs 1.4-4.2 µs per site faster than masked tiles (down at 73% with the
   adapter: 20.0 against 24.2 µs; run 12 in NOTES.md).
 * Masked tiles (:func:`sums`; TEAL's given thresholds, and Top-K with ``-gather``): program (j, i)
   takes rows ``[i·BM, (i+1)·BM)`` of column block j and loads those the token keeps, masked-off rows
