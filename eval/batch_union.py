@@ -60,31 +60,46 @@ def union_stats(rec, cfg, rows: int, t: int, batches=(1, 2, 4, 8)) -> dict:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def real_text_args(ap: argparse.ArgumentParser, rows: int, rows_help: str) -> None:
+    """The arguments of a run of real text through a checkpoint and its rotations (this script, select_window.py)."""
     ap.add_argument("ckpt", help="converted checkpoint (larosa convert)")
     ap.add_argument("rotations", help="fused-flavour rotations (larosa calibrate --flavour fused)")
     ap.add_argument("--text", default="../shared/data/wikitext-2-raw-v1/wiki.test.raw", help="raw text file")
-    ap.add_argument("--rows", type=int, default=8, help="windows (batch rows), at least the largest batch reported")
+    ap.add_argument("--rows", type=int, default=rows, help=rows_help)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--sparsity", default="0.25,0.4,0.5")
-    ap.add_argument("--out", required=True, help="JSON output")
-    args = ap.parse_args(argv)
+
+
+def load_real_text(ap: argparse.ArgumentParser, args) -> tuple:
+    """(model, rotations, tokens [rows, seqlen] from random windows of the text, sparsities); bad input ends
+    in ``ap.error`` naming the argument."""
     if not Path(args.text).is_file():
         ap.error(f"--text {args.text}: no such file")
-    if args.rows < 8:
-        ap.error(f"--rows {args.rows}: batches up to 8 are reported, need at least 8 rows")
+    try:
+        ps = [float(v) for v in args.sparsity.split(",")]
+    except ValueError:
+        ap.error(f"--sparsity {args.sparsity!r}: expected a comma list of numbers")
     model = checkpoint.load(args.ckpt)
     stats = CalibrationStats.load(args.rotations)
     ids = tokenize(checkpoint.load_tokenizer(args.ckpt), Path(args.text).read_text())
     if len(ids) < args.rows * args.seqlen:
         ap.error(f"--text {args.text}: {len(ids)} tokens, need {args.rows} × {args.seqlen}")
     starts = np.random.default_rng(0).choice(len(ids) - args.seqlen, args.rows, replace=False)
-    tokens = jnp.asarray(np.stack([ids[s:s + args.seqlen] for s in starts]), jnp.int32)
+    return model, stats, jnp.asarray(np.stack([ids[s:s + args.seqlen] for s in starts]), jnp.int32), ps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    real_text_args(ap, 8, "windows (batch rows), at least the largest batch reported")
+    ap.add_argument("--out", required=True, help="JSON output")
+    args = ap.parse_args(argv)
+    if args.rows < 8:
+        ap.error(f"--rows {args.rows}: batches up to 8 are reported, need at least 8 rows")
+    model, stats, tokens, ps = load_real_text(ap, args)
     res = {}
     with record_sites() as rec:
         for method, mode in [("larosa", "fused"), ("topk", "faithful")]:
-            for p in (float(v) for v in args.sparsity.split(",")):
+            for p in ps:
                 rec.clear()
                 sparsify(model, stats, SparseConfig(method, mode, p))(tokens)
                 assert len(rec) == 4 * model.config.num_layers, len(rec)

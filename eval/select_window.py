@@ -19,18 +19,14 @@ import os
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
-from larosa_jax import checkpoint
 from larosa_jax import pallas as ops
-from larosa_jax.calibration import CalibrationStats
-from larosa_jax.data import tokenize
 from larosa_jax.sparse_model import sparsify
 from larosa_jax.sparsity import SITES, SparseConfig, site_dims, site_ks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_union import record_sites  # noqa: E402
+from batch_union import load_real_text, real_text_args, record_sites  # noqa: E402
 
 
 def hit_rates(model, stats, tokens, configs) -> dict:
@@ -68,27 +64,10 @@ def markdown(doc) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("ckpt", help="converted checkpoint (larosa convert)")
-    ap.add_argument("rotations", help="fused-flavour rotations (larosa calibrate --flavour fused)")
-    ap.add_argument("--text", default="../shared/data/wikitext-2-raw-v1/wiki.test.raw", help="raw text file")
-    ap.add_argument("--rows", type=int, default=4, help="windows of text")
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--sparsity", default="0.25,0.4,0.5")
+    real_text_args(ap, 4, "windows of text")
     ap.add_argument("--out", required=True, help="path prefix for <prefix>.json and <prefix>.md")
     args = ap.parse_args(argv)
-    if not Path(args.text).is_file():
-        ap.error(f"--text {args.text}: no such file")
-    try:
-        ps = [float(v) for v in args.sparsity.split(",")]
-    except ValueError:
-        ap.error(f"--sparsity {args.sparsity!r}: expected a comma list of numbers")
-    model = checkpoint.load(args.ckpt)
-    stats = CalibrationStats.load(args.rotations)
-    ids = tokenize(checkpoint.load_tokenizer(args.ckpt), Path(args.text).read_text())
-    if len(ids) < args.rows * args.seqlen:
-        ap.error(f"--text {args.text}: {len(ids)} tokens, need {args.rows} × {args.seqlen}")
-    starts = np.random.default_rng(0).choice(len(ids) - args.seqlen, args.rows, replace=False)
-    tokens = jnp.asarray(np.stack([ids[s:s + args.seqlen] for s in starts]), jnp.int32)
+    model, stats, tokens, ps = load_real_text(ap, args)
     configs = [(m, mode, p) for m, mode in (("larosa", "fused"), ("topk", "faithful")) for p in ps]
     md = stats.metadata
     doc = {"model": Path(args.ckpt).name, "data": f"{Path(args.text).name}, {args.rows} windows of {args.seqlen} tokens",
