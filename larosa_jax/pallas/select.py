@@ -41,12 +41,16 @@ def magnitude_bits(x: Array) -> Array:
     return jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
 
 
+def pair_keeps(bits: Array, idx: Array, t: Array, m: Array) -> Array:
+    """The threshold pair's rule: entry ``idx`` with magnitude bits ``bits`` is kept (jnp and kernels)."""
+    return (bits > t) | ((bits == t) & (idx < m))
+
+
 def keep_mask(x: Array, thr: Array) -> Array:
     """Boolean keep mask of ``x [..., D]`` for threshold pairs ``thr [..., 2]``."""
     b = magnitude_bits(x)
     t, m = thr[..., 0:1].astype(b.dtype), thr[..., 1:2].astype(b.dtype)
-    idx = jax.lax.broadcasted_iota(b.dtype, x.shape, x.ndim - 1)
-    return (b > t) | ((b == t) & (idx < m))
+    return pair_keeps(b, jax.lax.broadcasted_iota(b.dtype, x.shape, x.ndim - 1), t, m)
 
 
 def apply(x: Array, thr: Array) -> Array:
@@ -330,7 +334,7 @@ def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search, windo
         m = jnp.sum((rank < room).astype(jnp.int32)) + 1  # one past the room-th tied entry
     else:
         t, m = arg_ref[row, 0], arg_ref[row, 1]
-    keep = (bits > t) | ((bits == t) & (idx < m))
+    keep = pair_keeps(bits, idx, t, m)
     n = jnp.sum(keep.astype(jnp.int32))
     if order_out is not None:  # this program's slice of the row: its entries' places in the permutation
         cw = dp // chunks
@@ -342,7 +346,7 @@ def _select_row(row, arg_ref, x_ref, thr_out, order_out, *, d, dp, search, windo
         else:
             xc = ld(x_ref, row)
         cbits = jnp.where(cidx < d, magnitude_bits(xc), -1)
-        ckeep = (cbits > t) | ((cbits == t) & (cidx < m))
+        ckeep = pair_keeps(cbits, cidx, t, m)
         rank = jnp.sum((keep & (idx < c0)).astype(jnp.int32)) + jnp.cumsum(ckeep.astype(jnp.int32), axis=1)  # inclusive
         pos = jnp.where(ckeep, rank - 1, n + cidx - rank)
         pltriton.store(order_out.at[row, pos[0]], cidx[0])

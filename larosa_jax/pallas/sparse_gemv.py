@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .common import acc_dtype, enabled, interpret, triton_params
 from .gemv import matvec
-from .select import KeepSet, apply, magnitude_bits
+from .select import KeepSet, apply, magnitude_bits, pair_keeps
 
 Array = jax.Array
 # Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
@@ -82,6 +82,12 @@ def _product(xs: Array, w: Array, rp: int) -> Array:
     return jnp.sum(xs[0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0, keepdims=True)
 
 
+def _tail_tile(r_ref, a_ref, t, j, bm: int, bn: int) -> Array:
+    """Float32 ``[1, bn]``: row tile t of r times tile (t, j) of A (La RoSA's residual adapter r·A)."""
+    rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
+    return _product(r_ref[:, rows], a_ref[rows, pl.ds(pl.multiple_of(j * bn, bn), bn)], 1)
+
+
 def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp, n_rows, tail):
     """Program (j, i): rows ``[i·bm, (i+1)·bm)`` of column block j; with a ``tail`` = (r, A) the
     programs past the ``n_rows`` row tiles of x take the dense tiles of r·A into the same outputs."""
@@ -102,7 +108,7 @@ def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp, n_rows, tail):
         b = magnitude_bits(xk)
         idx = i * bm + jax.lax.broadcasted_iota(jnp.int32, b.shape, 1)
         t, cut = thr_ref[:, pl.ds(0, 1)], thr_ref[:, pl.ds(1, 1)]  # [rp, 1]
-        keep = (b > t) | ((b == t) & (idx < cut))
+        keep = pair_keeps(b, idx, t, cut)
         live = jnp.max(keep.astype(jnp.int32), axis=0) > 0  # [bm]: rows that any token keeps
         xs = jnp.where(keep, xk, jnp.zeros((), xk.dtype))
         first = 0
@@ -120,9 +126,7 @@ def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp, n_rows, tail):
 
         @pl.when(i >= n_rows)
         def _():
-            rows = pl.ds(pl.multiple_of((i - n_rows) * bm, bm), bm)
-            col = pl.ds(pl.multiple_of(j * bn, bn), bn)
-            add(_product(r_ref[:, rows], a_ref[rows, col], 1))
+            add(_tail_tile(r_ref, a_ref, i - n_rows, j, bm, bn))
 
 
 def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int = BN, warps: int = WARPS,
@@ -177,9 +181,8 @@ def _gather_kernel(packed_ref, order_ref, x_ref, *refs, n_blocks, bn, bm, n_rows
 
         @pl.when(i >= n_rows)
         def _():
-            rows = pl.ds(pl.multiple_of((i - n_rows) * bm, bm), bm)
             col = pl.ds(pl.multiple_of(j * bn, bn), bn)
-            pltriton.atomic_add(o_ref, (col,), _product(r_ref[:, rows], a_ref[rows, col], 1)[0])
+            pltriton.atomic_add(o_ref, (col,), _tail_tile(r_ref, a_ref, i - n_rows, j, bm, bn)[0])
 
     @pl.when((i < n_rows) & (i * bm < n))  # programs past the kept count have nothing to do
     def _():
