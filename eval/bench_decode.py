@@ -433,10 +433,10 @@ def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
 
 # ----------------------------------------------------------------------------- diagnostics
 def edit_flags(flags: str, edit: str) -> str:
-    """``LAROSA_PALLAS`` flags with an edit like ``-tail+side`` applied (features added / removed)."""
+    """``LAROSA_PALLAS`` flags with an edit like ``-side+gated`` applied (features added / removed)."""
     parts = re.findall(r"([+-])([a-z]+)", edit)
     if not parts or "".join(a + b for a, b in parts) != edit:
-        raise SystemExit(f"--variants: {edit!r} is neither a known variant nor +FLAG/-FLAG edits (e.g. -tail+side)")
+        raise SystemExit(f"--variants: {edit!r} is neither a known variant nor +FLAG/-FLAG edits (e.g. -side+gated)")
     out = [f for f in flags.split(",") if f and f != "0"]
     for sign, f in parts:
         out = [g for g in out if g != f] + ([f] if sign == "+" else [])
@@ -447,14 +447,14 @@ def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args
     """The whole decode call with parts of the GPU path switched off (A/B against the default).
 
     ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel; ``masked``:
-    the batch-1 sparse GEMV on masked tiles instead of compacted indices; ``side``: the residual
-    adapter's GEMV on the down-site selection kernel's spare programs, not in its own launch;
-    ``nograph``: default kernels, XLA command buffers (CUDA graphs) off; ``+FLAG`` / ``-FLAG`` edits
-    (e.g. ``-tail+side``): this run's kernel flags with those added or removed.
+    the batch-1 sparse GEMV on masked tiles instead of compacted indices; ``nograph``: default
+    kernels, XLA command buffers (CUDA graphs) off; ``+FLAG`` / ``-FLAG`` edits (e.g. ``-side``: the
+    residual adapter as tiles of the down GEMV's launch instead of beside the down selection): this
+    run's kernel flags with those added or removed.
     """
     flags_for = {"xla": "0", "gemv": "gemv", "attn": "attn", "nograph": None, "default": None,
-                 "masked": edit_flags(DEFAULT_KERNELS, "-gather"), "side": edit_flags(DEFAULT_KERNELS, "+side")}
-    for v in variants:  # "-tail+side": this run's kernel flags with tail removed and side added
+                 "masked": edit_flags(DEFAULT_KERNELS, "-gather")}
+    for v in variants:  # "-side+gated": this run's kernel flags with side removed and gated added
         if v not in flags_for:
             flags_for[v] = edit_flags(os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS), v)
     opts_for = {"nograph": {"xla_gpu_enable_command_buffer": ""}}
@@ -499,7 +499,7 @@ def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args
 # ----------------------------------------------------------------------------- output
 _VARIANT_LABEL = {"xla": "XLA only (LAROSA_PALLAS=0)", "gemv": "Pallas GEMV, XLA attention",
                   "attn": "Pallas attention, XLA GEMV", "nograph": "default, no CUDA graphs",
-                  "masked": "sparse GEMV on masked tiles", "side": "adapter GEMV beside the down selection"}
+                  "masked": "sparse GEMV on masked tiles"}
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
@@ -619,7 +619,7 @@ def main(argv=None):
                     help="comma list of MODEL[:CONFIG] (MODEL may be 'all', CONFIG defaults to dense) to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
     ap.add_argument("--variants", default=None,
-                    help="comma list of xla,gemv,attn,masked,side,nograph or flag edits like -tail+side (decode A/B)")
+                    help="comma list of xla,gemv,attn,masked,nograph or flag edits like -side+gated (decode A/B)")
     ap.add_argument("--variants-model", default="all",
                     help="comma list of MODEL[:CONFIG] (or 'all'; CONFIG defaults to dense) for --variants, at batch 1")
     ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")

@@ -166,8 +166,8 @@ class TopKProjection(nnx.Module):
     RMSNorm, so the selection kernel can compute the norm (and SiLU·up before down) on the row it
     reads anyway, from the previous GEMV's float32 accumulator. The fused model hands its down site
     the residual adapter ``(r_mid, A)``: the sparse GEMV adds the down output onto r_mid·A in float32
-    (on GPU as extra tiles of the down GEMV's launch; see ``pallas/sparse_gemv.py`` for the
-    alternatives).
+    (on GPU made beside the down selection, ``side``: the decoder hands the gate/up and down sites an
+    ``ops.Side``; see ``pallas/sparse_gemv.py`` for the alternatives).
     """
 
     fuses_norm = True
@@ -179,17 +179,20 @@ class TopKProjection(nnx.Module):
     def __call__(self, site, layer, x, linears, gain=None):
         return self.fused(site, layer, x, linears, gain=gain)[0]
 
-    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, raw=False):
-        """``(outputs, h)``: the site's outputs on ``prologue``'s row made from x (on x itself without
-        one; γ applied unless the gains are folded), with ``raw`` one float32 unrounded buffer; h is a
-        Norm prologue's rounded residual stream (else None)."""
+    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, side=None, raw=False):
+        """``(outputs, keep)``: the site's outputs on ``prologue``'s row made from x (on x itself without
+        one; γ applied unless the gains are folded), with ``raw`` one float32 unrounded buffer, and its
+        keep set (``keep.h``: a Norm prologue's rounded residual stream; ``keep.side``: the sum of the
+        residual product r·A after this site's ``side`` rows, which at the down site, with the
+        ``residual``, is the GEMV's starting sum)."""
         gain = gain if self.gains else None
         if prologue is None:
             x = _gained(x, gain)
         elif gain is not None:
             prologue = dataclasses.replace(prologue, gain=gain)
-        keep = ops.select_topk(x, self.ks[SITES.index(site)], width(linears), side=residual, prologue=prologue)
-        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep.h
+        n = 0 if side is not None and residual is not None else width(linears)  # the side sum starts the GEMV
+        keep = ops.select_topk(x, self.ks[SITES.index(site)], n, side=side, prologue=prologue)
+        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep
 
 
 class RotatedTopKProjection(nnx.Module):
@@ -235,8 +238,11 @@ class TealProjection(nnx.Module):
     def __call__(self, site, layer, x, linears, gain=None):
         return self.fused(site, layer, x, linears, gain=gain)[0]
 
-    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, raw=False):
-        """``(outputs, h)`` as :meth:`TopKProjection.fused` (γ always applied: TEAL runs on the plain model)."""
+    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, side=None, raw=False):
+        """``(outputs, keep)`` as :meth:`TopKProjection.fused` (γ always applied: TEAL runs on the plain
+        model, without adapters, so it takes no ``side``)."""
+        if side is not None:
+            raise ValueError("TealProjection: no residual adapter product (side) on the plain model TEAL runs on")
         if prologue is None:
             x = _gained(x, gain)
         elif gain is not None:
@@ -245,7 +251,7 @@ class TealProjection(nnx.Module):
         bf16 = (x.dtype if prologue is None else prologue.dtype) == jnp.bfloat16
         keep = ops.select_threshold(x, self.thresholds[i, layer], width(linears), prologue=prologue,
                                     pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None)
-        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep.h
+        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep
 
 
 class CatsProjection(nnx.Module):

@@ -152,11 +152,12 @@ def test_select_kernel_compacts_a_given_threshold():
         _check_compaction(x, np.asarray(packed), order, want)
 
 
-@pytest.mark.parametrize("d,k_side,n_side", [(4096, 576, 576), (11008, 1024, 4096), (3000, 3584, 512)])
-def test_select_kernel_spare_programs_fill_zeros_or_compute_the_side_gemv(d, k_side, n_side):
-    """Spare programs beside the selection: a zero-filled accumulator, or r·A (La RoSA's residual
-    adapter) in float32; the selection itself is the same with or without them and with or without
-    compaction (every output poisoned first, so anything left unwritten shows)."""
+@pytest.mark.parametrize("d,k_side,n_side", [(4096, 640, 576), (11008, 1024, 4096), (3000, 3584, 512)])
+def test_select_kernel_spare_programs_fill_zeros_or_add_side_tiles(d, k_side, n_side):
+    """Spare programs beside the selection: zero-filled accumulators, and tiles of r·A (La RoSA's residual
+    adapter) added in float32 onto a given sum; the selection itself is the same with or
+    without them and with or without compaction (every output poisoned first, so anything left
+    unwritten shows)."""
     rng = np.random.default_rng(d)
     x = jnp.asarray(rng.standard_normal((1, d)), jnp.bfloat16)
     k = _k(0.4, d)
@@ -166,14 +167,45 @@ def test_select_kernel_spare_programs_fill_zeros_or_compute_the_side_gemv(d, k_s
     assert zeros.shape == (3000,) and not np.isnan(np.asarray(zeros)).any() and not np.asarray(zeros).any()
     rv = jnp.asarray(rng.standard_normal((1, k_side)), jnp.bfloat16)
     a = jnp.asarray(rng.standard_normal((k_side, n_side)) * k_side**-0.5, jnp.bfloat16)
-    p2, o2, side = sel.select_kernel(x, jnp.int32(k), side=(rv, a))
+    p2, o2, z1, z2 = sel.select_kernel(x, jnp.int32(k), zeros=3000, side=sel.Side(a))  # zeros for a later launch's sum
     np.testing.assert_array_equal(np.asarray(p2), np.asarray(packed))
     np.testing.assert_array_equal(np.asarray(o2), np.asarray(order))
-    want = np.asarray(rv, np.float64) @ np.asarray(a, np.float64)
+    assert z1.shape == (3000,) and z2.shape == (n_side,) and not np.asarray(z1).any() and not np.asarray(z2).any()
+    acc = jnp.asarray(rng.standard_normal((n_side,)), jnp.float32)
+    p3, o3, side = sel.select_kernel(x, jnp.int32(k), side=sel.Side(a, acc, rv))
+    np.testing.assert_array_equal(np.asarray(p3), np.asarray(packed))
+    np.testing.assert_array_equal(np.asarray(o3), np.asarray(order))
+    want = np.asarray(acc, np.float64) + np.asarray(rv, np.float64)[0] @ np.asarray(a, np.float64)
     assert side.shape == (n_side,) and side.dtype == jnp.float32
-    assert _rel(side, want[0]) < 1e-5
-    with pytest.raises(ValueError, match=rf"side=\(r \(1, {k_side}\), A \({k_side}, 100\) bfloat16\); it needs .* a bf16 A"):
-        sel.select_kernel(x, jnp.int32(k), side=(rv, a[:, :100]))
+    assert _rel(side, want) < 1e-6
+    assert _rel(sel.Side(a, acc, rv).reference((1,))[0], want) < 1e-6
+    for bad, why in [(sel.Side(a[:, :100], acc, rv), r"side with A \(\d+, 100\) bfloat16"),
+                     (sel.Side(a, acc[:64], rv), r"side with a sum \(64,\) float32"),
+                     (sel.Side(a, acc), "side with a residual r None")]:
+        with pytest.raises(ValueError, match=why):
+            sel.select_kernel(x, jnp.int32(k), side=bad)
+
+
+def test_select_topk_side_sum_on_every_path(monkeypatch):
+    """``KeepSet.side`` is zeros for a zero-only ``Side`` and acc + r·A for one that adds, whether the
+    selection kernel makes it (one bf16 row; 64-column tiles here) or its jnp twin does (several rows,
+    float32 rows, an A whose rows the side tiles cannot cover); an adding Side without r is refused."""
+    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+    monkeypatch.setenv("LAROSA_PALLAS", "select,sparse,side")
+    rng = np.random.default_rng(5)
+    for rows, dtype, k_in in [(1, jnp.bfloat16, 256), (3, jnp.bfloat16, 256), (1, jnp.float32, 256), (1, jnp.bfloat16, 200)]:
+        a = jnp.asarray(rng.standard_normal((k_in, 192)) * 0.05, jnp.bfloat16)
+        x = jnp.asarray(rng.standard_normal((rows, 1, 700)), dtype)
+        r = jnp.asarray(rng.standard_normal((rows, 1, k_in)), jnp.bfloat16)
+        acc = jnp.asarray(rng.standard_normal((rows, 1, 192)), jnp.float32)
+        zero = ops.select_topk(x, 300, side=ops.Side(a)).side
+        assert zero.size == rows * 192 and not np.asarray(zero).any()
+        keep = ops.select_topk(x, 300, side=ops.Side(a, acc.reshape(-1) if rows == 1 else acc, r))
+        want = np.asarray(acc, np.float64) + np.asarray(r, np.float64) @ np.asarray(a, np.float64)
+        assert _rel(np.asarray(keep.side).reshape(want.shape), want) < 1e-6, (rows, dtype, k_in)
+        np.testing.assert_array_equal(np.asarray(keep.thr), np.asarray(ops.select_topk(x, 300).thr))
+    with pytest.raises(ValueError, match="needs the residual r"):
+        ops.select_topk(x, 300, side=ops.Side(a, acc.reshape(-1)))
 
 
 @pytest.mark.parametrize("d,add,gain", [(576, False, False), (4096, True, False), (3584, True, True),
@@ -488,8 +520,8 @@ def test_sparse_matvec_raw_is_one_unrounded_float32_buffer(gather, monkeypatch):
 @pytest.mark.parametrize("extra", ["side", "side,gather", "tail", "tail,gather", ""])
 def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
     """The down site of a fused model: keep(x)·W + b + r·A, with r·A made by the selection kernel's
-    spare programs (``side``), by extra tiles of the GEMV's own launch (``tail``) or by XLA's dot
-    (neither, several tokens, or a shape the kernels cannot take)."""
+    spare programs onto a sum an earlier launch zero-filled (``side``), by extra tiles of the GEMV's own
+    launch (``tail``) or by XLA's dot (neither, several tokens, or a shape the kernels cannot take)."""
     monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
     monkeypatch.setenv("LAROSA_PALLAS", "gemv,attn,select,sparse" + (f",{extra}" if extra else ""))
     gather, side = "gather" in extra, "side" in extra
@@ -499,12 +531,17 @@ def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
     rng = np.random.default_rng(8)
     w = jnp.asarray(rng.standard_normal((1536, 576)) * 0.03, jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal((576,)), jnp.bfloat16)
-    a = jnp.asarray(rng.standard_normal((576, 576)) * 0.04, jnp.bfloat16)
+    a = jnp.asarray(rng.standard_normal((640, 576)) * 0.04, jnp.bfloat16)  # K: a multiple of the side tiles' 128 rows
     for rows in (1, 3):
         x = jnp.asarray(rng.standard_normal((rows, 1, 1536)), jnp.bfloat16)
-        r = jnp.asarray(rng.standard_normal((rows, 1, 576)), jnp.bfloat16)
-        keep = ops.select_topk(x, 700, 576, side=(r, a))
-        assert (keep.side is not None) == (rows == 1 and side) and (keep.zeros is None) == (rows > 1 or side)
+        r = jnp.asarray(rng.standard_normal((rows, 1, 640)), jnp.bfloat16)
+        on = ops.side_on(a, x)
+        assert on == (rows == 1 and side)
+        if on:  # the sum zero-filled by an earlier launch, r·A added beside this selection
+            keep = ops.select_topk(x, 700, 0, side=ops.Side(a, ops.select_topk(x, 700, side=ops.Side(a)).side, r))
+        else:
+            keep = ops.select_topk(x, 700, 576)
+        assert (keep.side is not None) == on and (keep.zeros is None) == (rows > 1 or on)
         assert (keep.order is not None) == (rows == 1 and gather)
         calls.clear()
         (got,) = ops.sparse_matvec(x, keep, (w,), (b,), residual=(r, a))
@@ -528,6 +565,7 @@ def test_sparse_matvec_adds_the_residual_product(extra, monkeypatch):
                                                 (1, "gemv,attn,select,sparse,tail,norm,rope", "teal"),
                                                 (1, "gemv,attn,select,sparse,tail,norm,gated,gather", "teal"),
                                                 (1, "default", "larosa"), (1, "default", "topk"),
+                                                (1, "gemv,attn,rope,select,sparse,norm,window,gather,side", "larosa"),
                                                 (4, "gemv,attn,select,sparse,side,norm", "larosa")])
 def test_fused_decode_with_kernels_matches_the_jnp_path(batch, flags, method, monkeypatch):
     """La RoSA's fused model, bf16: prefill + decode steps with every kernel (interpret mode) give the

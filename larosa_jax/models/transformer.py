@@ -196,7 +196,7 @@ class Block(nnx.Module):
             (y,) = proj("down", layer, act, (m.down,), None)
             return h + y, kv
         # fused La RoSA: the next layer's residual is h·A + MLP(h), the down weights already fold the
-        # next basis (fusion.py); a Top-K projection computes h·A inside its down GEMV (_fused)
+        # next basis (fusion.py); a Top-K projection sums h·A with its down GEMV's output (_fused)
         (y,) = proj("down", layer, act, (m.down,), None)
         (ha,) = ops.matvec(h, (adapter,), (None,))  # the batch-1 GEMV kernel at decode
         if adapter_axis is not None:  # this device's column block of the product: gather the rest
@@ -209,20 +209,29 @@ class Block(nnx.Module):
         hands on its float32 accumulator. ``h`` may arrive as the previous layer's float32 accumulator
         (La RoSA: down plus the adapter) or as a pair (h, y) whose sum is the residual (Top-K: the
         down output y is added inside the next selection); the norm prologue rounds both to the
-        model's dtype, and ``residual`` makes the sum where no selection follows."""
+        model's dtype, and ``residual`` makes the sum where no selection follows.
+
+        The adapter product r_mid·A is independent of the MLP, so at batch-1 decode (option "side") its
+        tiles stream on the spare programs of the down selection launch, which searches one row on a
+        few SMs (``ops.Side``; the gate/up selection zero-fills its sum), and the down GEMV adds onto
+        that sum; otherwise the down GEMV's launch takes them (``tail``)."""
         a, m = self.attn, self.mlp
         eps, dt = cfg.rms_norm_eps, a.q.kernel.dtype
         h, add = h if isinstance(h, tuple) else (h, None)
-        (qkv,), h = proj.fused("qkv", layer, h, (a.q, a.k, a.v), gain=self.attn_norm.scale[...],
-                               prologue=ops.Norm(eps, dt, add=add), raw=True)  # one float32 buffer: decode_step rounds it
+        (qkv,), keep = proj.fused("qkv", layer, h, (a.q, a.k, a.v), gain=self.attn_norm.scale[...],
+                                  prologue=ops.Norm(eps, dt, add=add), raw=True)  # one float32 buffer: decode_step rounds it
+        h = keep.h
         o, kv = self._attend(qkv, cfg, rope, kv, slots)
+        side = ops.side_on(adapter, o)  # r·A beside the down selection: the gate/up one zero-fills its sum
         (o,), _ = proj.fused("o", layer, o, (a.o,), raw=True)
-        (gu,), h = proj.fused("gate_up", layer, h, (m.gate, m.up), gain=self.mlp_norm.scale[...],
-                              prologue=ops.Norm(eps, dt, add=o), raw=True)
+        (gu,), keep = proj.fused("gate_up", layer, h, (m.gate, m.up), gain=self.mlp_norm.scale[...],
+                                 prologue=ops.Norm(eps, dt, add=o), side=ops.Side(adapter) if side else None, raw=True)
+        h = keep.h
         if adapter is None:
             (y,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), raw=True)
             return (h, y), kv
-        (h,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), residual=(h, adapter), raw=True)
+        (h,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), residual=(h, adapter),
+                             side=ops.Side(adapter, keep.side, h) if side else None, raw=True)
         return h, kv
 
     def _attend(self, qkv, cfg, rope, kv, slots):

@@ -15,7 +15,7 @@ def acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-DEFAULT_KERNELS = "gemv,attn,rope,select,sparse,tail,norm,window,gather"
+DEFAULT_KERNELS = "gemv,attn,rope,select,sparse,tail,norm,window,gather,side"
 
 
 def rms_normalize(x: jax.Array, eps: float, gain: jax.Array | None = None) -> jax.Array:
@@ -42,10 +42,13 @@ def enabled(what: str) -> bool:
     sparse GEMV reads dense tiles of kept rows instead of masked tiles (TEAL's given thresholds keep
     the masked tiles, which need no selection launch).
 
-    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled options (default all nine, or "0"
-    for none). Opt-in, both measured slower in decode on an H200 (eval/results/NOTES.md): "side", the
-    adapter's GEMV on the down selection kernel's spare programs; "gated", SiLU(gate)·up inside the
-    down selection kernel (15.8 µs at D = 11008, against 7.7 µs + one 1.4 µs XLA fusion).
+    "side": the fused model's adapter product r·A as tiles on the spare programs of the down selection
+    launch, streaming while it searches its row (the gate/up selection zero-fills their sum), instead
+    of as tiles of the down GEMV's launch ("tail", still used where "side" cannot be).
+
+    On by default on GPU; ``LAROSA_PALLAS`` lists the enabled options (default all ten, or "0"
+    for none). Opt-in: "gated", SiLU(gate)·up inside the down selection kernel (15.8 µs at D = 11008,
+    against 7.7 µs + one 1.4 µs XLA fusion, measured slower in decode on an H200; eval/results/NOTES.md).
     ``LAROSA_PALLAS_INTERPRET=1`` turns them on elsewhere in Pallas interpret mode (tests).
     """
     flags = os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS)

@@ -11,8 +11,9 @@ from the row's mean |x| when one count confirms the k-th magnitude lies there (e
 cuts ties with a cumulative count and optionally compacts the kept indices for the gather GEMV, a
 row's compaction split over several programs; the jnp twin bisects the float32 bits. A one-row
 selection is bound by latency and leaves most SMs idle, so spare programs of the same launch do
-independent work beside it: zero-filling the next GEMV's accumulator, or a whole dense GEMV r·A
-(La RoSA's residual adapter, ``fusion.py``).
+independent work beside it: zero-filling the next GEMV's accumulator, and (``Side``, option "side")
+dense tiles of La RoSA's residual adapter product r·A (``fusion.py``), which streams while the down
+selection searches.
 A *prologue* lets the kernel make its row from the layer's float32 accumulators first (``Norm``:
 residual add and RMSNorm before q/k/v and gate/up; ``Gated``: SiLU(gate)·up before down), in
 place of XLA's small fusions between the launches.
@@ -122,7 +123,7 @@ class KeepSet:
     packed: Array | None = None  # [1, 4]: (t, m, number kept, window hit) as the kernel wrote it
     order: Array | None = None  # [1, dp]: kept indices ascending, then the dropped ones
     zeros: Array | None = None  # [width] float32 zeros
-    side: Array | None = None  # [N] float32 r·A of a residual (r, A) handed to the selection
+    side: Array | None = None  # [N] float32 sum of a residual product r·A (``Side``): zeros, or r·A
     x: Array | None = None  # the row the keep set was chosen on, when a prologue computed it (the GEMV's input)
     h: Array | None = None  # the rounded residual stream h (+ add) of a Norm prologue
     # (whole kernel outputs, not slices: a slice handed to the next Pallas call is first copied by XLA)
@@ -166,6 +167,37 @@ class Gated:
         return gated(g.astype(self.dtype), u.astype(self.dtype)), None
 
 
+def residual_product(rv: Array, a: Array) -> Array:
+    """``r @ A`` accumulated (and returned) in float32, float64 for float64 models."""
+    return jnp.dot(rv.astype(a.dtype), a, preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """La RoSA's residual adapter product r·A (``A [K, N]``), added onto the float32 sum ``acc`` by spare
+    programs of a one-row selection launch while its row is searched (option "side"). ``acc`` None: the
+    launch only zero-fills the sum ``[N]`` (programs of one launch run in no set order, so the zeros
+    come from an earlier launch than the product's atomic adds)."""
+
+    a: Array
+    acc: Array | None = None
+    r: Array | None = None
+
+    def reference(self, lead: tuple[int, ...]) -> Array:
+        """The jnp twin for rows of leading shape ``lead``: zeros, or ``acc + r @ A``."""
+        if self.acc is None:
+            return jnp.zeros((*lead, self.a.shape[1]), jnp.promote_types(self.a.dtype, jnp.float32))
+        return self.acc.reshape(*lead, -1) + residual_product(self.r, self.a)
+
+
+def side_on(a: Array | None, x: Array) -> bool:
+    """Whether the adapter ``A [K, N]``'s product goes to the spare programs of the down selection
+    (option "side", a decode row ``x``, a bf16 A that tiles); else the down GEMV's launch takes it
+    (``tail`` tiles) or XLA's dot."""
+    return (a is not None and enabled("side") and enabled("select") and enabled("sparse") and _one_row(x)
+            and a.dtype == jnp.bfloat16 and a.ndim == 2 and a.shape[0] % SBM == 0 and a.shape[1] % 64 == 0)
+
+
 MAG_BITS, MAX_D = 15, 1 << 15  # magnitude bits of a bf16; widest row
 # The search window (option "window"): 2^8 bf16 codes span two octaves of |x|; its low end sits
 # 2^-1.25 below the Laplace guess. On SmolLM2's real rows the k-th magnitude over mean|x|·ln(D/k) lay
@@ -176,10 +208,13 @@ WINDOW_BITS, WINDOW_LOW = 8, 2.0 ** -1.25
 
 ZB = 1024  # zero-fill chunk per spare program
 CHUNK = 1024  # compaction: entries whose positions one program stores
-SBN, SBK = 32, 256  # side GEMV: columns per spare program (128 programs for d = 4096), rows per loop step
+# side tiles of r·A: rows, columns. Beside the down selection's search (8 warps, a register-heavy row) few
+# programs fit on an SM, so each carries a large tile: at 64 rows Llama-3-8B's decode gained nothing,
+# at 128 rows 0.12 ms per token (H200, eval/results/NOTES.md)
+SBM, SBN = 128, 256
 
 
-def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chunks, nz, side_k, pro, eps):
+def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chunks, nz, side, pro, eps):
     """Top-K threshold pair (``search``) or a given one, then (``compact``) the compacted kept indices.
 
     Search: bisection over the 15 magnitude bits of a bf16 (15 dependent reductions; on an H200 a
@@ -192,47 +227,48 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chu
     slice, a cumulative count within): one program compacting a whole row took 9 µs at D = 11008 on an
     H200, and the other SMs sit idle during a one-row selection anyway. The row's first program writes
     the pair and the prologue's outputs.
-    Programs past the rows either zero-fill a float32 buffer of ``nz`` entries, or (``side_k``) each
-    compute ``SBN`` columns of r·A over all ``side_k`` rows of A.
+    Programs past the rows zero-fill float32 buffers (``nz`` entries, then with ``side`` = ("zeros", N)
+    the side sum), or (``side`` = ("add", N, bn)) each add one ``SBM × bn`` tile of r·A atomically onto
+    the side sum.
     ``pro`` (a prologue: "norm", "norm+add", "norm+gain", "norm+add+gain" or "gated") makes the row
     from the inputs first and writes it (and a Norm's rounded residual) out for the GEMV.
     """
     pro_refs = {}
     for name in _pro_inputs(pro):
         pro_refs[name], *refs = refs
-    if side_k:
-        rv_ref, a_ref, *refs = refs
+    source = side[0] if side else None
+    if source == "add":
+        rv_ref, a_ref, _, *refs = refs  # the third: the side sum's input, aliased to its output
     thr_out, *outs = refs
     if pro:
         pro_refs["row"] = outs[int(compact)]
         if pro != "gated":
             pro_refs["h"] = outs[int(compact) + 1]
-    prog, rc = pl.program_id(0), r * chunks
-    if nz:
-        zero_out = outs[-1]
+    prog, start = pl.program_id(0), r * chunks
+    fills = ([(outs[-2 if side else -1], nz)] if nz else []) + ([(outs[-1], side[1])] if source == "zeros" else [])
+    for zero_out, n in fills:  # ZB entries per program
 
-        @pl.when(prog >= rc)
+        @pl.when((prog >= start) & (prog < start + -(-n // ZB)))
+        def _(zero_out=zero_out, n=n, start=start):
+            z = (prog - start) * ZB + jax.lax.broadcasted_iota(jnp.int32, (ZB,), 0)
+            pltriton.store(zero_out.at[z], jnp.zeros((ZB,), jnp.float32), mask=z < n)
+
+        start += -(-n // ZB)
+
+    if source == "add":
+        _, n, bn = side
+
+        @pl.when(prog >= start)
         def _():
-            z = (prog - rc) * ZB + jax.lax.broadcasted_iota(jnp.int32, (ZB,), 0)
-            pltriton.store(zero_out.at[z], jnp.zeros((ZB,), jnp.float32), mask=z < nz)
+            t = prog - start
+            r0 = pl.multiple_of(t // (n // bn) * SBM, SBM)
+            c0 = pl.multiple_of(t % (n // bn) * bn, bn)
+            rv = rv_ref[pl.ds(0, 1), pl.ds(r0, SBM)]
+            w = a_ref[pl.ds(r0, SBM), pl.ds(c0, bn)]
+            acc = jnp.sum(rv[0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0)
+            pltriton.atomic_add(outs[-1], (pl.ds(c0, bn),), acc)
 
-    if side_k:
-        side_out = outs[-1]
-
-        @pl.when(prog >= rc)
-        def _():
-            c0 = pl.multiple_of((prog - rc) * SBN, SBN)
-            bk = _side_rows(side_k)
-
-            def body(i, acc):
-                k0 = pl.multiple_of(i * bk, bk)
-                rk = rv_ref[pl.ds(k0, bk)].astype(jnp.float32)
-                return acc + rk[:, None] * a_ref[pl.ds(k0, bk), pl.ds(c0, SBN)].astype(jnp.float32)
-
-            acc = jax.lax.fori_loop(0, side_k // bk, body, jnp.zeros((bk, SBN), jnp.float32))
-            side_out[pl.ds(c0, SBN)] = jnp.sum(acc, axis=0)
-
-    @pl.when(prog < rc)
+    @pl.when(prog < r * chunks)
     def _():
         _select_row(prog // chunks, arg_ref, x_ref, thr_out, outs[0] if compact else None, d=d, dp=dp, search=search,
                     window=window, pro=pro, pro_refs=pro_refs, eps=eps, chunk=prog % chunks, chunks=chunks)
@@ -359,32 +395,31 @@ def supported(x: Array) -> bool:
     return x.dtype == jnp.bfloat16 and x.shape[-1] <= MAX_D
 
 
-def side_supported(side: tuple[Array, Array] | None) -> bool:
-    """Whether spare programs can compute r·A: bf16 A ``[K, N]``, K a multiple of 16, N of ``SBN``."""
-    if side is None:
-        return False
-    rv, a = side
-    return (a.dtype == jnp.bfloat16 and a.ndim == 2 and rv.shape[-1] == a.shape[0] and int(np.prod(rv.shape)) == a.shape[0]
-            and a.shape[0] % 16 == 0 and a.shape[1] % SBN == 0)
-
-
-def _side_rows(k: int) -> int:
-    bk = SBK
-    while k % bk:
-        bk //= 2
-    return bk
+def side_unsupported(side: Side, r: int) -> str | None:
+    """Why spare programs cannot make this side sum (None when they can)."""
+    a = side.a
+    if a.dtype != jnp.bfloat16 or a.ndim != 2 or a.shape[0] % SBM or a.shape[1] % 64:
+        return f"A {tuple(a.shape)} {a.dtype} (a bf16 A [K, N] with K % {SBM} == 0 and N % 64 == 0)"
+    k, n = a.shape
+    if r != 1:
+        return f"{r} rows selected (one)"
+    if side.acc is not None and (side.acc.dtype != jnp.float32 or side.acc.size != n):
+        return f"a sum {tuple(side.acc.shape)} {side.acc.dtype} (float32 [{n}])"
+    if side.acc is not None and (side.r is None or side.r.size != k):
+        return f"a residual r {None if side.r is None else tuple(side.r.shape)} (one row of width {k})"
+    return None
 
 
 def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *, compact: bool = True,
-                  zeros: int = 0, side: tuple[Array, Array] | None = None, warps: int | None = None,
+                  zeros: int = 0, side: Side | None = None, warps: int | None = None,
                   prologue: Norm | Gated | None = None, window: bool = True, chunk: int | None = None) -> list[Array]:
     """One program per row of ``x [R, D]`` (D/chunk when compacting; bf16, or with a ``prologue`` its
     inputs, of any float dtype, from which the bf16 rows are made): Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
     ``[R, 4]`` (threshold pair, kept count, 1 where a ``window`` search found the k-th magnitude inside
     its window, else 0), then ``[R, dp]`` kept indices first (``compact``),
     then the prologue's rows ``[R, D]`` (and a Norm's rounded residual ``[R, D]``), then a float32
-    zero buffer ``[zeros]`` (when ``zeros`` > 0) or the float32 product ``r @ A`` ``[N]`` of
-    ``side = (r, A)`` (see :func:`side_supported`), both made by spare programs. ``chunk``: entries per
+    zero buffer ``[zeros]`` (when ``zeros`` > 0), then ``side``'s float32 sum ``[N]`` (zeros, or its ``acc``
+    plus r·A; see :class:`Side`), both made by spare programs. ``chunk``: entries per
     compacting program, a power of two (default ``CHUNK`` on GPU, the whole row in interpret mode, which
     runs programs one after another)."""
     r = x.shape[0]
@@ -392,10 +427,9 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
     dp = max(1 << (d - 1).bit_length(), 16)
     warps = warps or (4 if dp <= 2048 else 8 if dp <= 16384 else 16)  # H200: 8 beat 4 and 16 at D = 4096, 11008
     search = thr is None
-    if side is not None and (zeros or not side_supported(side)):
-        rv, a = side
-        raise ValueError(f"select_kernel: side=(r {tuple(rv.shape)}, A {tuple(a.shape)} {a.dtype}){' with zeros' if zeros else ''}; "
-                         f"it needs one row r of width K and a bf16 A [K, N] with K % 16 == 0 and N % {SBN} == 0, and no zeros")
+    why = None if side is None else side_unsupported(side, r)
+    if why is not None:
+        raise ValueError(f"select_kernel: side with {why}")
     # one small operand: k, or the pairs
     arg = jnp.asarray(k, jnp.int32).reshape(1) if search else thr.astype(jnp.int32)
     shapes = [jax.ShapeDtypeStruct((r, 4), jnp.int32)]
@@ -415,23 +449,29 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
         shapes += [jax.ShapeDtypeStruct((r, d), jnp.bfloat16)] * (1 if pro == "gated" else 2)
     shapes += [jax.ShapeDtypeStruct((zeros,), jnp.float32)] if zeros else []
     spare = -(-zeros // ZB)
-    side_k = 0
+    side_meta, aliases = None, {}
     if side is not None:
-        rv, a = side
-        side_k = a.shape[0]
-        shapes.append(jax.ShapeDtypeStruct((a.shape[1],), jnp.float32))
-        spare = a.shape[1] // SBN
-        operands += [rv.reshape(-1).astype(a.dtype), a]
+        n = side.a.shape[1]
+        shapes.append(jax.ShapeDtypeStruct((n,), jnp.float32))
+        if side.acc is None:
+            side_meta, spare = ("zeros", n), spare + -(-n // ZB)
+        else:
+            bn = next(b for b in (SBN, 128, 64) if n % b == 0)
+            side_meta = ("add", n, bn)
+            spare += side.a.shape[0] // SBM * (n // bn)
+            aliases = {len(operands) + 2: len(shapes) - 1}
+            operands += [side.r.reshape(1, -1).astype(side.a.dtype), side.a, side.acc.reshape(n)]
     eps = float(prologue.eps) if isinstance(prologue, Norm) else 0.0
     if chunk is not None and (chunk < 1 or chunk & (chunk - 1)):
         raise ValueError(f"select_kernel: chunk={chunk}; entries per compacting program must be a power of two")
     chunks = dp // min(dp, chunk or (dp if interpret() else CHUNK)) if compact else 1
     return pl.pallas_call(
         functools.partial(_select_kernel, r=r, d=d, dp=dp, search=search, window=window, compact=compact, chunks=chunks,
-                          nz=zeros, side_k=side_k, pro=pro, eps=eps),
+                          nz=zeros, side=side_meta, pro=pro, eps=eps),
         out_shape=shapes,
         grid=(r * chunks + spare,),  # whole-array refs: row = program // chunks, then the spare programs
-        compiler_params=triton_params(num_warps=warps, num_stages=3 if side_k else 1),  # stages: the side loop
+        input_output_aliases=aliases,
+        compiler_params=triton_params(num_warps=warps, num_stages=1),
         interpret=interpret(),
     )(*operands)
 
@@ -472,37 +512,42 @@ def _kernel_keep(thr: Array, outs: list[Array], compact: bool, width: int, side:
         row, i = outs[i], i + 1
         if isinstance(pro, Norm):
             h, i = outs[i], i + 1
-    return KeepSet(thr, outs[0], outs[1] if compact else None, outs[-1] if width and not side else None,
+    return KeepSet(thr, outs[0], outs[1] if compact else None, outs[i] if width else None,
                    outs[-1] if side else None, row, h)
 
 
-def select_topk(x: Array, k: int | Array, width: int = 0, side: tuple[Array, Array] | None = None,
+def select_topk(x: Array, k: int | Array, width: int = 0, side: Side | None = None,
                 prologue: Norm | Gated | None = None) -> KeepSet:
     """Top-K keep set of each row. On GPU, for one bf16 row (batch-1 decode), one kernel also writes
     what the sparse GEMV reads: the compacted kept indices (when the gather GEMV is on) and its
-    float32 accumulator: zeros of the GEMV's total output ``width``, or ``r @ A`` for a residual
-    ``side = (r, A)`` whose product the GEMV's output should include (``KeepSet.side``).
+    float32 accumulator, zeros of the GEMV's total output ``width`` (0: none), and, beside the search,
+    ``side``'s sum: zeros, or a residual product r·A added onto its ``acc`` (``KeepSet.side``; the jnp
+    twin where the kernel does not run).
 
     With a ``prologue`` x holds its inputs and the keep set is chosen on the row it makes (returned
     as ``KeepSet.x``, a Norm's rounded residual as ``KeepSet.h``): inside the kernel with "norm" on
     (Norm) or "gated" (Gated), else with its jnp twin before the selection."""
     d = x.shape[-1] if prologue is None else prologue.width(x)
     check_k(k, d)
+    if side is not None and side.acc is not None and side.r is None:
+        raise ValueError("select_topk: a side that adds r·A onto its sum needs the residual r")
     if prologue is not None:
         if not _prologue_in_kernel(x, d, prologue):
             row, h = prologue.reference(x)
             return dataclasses.replace(select_topk(row, k, width, side), x=row, h=h)
     elif not (enabled("select") and _one_row(x) and supported(x)):
-        return KeepSet(topk_threshold(x, k))
+        return KeepSet(topk_threshold(x, k), side=None if side is None else side.reference(x.shape[:-1]))
     compact = enabled("gather")
-    with_side = enabled("side") and side_supported(side) and _one_row(side[0])
-    outs = select_kernel(x.reshape(1, -1), k, compact=compact, zeros=0 if with_side else width,
-                         side=side if with_side else None, prologue=prologue, window=enabled("window"))
-    keep = _kernel_keep(outs[0][:, :2].reshape(*x.shape[:-1], 2), outs, compact, width, with_side, prologue)
-    if prologue is None:
-        return keep
+    tiles = side is not None and side_unsupported(side, 1) is None
+    outs = select_kernel(x.reshape(1, -1), k, compact=compact, zeros=width, side=side if tiles else None,
+                         prologue=prologue, window=enabled("window"))
+    keep = _kernel_keep(outs[0][:, :2].reshape(*x.shape[:-1], 2), outs, compact, width, tiles, prologue)
     lead = x.shape[:-1]
-    return dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
+    if prologue is not None:
+        keep = dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
+    if side is not None and not tiles:
+        keep = dataclasses.replace(keep, side=side.reference(lead))
+    return keep
 
 
 def select_threshold(x: Array, tau: Array, width: int = 0, prologue: Norm | Gated | None = None,

@@ -4,9 +4,9 @@ W is input-major ``[D_in, D_out]``, so a dropped input entry is a whole weight r
 leave HBM. Both kernels run one program per weight tile with no loop and add their float32 partial
 products atomically into one buffer holding every output side by side, zeroed by the selection
 kernel's spare programs. At a fused model's down site La RoSA's residual product r·A joins the same
-sum as extra dense tiles of the GEMV's launch (``tail``, the default: 0.12 ms per token faster than
-XLA's dot in a Llama-2-7B decode on an H200), else XLA's dot or with ``side`` the selection kernel's
-spare programs.
+sum: by default made by spare programs of the down selection's launch while it searches (``side``,
+``select.Side``; the GEMV starts from that sum), else as extra dense tiles of the GEMV's own launch
+(``tail``: 0.12 ms per token faster than XLA's dot in a Llama-2-7B decode on an H200), else XLA's dot.
 Thousands of small programs keep enough loads in flight to stream at HBM speed without software
 pipelining; a mask computed from loaded data defeats that pipelining, and a looping split-K kernel
 with row masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one
@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .common import acc_dtype, enabled, interpret, triton_params
 from .gemv import matvec
-from .select import KeepSet, apply, magnitude_bits, pair_keeps
+from .select import KeepSet, apply, magnitude_bits, pair_keeps, residual_product
 
 Array = jax.Array
 # Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
@@ -255,11 +255,6 @@ def sparse_matvec_reference(x: Array, thr: Array, ws, bs, residual=None, raw: bo
     return out
 
 
-def residual_product(rv: Array, a: Array) -> Array:
-    """``r @ A`` accumulated (and returned) in float32, float64 for float64 models."""
-    return jnp.dot(rv.astype(a.dtype), a, preferred_element_type=acc_dtype(a.dtype))
-
-
 def tail_supported(residual: tuple[Array, Array], w: Array) -> bool:
     """Whether r·A can ride in the sparse GEMV's launch: one row r, bf16 A ``[K2, N]`` with N = w's outputs."""
     rv, a = residual
@@ -297,7 +292,7 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
         return sparse_matvec_reference(x, thr, ws, bs, residual, raw)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
     acc, tail = keep.zeros, None
-    if residual is not None:  # r·A: from the selection kernel (side), as tiles of this launch (tail), else XLA's dot
+    if residual is not None:  # r·A: summed by the selection kernels (side), as tiles of this launch (tail), else XLA's dot
         if keep.side is not None:
             acc = keep.side
         elif enabled("tail") and tail_supported(residual, ws[0]):
