@@ -261,17 +261,22 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chu
         @pl.when(prog >= start)
         def _():
             t = prog - start
-            r0 = pl.multiple_of(t // (n // bn) * SBM, SBM)
-            c0 = pl.multiple_of(t % (n // bn) * bn, bn)
-            rv = rv_ref[pl.ds(0, 1), pl.ds(r0, SBM)]
-            w = a_ref[pl.ds(r0, SBM), pl.ds(c0, bn)]
-            acc = jnp.sum(rv[0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0)
-            pltriton.atomic_add(outs[-1], (pl.ds(c0, bn),), acc)
+            j = t % (n // bn)
+            acc = adapter_tile(rv_ref, a_ref, t // (n // bn), j, SBM, bn)
+            pltriton.atomic_add(outs[-1], (pl.ds(pl.multiple_of(j * bn, bn), bn),), acc)
 
     @pl.when(prog < r * chunks)
     def _():
         _select_row(prog // chunks, arg_ref, x_ref, thr_out, outs[0] if compact else None, d=d, dp=dp, search=search,
                     window=window, pro=pro, pro_refs=pro_refs, eps=eps, chunk=prog % chunks, chunks=chunks)
+
+
+def adapter_tile(r_ref, a_ref, t, j, bm: int, bn: int) -> Array:
+    """Float32 ``[bn]``: row tile t of the one-row residual r ``[1, K]`` times tile (t, j) of A: La RoSA's
+    residual adapter r·A in dense tiles (beside a selection, ``side``, or in a GEMV's launch, ``tail``)."""
+    rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
+    w = a_ref[rows, pl.ds(pl.multiple_of(j * bn, bn), bn)]
+    return jnp.sum(r_ref[:, rows][0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0)
 
 
 def _pro_inputs(pro: str | None) -> list[str]:

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from .common import acc_dtype, enabled, interpret, triton_params
 from .gemv import matvec
-from .select import KeepSet, apply, magnitude_bits, pair_keeps, residual_product
+from .select import KeepSet, adapter_tile, apply, magnitude_bits, pair_keeps, residual_product
 
 Array = jax.Array
 # Tile and warps, chosen on an H200 (eval/results/NOTES.md): rows per program, columns per program.
@@ -82,12 +82,6 @@ def _product(xs: Array, w: Array, rp: int) -> Array:
     return jnp.sum(xs[0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0, keepdims=True)
 
 
-def _tail_tile(r_ref, a_ref, t, j, bm: int, bn: int) -> Array:
-    """Float32 ``[1, bn]``: row tile t of r times tile (t, j) of A (La RoSA's residual adapter r·A)."""
-    rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
-    return _product(r_ref[:, rows], a_ref[rows, pl.ds(pl.multiple_of(j * bn, bn), bn)], 1)
-
-
 def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp, n_rows, tail):
     """Program (j, i): rows ``[i·bm, (i+1)·bm)`` of column block j; with a ``tail`` = (r, A) the
     programs past the ``n_rows`` row tiles of x take the dense tiles of r·A into the same outputs."""
@@ -126,7 +120,7 @@ def _kernel(thr_ref, x_ref, *refs, n_blocks, bn, bm, rp, n_rows, tail):
 
         @pl.when(i >= n_rows)
         def _():
-            add(_tail_tile(r_ref, a_ref, i - n_rows, j, bm, bn))
+            add(adapter_tile(r_ref, a_ref, i - n_rows, j, bm, bn)[None])
 
 
 def sums(x: Array, thr: Array, ws: tuple[Array, ...], *, bm: int = BM, bn: int = BN, warps: int = WARPS,
@@ -182,7 +176,7 @@ def _gather_kernel(packed_ref, order_ref, x_ref, *refs, n_blocks, bn, bm, n_rows
         @pl.when(i >= n_rows)
         def _():
             col = pl.ds(pl.multiple_of(j * bn, bn), bn)
-            pltriton.atomic_add(o_ref, (col,), _tail_tile(r_ref, a_ref, i - n_rows, j, bm, bn)[0])
+            pltriton.atomic_add(o_ref, (col,), adapter_tile(r_ref, a_ref, i - n_rows, j, bm, bn))
 
     @pl.when((i < n_rows) & (i * bm < n))  # programs past the kept count have nothing to do
     def _():
