@@ -182,9 +182,9 @@ class TopKProjection(nnx.Module):
     def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, side=None, raw=False):
         """``(outputs, keep)``: the site's outputs on ``prologue``'s row made from x (on x itself without
         one; γ applied unless the gains are folded), with ``raw`` one float32 unrounded buffer, and its
-        keep set (``keep.h``: a Norm prologue's rounded residual stream; ``keep.side``: the sum of the
-        residual product r·A after this site's ``side`` rows, which at the down site, with the
-        ``residual``, is the GEMV's starting sum)."""
+        keep set (``keep.h``: a Norm prologue's rounded residual stream; ``keep.side``: the ``side`` sum,
+        zeros at gate/up and r·A at the down site, where with the ``residual`` it is the GEMV's
+        starting sum)."""
         gain = gain if self.gains else None
         if prologue is None:
             x = _gained(x, gain)

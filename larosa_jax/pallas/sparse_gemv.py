@@ -286,7 +286,7 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
         return sparse_matvec_reference(x, thr, ws, bs, residual, raw)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
     acc, tail = keep.zeros, None
-    if residual is not None:  # r·A: summed by the selection kernels (side), as tiles of this launch (tail), else XLA's dot
+    if residual is not None:  # r·A: made beside the down selection (side), as tiles of this launch (tail), else XLA's dot
         if keep.side is not None:
             acc = keep.side
         elif enabled("tail") and tail_supported(residual, ws[0]):
