@@ -16,6 +16,7 @@ to read the loop condition, which would swamp kernels of a few microseconds. Row
 
     python eval/bench_kernels.py --out eval/results/kernels_h200     # GPU
     python eval/bench_kernels.py --sweep --out /tmp/sweep            # GPU: tile / warp / step choices
+    python eval/bench_kernels.py --sweep-side llama2 --out /tmp/side  # GPU: the adapter beside the down selection
     python eval/bench_kernels.py --tiny                              # CPU smoke test (interpret mode)
 
 Writes <out>.json, <out>.md and <out>.png (speed-up over XLA dense against sparsity, ideal 1/(1-s)).
@@ -28,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -40,6 +42,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "eval"))  # kernel_trace
+
+from kernel_trace import kernel_profile  # noqa: E402  (eval/kernel_trace.py)
 from larosa_jax import pallas as ops  # noqa: E402
 from larosa_jax.pallas import select as sel  # noqa: E402
 from larosa_jax.pallas import sparse_gemv as sg  # noqa: E402
@@ -47,6 +52,7 @@ from larosa_jax.pallas import sparse_gemv as sg  # noqa: E402
 SHAPES = {  # name: (D_in, D_out of each weight sharing the input)
     "llama2 q/k/v": (4096, (4096, 4096, 4096)),
     "llama2 o": (4096, (4096,)),
+    "llama2 up": (4096, (11008,)),
     "llama2 gate/up": (4096, (11008, 11008)),
     "llama2 down": (11008, (4096,)),
     "llama3 q/k/v": (4096, (4096, 1024, 1024)),
@@ -65,12 +71,10 @@ def _k(s: float, d: int) -> int:
     return max(1, int(round((1 - s) * d)))
 
 
-def timed(fn, args, iters: int, repeats: int) -> float:
-    """Seconds per call of ``fn(i, *args)`` (a float32 scalar), ``iters`` calls unrolled in one jit.
-
-    The calls are chained: call i's operands pass through an optimization barrier together with call
-    i - 1's result, so XLA can neither merge two calls into one matmul nor overlap them.
-    """
+def chained(fn, iters: int):
+    """One jit of ``iters`` calls of ``fn(i, *args)`` (a float32 scalar), chained: call i's operands pass
+    through an optimization barrier together with call i - 1's result, so XLA can neither merge two
+    calls into one matmul nor overlap them."""
 
     @jax.jit
     def many(*a):
@@ -80,6 +84,12 @@ def timed(fn, args, iters: int, repeats: int) -> float:
             acc = acc + fn(i, *a)
         return acc
 
+    return many
+
+
+def timed(fn, args, iters: int, repeats: int) -> float:
+    """Seconds per call of ``fn(i, *args)``: wall time of :func:`chained`, median of ``repeats`` runs."""
+    many = chained(fn, iters)
     jax.block_until_ready(many(*args))
     ts = []
     for _ in range(repeats):
@@ -115,22 +125,31 @@ def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
     none = (None,) * len(ns)
     out = []
 
-    def record(op, s, sec, err=None):
+    def record(op, s, fn, a, err=None):
+        sec = timed(fn, a, args.iters, args.repeats)
         r = {"shape": name, "d_in": k, "d_out": list(ns), "tokens": rows, "op": op, "sparsity": s,
              "us": sec * 1e6, "weight_MB": nbytes / 1e6, "copies": copies, "rel_err": err}
+        extra = ""
+        if args.trace:  # the device's own time per call: every kernel, and their busy span
+            many = chained(fn, args.iters)
+            prof = kernel_profile(lambda: jax.block_until_ready(many(*a)), args.iters)
+            r["device_busy_us"] = prof.get("busy_ms_per_step", float("nan")) * 1e3
+            r["kernels_us"] = {kk["kernel"][:120]: round(kk["us_per_step"], 3) for kk in prof.get("top", [])}
+            extra = f"  device busy {r['device_busy_us']:.2f} us: " + ", ".join(
+                f"{v:.2f} {kn[:40]}" for kn, v in list(r["kernels_us"].items())[:3])
         out.append(r)
         print(f"{name:16s} b={rows} {op:14s} s={s!s:5s} {sec * 1e6:9.2f} us"
-              + ("" if err is None else f"  rel err {err:.2e}"), flush=True)
+              + ("" if err is None else f"  rel err {err:.2e}") + extra, flush=True)
 
     def xla_dense(i, xs, wsets):
         return _probe([jnp.dot(xs[i], w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in wsets[i % copies]])
 
-    record("xla dense", 0.0, timed(xla_dense, (xs, wsets), args.iters, args.repeats))
+    record("xla dense", 0.0, xla_dense, (xs, wsets))
     if rows == 1:
         def pallas_dense(i, xs, wsets):
             return _probe(ops.matvec(xs[i], wsets[i % copies], none))
 
-        record("pallas dense", 0.0, timed(pallas_dense, (xs, wsets), args.iters, args.repeats))
+        record("pallas dense", 0.0, pallas_dense, (xs, wsets))
 
     for s in args.sparsities:
         kk = _k(s, k)
@@ -152,8 +171,8 @@ def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
         def select_sparse(i, xs, kk, wsets):
             return _probe(ops.sparse_matvec(xs[i], _keep(xs[i], kk), wsets[i % copies], none))
 
-        record("sparse", s, timed(sparse, (xs, keeps, wsets), args.iters, args.repeats), err)
-        record("select+sparse", s, timed(select_sparse, (xs, jnp.int32(kk), wsets), args.iters, args.repeats))
+        record("sparse", s, sparse, (xs, keeps, wsets), err)
+        record("select+sparse", s, select_sparse, (xs, jnp.int32(kk), wsets))
     return out
 
 
@@ -215,6 +234,88 @@ def sweep(names, table, args, rng) -> list[dict]:
     return out
 
 
+SIDE_SHAPES = {"llama2": (11008, 4096), "llama3": (14336, 4096), "qwen2": (18944, 3584)}  # down's D_in, adapter d
+SIDE_TILES = ((128, 1), (128, 2), (128, 4), (64, 2), (64, 4))
+
+
+def sweep_side(names, args, rng) -> list[dict]:
+    """The down selection (compacting, k = D/2) with La RoSA's adapter product r·A on its spare programs,
+    for each (rows per tile, row tiles per program), against the selection alone and XLA's dot alone."""
+    out = []
+    for name in names:
+        d, m = (640, 256) if args.tiny else SIDE_SHAPES[name]
+        nbytes = m * m * 2
+        copies = 1 if args.tiny else max(1, int(np.ceil(2 * L2_BYTES / nbytes)))
+        keys = jax.random.split(jax.random.key(m), copies)
+        adapters = [(jax.random.normal(kk, (m, m), jnp.float32) * m**-0.5).astype(jnp.bfloat16) for kk in keys]
+        xs = jnp.asarray(rng.standard_normal((args.iters, 1, d)), jnp.bfloat16)
+        rs = jnp.asarray(rng.standard_normal((args.iters, 1, m)), jnp.bfloat16)
+        acc = jnp.zeros((m,), jnp.float32)
+        kk = jnp.int32(_k(0.5, d))
+
+        def rec(op, fn, a):
+            """Wall time per call, and the device's own time per call from a trace: each kernel, and
+            their busy span (the probe's small reduction included)."""
+            sec = timed(fn, a, args.iters, args.repeats)
+            many = chained(fn, args.iters)
+            prof = kernel_profile(lambda: jax.block_until_ready(many(*a)), args.iters)
+            kern = {k["kernel"][:120]: round(k["us_per_step"], 3) for k in prof.get("top", [])}
+            busy = prof.get("busy_ms_per_step", float("nan")) * 1e3
+            out.append({"shape": f"{name} down select + adapter", "d_in": d, "adapter": m, "op": op, "us": sec * 1e6,
+                        "device_busy_us": busy, "kernels_us": kern})
+            print(f"side {name:7s} D={d} A={m}x{m} {op:28s} wall {sec * 1e6:7.2f} us, device busy {busy:7.2f} us: "
+                  + ", ".join(f"{v:.2f} {k[:40]}" for k, v in list(kern.items())[:3]), flush=True)
+
+        def alone(i, xs):
+            return sel.select_kernel(xs[i], kk)[0][0, 0].astype(jnp.float32)
+
+        def dot(i, rs, adapters):
+            return jnp.sum(sel.residual_product(rs[i], adapters[i % copies]))
+
+        rec("selection alone", alone, (xs,))
+        rec("XLA dot r@A alone", dot, (rs, adapters))
+        want = np.asarray(sel.residual_product(rs[0], adapters[0]), np.float32).reshape(-1)
+        tiles = args.side_tiles or (SIDE_TILES[:2] if args.tiny else SIDE_TILES)
+        for tile in tiles:
+            got = sel.select_kernel(xs[0], kk, side=sel.Side(adapters[0], acc, rs[0]), side_tile=tile)[-1]
+            err = float(np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want))
+            if err > 1e-3:
+                raise SystemExit(f"side {name} tile {tile}: mismatch (rel err {err:.3g})")
+
+            def both(i, xs, rs, adapters, tile=tile):
+                o = sel.select_kernel(xs[i], kk, side=sel.Side(adapters[i % copies], acc, rs[i]), side_tile=tile)
+                return o[0][0, 0].astype(jnp.float32) + o[-1][0]
+
+            rec(f"with side rows={tile[0]} steps={tile[1]}", both, (xs, rs, adapters))
+    return out
+
+
+def side_markdown(meta, res) -> str:
+    """The ``--sweep-side`` table: the down selection's launch, alone and with the adapter's tiles."""
+    lines = ["# The adapter product r·A beside the down selection", "",
+             f"Device: {meta['device']}; jax {meta['jax']}; {meta['date']}. One row of D entries (k = D/2, compacting, "
+             "as in decode), random bf16 A (d × d, copies cycled past L2), {iters} chained calls per jit. Device µs per "
+             "call from a trace: the selection kernel's launch (with the side tiles on its spare programs), or XLA's "
+             "GEMM for `r @ A` alone; wall µs per call include the harness's launches and probe.".format(iters=meta["iters"]),
+             "", "| model | D | A | variant | device µs | + over alone | wall µs |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for name in dict.fromkeys(r["shape"] for r in res):
+        alone = None  # the latest selection-alone row before each variant (the same run's)
+        for r in (r for r in res if r["shape"] == name):
+            us = own_us(r)[1]
+            alone = us if r["op"].startswith("selection alone") else alone
+            more = f"{us - alone:+.2f}" if r["op"].startswith("with side") and alone is not None else ""
+            lines.append(f"| {name.split()[0]} | {r['d_in']} | {r['adapter']}² | {r['op']} | {us:.2f} | {more} | {r['us']:.2f} |")
+    lines += ["", "Reproduce: `python eval/bench_kernels.py --sweep-side llama2,llama3,qwen2 --out <prefix>`", ""]
+    return "\n".join(lines)
+
+
+def own_us(r) -> tuple[list[str], float]:
+    """The kernels of a traced op that are its own work (XLA's GEMM/GEMV, the Pallas kernels, named
+    after their Python functions), and their summed µs per call."""
+    own = {k.split(" [")[0]: v for k, v in r["kernels_us"].items() if re.search(r"gemm|gemv|dot|^_", k)}
+    return sorted(own), sum(own.values())
+
+
 def markdown(meta, res) -> str:
     sps = sorted({r["sparsity"] for r in res if r["op"] == "sparse"})
     lines = ["# Sparse GEMV and Top-K selection kernels", "",
@@ -240,6 +341,18 @@ def markdown(meta, res) -> str:
                 u = get(op, s)
                 cells.append(f"{u:.1f} ({base / u:.2f}x)" if u else "")
         lines.append(f"| {shape} | {b} | {base:.1f} | {'' if pd is None else f'{pd:.1f}'} | " + " | ".join(cells) + " |")
+    traced = [r for r in res if r.get("kernels_us") and not r["shape"].startswith("select D")]
+    if traced:
+        lines += ["", "Device time per call from a trace (`--trace`), µs: the op's own kernels only (the GEMM/GEMV, "
+                  "or the Pallas kernels; not the probe's reduction or copies, which the wall times above include on "
+                  "both sides). Speed-up against XLA's dense kernel:", "",
+                  "| shape | tokens | op | sparsity | kernels | µs | speed-up |", "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
+        for r in traced:
+            base = next((own_us(q)[1] for q in traced if q["shape"] == r["shape"] and q["tokens"] == r["tokens"]
+                         and q["op"] == "xla dense"), None)
+            names, us = own_us(r)
+            lines.append(f"| {r['shape']} | {r['tokens']} | {r['op']} | {r['sparsity']} | {', '.join(names)} | {us:.2f} | "
+                         + (f"{base / us:.2f}x |" if base else " |"))
     sel_rows = [r for r in res if r["shape"].startswith("select D")]
     if sel_rows:
         lines += ["", "Top-K selection alone (k = D/2), µs per call:", "", "| D | tokens | select kernel | jnp bisection | lax.top_k |",
@@ -289,7 +402,16 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="small shapes in interpret mode (CPU smoke test)")
     ap.add_argument("--sweep", action="store_true", help="only sweep tile/warp/step choices (picking the defaults)")
     ap.add_argument("--sweep-batches", default="1,4")
+    ap.add_argument("--trace", action="store_true", help="also trace each op: the device's own time per call, by kernel")
+    ap.add_argument("--sweep-side", default=None, metavar="MODELS",
+                    help=f"only time the adapter tiles beside the down selection, for a comma list of {list(SIDE_SHAPES)}")
+    ap.add_argument("--side-tiles", default=None, metavar="RxS,…",
+                    help="--sweep-side's (rows per tile)x(row tiles per program) choices, e.g. 128x1,128x5")
     args = ap.parse_args(argv)
+    try:
+        args.side_tiles = [tuple(int(v) for v in t.split("x")) for t in args.side_tiles.split(",")] if args.side_tiles else None
+    except ValueError:
+        ap.error(f"--side-tiles {args.side_tiles!r}: expected a comma list of ROWSxSTEPS, e.g. 128x1,128x5")
     if args.tiny:
         os.environ.setdefault("LAROSA_PALLAS_INTERPRET", "1")
         args.iters, args.repeats = 2, 1
@@ -328,6 +450,17 @@ def main(argv=None):
                     print(f"plot failed: {e}")
         return md
 
+    if args.sweep_side:
+        for n in args.sweep_side.split(","):
+            if n.strip() not in SIDE_SHAPES:
+                ap.error(f"unknown model {n!r} for --sweep-side; known: {', '.join(SIDE_SHAPES)}")
+            res += sweep_side([n.strip()], args, rng)
+            write(with_md=False)
+        for o in outs:
+            tmp = Path(str(o) + ".md.tmp")
+            tmp.write_text(side_markdown(meta, res))
+            tmp.replace(Path(str(o) + ".md"))
+        return
     if args.sweep:
         args.sweep_batches = [int(b) for b in args.sweep_batches.split(",")]
         res = sweep(names, table, args, rng)

@@ -172,12 +172,16 @@ def test_select_kernel_spare_programs_fill_zeros_or_add_side_tiles(d, k_side, n_
     np.testing.assert_array_equal(np.asarray(o2), np.asarray(order))
     assert z1.shape == (3000,) and z2.shape == (n_side,) and not np.asarray(z1).any() and not np.asarray(z2).any()
     acc = jnp.asarray(rng.standard_normal((n_side,)), jnp.float32)
-    p3, o3, side = sel.select_kernel(x, jnp.int32(k), side=sel.Side(a, acc, rv))
-    np.testing.assert_array_equal(np.asarray(p3), np.asarray(packed))
-    np.testing.assert_array_equal(np.asarray(o3), np.asarray(order))
     want = np.asarray(acc, np.float64) + np.asarray(rv, np.float64)[0] @ np.asarray(a, np.float64)
-    assert side.shape == (n_side,) and side.dtype == jnp.float32
-    assert _rel(side, want) < 1e-6
+    # one tile per program, and loops over row tiles (the last program's loop shorter when they do not divide)
+    for tile in (None, (64, 3), (128, 4)):
+        p3, o3, side = sel.select_kernel(x, jnp.int32(k), side=sel.Side(a, acc, rv), side_tile=tile)
+        np.testing.assert_array_equal(np.asarray(p3), np.asarray(packed))
+        np.testing.assert_array_equal(np.asarray(o3), np.asarray(order))
+        assert side.shape == (n_side,) and side.dtype == jnp.float32
+        assert _rel(side, want) < 1e-6, tile
+    with pytest.raises(ValueError, match="rows per tile must divide"):
+        sel.select_kernel(x, jnp.int32(k), side=sel.Side(a, acc, rv), side_tile=(k_side // 2 + 64, 1))
     assert _rel(sel.Side(a, acc, rv).reference((1,))[0], want) < 1e-6
     for bad, why in [(sel.Side(a[:, :100], acc, rv), r"side with A \(\d+, 100\) bfloat16"),
                      (sel.Side(a, acc[:64], rv), r"side with a sum \(64,\) float32"),

@@ -208,10 +208,12 @@ WINDOW_BITS, WINDOW_LOW = 8, 2.0 ** -1.25
 
 ZB = 1024  # zero-fill chunk per spare program
 CHUNK = 1024  # compaction: entries whose positions one program stores
-# side tiles of r·A: rows, columns. Beside the down selection's search (8 warps, a register-heavy row) few
-# programs fit on an SM, so each carries a large tile: at 64 rows Llama-3-8B's decode gained nothing,
-# at 128 rows 0.12 ms per token (H200, eval/results/NOTES.md)
-SBM, SBN = 128, 256
+# side tiles of r·A: rows, columns, row tiles per program. Beside the down selection's search (8 warps, a
+# register-heavy row) few programs fit on an SM, so each carries a large tile: at 64 rows Llama-3-8B's
+# decode gained nothing, at 128 rows 0.12 ms per token (H200, eval/results/NOTES.md). Programs that loop
+# over several row tiles (the next one loading while the current one is summed) ran on par or up to 7 µs
+# slower per launch at Llama shapes and saved 2.2 µs only at Qwen2-7B's (side_sweep_h200.md): one tile each.
+SBM, SBN, SBS = 128, 256, 1
 
 
 def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chunks, nz, side, pro, eps):
@@ -228,8 +230,8 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chu
     H200, and the other SMs sit idle during a one-row selection anyway. The row's first program writes
     the pair and the prologue's outputs.
     Programs past the rows zero-fill float32 buffers (``nz`` entries, then with ``side`` = ("zeros", N)
-    the side sum), or (``side`` = ("add", N, bn)) each add one ``SBM × bn`` tile of r·A atomically onto
-    the side sum.
+    the side sum), or (``side`` = ("add", N, bn, bm, steps, row tiles)) each add the products of
+    ``steps`` ``bm × bn`` tiles of r·A (one column block) atomically onto the side sum.
     ``pro`` (a prologue: "norm", "norm+add", "norm+gain", "norm+add+gain" or "gated") makes the row
     from the inputs first and writes it (and a Norm's rounded residual) out for the GEMV.
     """
@@ -256,13 +258,16 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chu
         start += -(-n // ZB)
 
     if source == "add":
-        _, n, bn = side
+        _, n, bn, bm, steps, nt = side
 
         @pl.when(prog >= start)
         def _():
             t = prog - start
-            j = t % (n // bn)
-            acc = adapter_tile(rv_ref, a_ref, t // (n // bn), j, SBM, bn)
+            j, i0 = t % (n // bn), t // (n // bn) * steps
+            if steps == 1:
+                acc = adapter_tile(rv_ref, a_ref, i0, j, bm, bn)
+            else:
+                acc = side_tiles(rv_ref, a_ref, i0, jnp.minimum(i0 + steps, nt), j, bm, bn)
             pltriton.atomic_add(outs[-1], (pl.ds(pl.multiple_of(j * bn, bn), bn),), acc)
 
     @pl.when(prog < r * chunks)
@@ -277,6 +282,27 @@ def adapter_tile(r_ref, a_ref, t, j, bm: int, bn: int) -> Array:
     rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
     w = a_ref[rows, pl.ds(pl.multiple_of(j * bn, bn), bn)]
     return jnp.sum(r_ref[:, rows][0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0)
+
+
+def side_tiles(r_ref, a_ref, i0, end, j, bm: int, bn: int) -> Array:
+    """Float32 ``[bn]``: the sum of :func:`adapter_tile` over row tiles ``i0 … end-1`` of column block j,
+    each tile's load issued before the previous tile's products are summed (software pipelining by
+    hand: Triton's own needs stages in shared memory, and the selection sharing this launch sets
+    ``num_stages=1``). The load past ``end`` is masked off, so it moves no memory."""
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    def load(i):
+        live = jnp.broadcast_to(i < end, (bm, bn))
+        return pltriton.load(a_ref.at[pl.ds(pl.multiple_of(i * bm, bm), bm), cols], mask=live, other=0.0)
+
+    def step(i, carry):
+        acc, w = carry
+        nxt = load(i + 1)
+        rv = r_ref[:, pl.ds(pl.multiple_of(i * bm, bm), bm)][0]
+        return acc + jnp.sum(rv[:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0), nxt
+
+    acc, _ = jax.lax.fori_loop(i0, end, step, (jnp.zeros((bn,), jnp.float32), load(i0)))
+    return acc
 
 
 def _pro_inputs(pro: str | None) -> list[str]:
@@ -417,7 +443,8 @@ def side_unsupported(side: Side, r: int) -> str | None:
 
 def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *, compact: bool = True,
                   zeros: int = 0, side: Side | None = None, warps: int | None = None,
-                  prologue: Norm | Gated | None = None, window: bool = True, chunk: int | None = None) -> list[Array]:
+                  prologue: Norm | Gated | None = None, window: bool = True, chunk: int | None = None,
+                  side_tile: tuple[int, int] | None = None) -> list[Array]:
     """One program per row of ``x [R, D]`` (D/chunk when compacting; bf16, or with a ``prologue`` its
     inputs, of any float dtype, from which the bf16 rows are made): Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
     ``[R, 4]`` (threshold pair, kept count, 1 where a ``window`` search found the k-th magnitude inside
@@ -426,7 +453,8 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
     zero buffer ``[zeros]`` (when ``zeros`` > 0), then ``side``'s float32 sum ``[N]`` (zeros, or its ``acc``
     plus r·A; see :class:`Side`), both made by spare programs. ``chunk``: entries per
     compacting program, a power of two (default ``CHUNK`` on GPU, the whole row in interpret mode, which
-    runs programs one after another)."""
+    runs programs one after another); ``side_tile``: (rows per tile, row tiles per program) of the side
+    programs (default ``(SBM, SBS)``; rows dividing ``SBM``)."""
     r = x.shape[0]
     d = x.shape[1] if prologue is None else prologue.width(x)
     dp = max(1 << (d - 1).bit_length(), 16)
@@ -462,8 +490,13 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
             side_meta, spare = ("zeros", n), spare + -(-n // ZB)
         else:
             bn = next(b for b in (SBN, 128, 64) if n % b == 0)
-            side_meta = ("add", n, bn)
-            spare += side.a.shape[0] // SBM * (n // bn)
+            bm, steps = side_tile or (SBM, SBS)
+            if bm < 1 or steps < 1 or side.a.shape[0] % bm:
+                raise ValueError(f"select_kernel: side_tile={side_tile} for A {tuple(side.a.shape)}: rows per tile must "
+                                 "divide A's rows, and both must be positive")
+            nt = side.a.shape[0] // bm
+            side_meta = ("add", n, bn, bm, steps, nt)
+            spare += -(-nt // steps) * (n // bn)
             aliases = {len(operands) + 2: len(shapes) - 1}
             operands += [side.r.reshape(1, -1).astype(side.a.dtype), side.a, side.acc.reshape(n)]
     eps = float(prologue.eps) if isinstance(prologue, Norm) else 0.0
