@@ -99,6 +99,15 @@ def timed(fn, args, iters: int, repeats: int) -> float:
     return statistics.median(ts) / iters
 
 
+def traced(fn, args, iters: int) -> tuple[float, dict]:
+    """The device's own time per call of ``fn(i, *args)`` (a trace of one :func:`chained` run): the busy
+    span in µs, and µs per call by kernel name."""
+    many = chained(fn, iters)
+    prof = kernel_profile(lambda: jax.block_until_ready(many(*args)), iters)
+    kern = {k["kernel"][:120]: round(k["us_per_step"], 3) for k in prof.get("top", [])}
+    return prof.get("busy_ms_per_step", float("nan")) * 1e3, kern
+
+
 def _probe(outs) -> jax.Array:
     """A scalar that depends on every output entry. (A single entry would let XLA shrink its own dot
     to one column: the first runs timed XLA's dense GEMV at 10-18 µs for 176 MB that way.)"""
@@ -130,11 +139,8 @@ def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
         r = {"shape": name, "d_in": k, "d_out": list(ns), "tokens": rows, "op": op, "sparsity": s,
              "us": sec * 1e6, "weight_MB": nbytes / 1e6, "copies": copies, "rel_err": err}
         extra = ""
-        if args.trace:  # the device's own time per call: every kernel, and their busy span
-            many = chained(fn, args.iters)
-            prof = kernel_profile(lambda: jax.block_until_ready(many(*a)), args.iters)
-            r["device_busy_us"] = prof.get("busy_ms_per_step", float("nan")) * 1e3
-            r["kernels_us"] = {kk["kernel"][:120]: round(kk["us_per_step"], 3) for kk in prof.get("top", [])}
+        if args.trace:
+            r["device_busy_us"], r["kernels_us"] = traced(fn, a, args.iters)
             extra = f"  device busy {r['device_busy_us']:.2f} us: " + ", ".join(
                 f"{v:.2f} {kn[:40]}" for kn, v in list(r["kernels_us"].items())[:3])
         out.append(r)
@@ -257,10 +263,7 @@ def sweep_side(names, args, rng) -> list[dict]:
             """Wall time per call, and the device's own time per call from a trace: each kernel, and
             their busy span (the probe's small reduction included)."""
             sec = timed(fn, a, args.iters, args.repeats)
-            many = chained(fn, args.iters)
-            prof = kernel_profile(lambda: jax.block_until_ready(many(*a)), args.iters)
-            kern = {k["kernel"][:120]: round(k["us_per_step"], 3) for k in prof.get("top", [])}
-            busy = prof.get("busy_ms_per_step", float("nan")) * 1e3
+            busy, kern = traced(fn, a, args.iters)
             out.append({"shape": f"{name} down select + adapter", "d_in": d, "adapter": m, "op": op, "us": sec * 1e6,
                         "device_busy_us": busy, "kernels_us": kern})
             print(f"side {name:7s} D={d} A={m}x{m} {op:28s} wall {sec * 1e6:7.2f} us, device busy {busy:7.2f} us: "

@@ -60,8 +60,10 @@ def test_bench_kernels_tiny_checks_and_writes(tmp_path, monkeypatch):
     monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")  # what --tiny sets; undone after the test
     bk = _script("bench_kernels")
     out = tmp_path / "kernels"
-    bk.main(["--tiny", "--batches", "1,4", "--sparsities", "0.5", "--out", str(out)])
+    bk.main(["--tiny", "--batches", "1,4", "--sparsities", "0.5", "--trace", "--out", str(out)])
     doc = json.loads(Path(str(out) + ".json").read_text())
+    ops_rows = [r for r in doc["results"] if not r["shape"].startswith("select D")]
+    assert ops_rows and all(isinstance(r["kernels_us"], dict) for r in ops_rows)  # --trace (no GPU kernels on CPU)
     ops = {(r["shape"], r["tokens"], r["op"]) for r in doc["results"]}
     for shape in ("tiny up", "tiny q/k/v"):
         for b in (1, 4):

@@ -454,7 +454,7 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
     plus r·A; see :class:`Side`), both made by spare programs. ``chunk``: entries per
     compacting program, a power of two (default ``CHUNK`` on GPU, the whole row in interpret mode, which
     runs programs one after another); ``side_tile``: (rows per tile, row tiles per program) of the side
-    programs (default ``(SBM, SBS)``; rows dividing ``SBM``)."""
+    programs (default ``(SBM, SBS)``; rows dividing A's rows)."""
     r = x.shape[0]
     d = x.shape[1] if prologue is None else prologue.width(x)
     dp = max(1 << (d - 1).bit_length(), 16)
