@@ -114,3 +114,63 @@ def test_select_window_reports_hit_rates_on_real_rows(tmp_path):
     with pytest.raises(SystemExit):
         sw.main([str(stories().ckpt), str(stories_stats_dir("fused")), "--text", str(tmp_path / "none.txt"),
                  "--out", str(out)])
+
+
+def test_batch_shared_keep_sets_and_their_perplexity(tmp_path):
+    """eval/batch_shared.py on the bundled stories260K: inside ``shared_keep_sets(2)`` each pair of rows
+    reaches every projection with one common support of at most the site's k entries per position (what
+    one row keeps alone; two per-token sets would cover more), B = 1 leaves the method's perplexity as it
+    is, and the report is written as JSON and Markdown; a B that does not divide the rows is refused."""
+    import jax.numpy as jnp
+    import numpy as np
+    from _helpers import TEXT_FILE, stories, stories_stats_dir
+
+    from larosa_jax import checkpoint, sparsity
+    from larosa_jax.calibration import CalibrationStats
+    from larosa_jax.sparse_model import sparsify
+    from larosa_jax.sparsity import SITES, SparseConfig, site_ks
+
+    bsh = _script("batch_shared")
+    out = tmp_path / "bs"
+    argv = [str(stories().ckpt), str(stories_stats_dir("fused")), "--text", str(TEXT_FILE), "--rows", "4",
+            "--seqlen", "32", "--sparsity", "0.5", "--batches", "1,2", "--out", str(out)]
+    doc = bsh.main(argv)
+    assert set(doc["results"]) == {"larosa@0.5", "topk@0.5"} and doc["dense"] > 1
+    model = checkpoint.load(str(stories().ckpt))
+    sc = SparseConfig("topk", "faithful", 0.5)
+    sparse = sparsify(model, CalibrationStats.load(str(stories_stats_dir("fused"))), sc)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, model.config.vocab_size, (4, 24)), jnp.int32)
+    seen, orig = [], sparsity.kept_projection
+
+    def spy(x, keep, linears, residual=None, raw=False):
+        seen.append(np.asarray(x))
+        return orig(x, keep, linears, residual, raw)
+
+    alone = bsh.perplexity(sparse, tokens)
+    sparsity.kept_projection = spy
+    try:
+        with bsh.shared_keep_sets(1):
+            assert bsh.perplexity(sparse, tokens) == pytest.approx(alone, rel=1e-6)
+        seen.clear()
+        with bsh.shared_keep_sets(2):
+            shared = bsh.perplexity(sparse, tokens)
+    finally:
+        sparsity.kept_projection = orig
+    assert sparsity.kept_projection is orig
+    assert shared != pytest.approx(alone, rel=1e-4)
+    ks = site_ks(model.config, sc)
+    assert len(seen) == 4 * model.config.num_layers
+    for i, x in enumerate(seen):
+        support = (x != 0).reshape(2, 2, *x.shape[1:]).any(axis=1)  # [pairs, T, D]
+        assert support.sum(-1).max() <= ks[SITES[i % 4]], SITES[i % 4]
+    assert "| larosa@0.5 |" in (tmp_path / "bs.md").read_text()
+    assert json.loads((tmp_path / "bs.json").read_text())["results"] == doc["results"]
+    with pytest.raises(SystemExit):
+        bsh.main(argv[:-4] + ["--batches", "3", "--out", str(out)])
+    # --resume keeps what the file holds (nothing is recomputed here), and refuses another run's file
+    saved = json.loads((tmp_path / "bs.json").read_text())
+    saved["results"]["larosa@0.5"]["2"] = 123.0
+    (tmp_path / "bs.json").write_text(json.dumps(saved))
+    assert bsh.main(argv + ["--resume"])["results"]["larosa@0.5"]["2"] == 123.0
+    with pytest.raises(SystemExit):
+        bsh.main(argv[:-4] + ["--batches", "1", "--out", str(out), "--resume"])
