@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from batch_union import load_real_text, real_text_args  # noqa: E402
 
 from larosa_jax import pallas as ops  # noqa: E402
+from larosa_jax import perplexity as ppl  # noqa: E402
 from larosa_jax import sparsity  # noqa: E402
 from larosa_jax.sparse_model import sparsify  # noqa: E402
 from larosa_jax.sparsity import SparseConfig  # noqa: E402
@@ -60,11 +61,10 @@ def shared_keep_sets(b: int):
 
 
 def perplexity(model, tokens) -> float:
-    """Perplexity of next-token prediction over the windows ``tokens [rows, T]``."""
-    logits = model(tokens)
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return float(np.exp(-jnp.mean(jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1))))
+    """The project's perplexity over the windows ``tokens [rows, T]``, all in one batch and run eagerly: the
+    hook of :func:`shared_keep_sets` is read as the model runs, and a jit cache would keep the first one."""
+    with jax.disable_jit():
+        return ppl.perplexity(model, np.asarray(tokens), batch_size=len(tokens))
 
 
 def markdown(doc: dict) -> str:
