@@ -40,9 +40,9 @@ def shared_keep_sets(b: int):
     its own. (b = 1: unchanged.) The projection is restored after."""
     orig = sparsity.kept_projection
 
-    def hook(x, keep, linears, residual=None, raw=False):
+    def hook(x, keep, linears, residual=None, raw=False, **gemv):
         if b == 1:
-            return orig(x, keep, linears, residual, raw)
+            return orig(x, keep, linears, residual, raw, **gemv)
         if x.ndim != 3 or x.shape[0] % b:
             raise ValueError(f"shared keep sets: input {tuple(x.shape)}, expected [rows, T, D] with rows divisible by {b}")
         k = jnp.sum(ops.keep_mask(x[:1, :1], keep.thr[:1, :1]), dtype=jnp.int32)  # every row keeps k
@@ -51,7 +51,7 @@ def shared_keep_sets(b: int):
         shared = ops.keep_mask(score, ops.topk_threshold(score, k))[:, None]
         xs = jnp.where(shared, xg, jnp.zeros((), x.dtype)).reshape(x.shape)
         everything = jnp.broadcast_to(jnp.asarray([-1, 0], jnp.int32), (*x.shape[:-1], 2))  # bits > -1: all kept
-        return orig(xs, ops.KeepSet(everything), linears, residual, raw)
+        return orig(xs, ops.KeepSet(everything), linears, residual, raw, **gemv)
 
     sparsity.kept_projection = hook
     try:

@@ -33,9 +33,9 @@ def record_sites(what=lambda x, keep: np.asarray(ops.keep_mask(x, keep.thr))):
     (by default the keep mask; site order qkv, o, gate_up, down); the projection is restored after."""
     rec, orig = [], sparsity.kept_projection
 
-    def hook(x, keep, linears, residual=None, raw=False):
+    def hook(x, keep, linears, residual=None, raw=False, **gemv):
         rec.append(what(x, keep))
-        return orig(x, keep, linears, residual, raw)
+        return orig(x, keep, linears, residual, raw, **gemv)
 
     sparsity.kept_projection = hook
     try:

@@ -15,7 +15,9 @@ at the same batch, in the same run.
 
 Roofline: bytes read per decode step = every weight matrix (the lm_head in full; the embedding
 row is negligible) + the KV cache of the live context (mean over the decoded steps), divided by
-the copy bandwidth measured in the same run (a large device-to-device copy, read + write bytes).
+the read bandwidth measured in the same run: the best of several large streaming reads (XLA
+reductions and a Pallas block sum; the JSON names the winner). Decode reads its weights and writes
+almost nothing, so a read, not a copy, is its bound.
 
     python eval/bench_decode.py --models llama2-7b,llama3-8b,qwen2-7b --prompt 128 --new 256 \\
         --out eval/results/dense_decode_h100
@@ -37,7 +39,6 @@ import glob
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tarfile
@@ -72,10 +73,10 @@ from flax import nnx  # noqa: E402
 from larosa_jax.config import ModelConfig  # noqa: E402
 from larosa_jax.generate import DecodeState, SamplingConfig, decode, prefill  # noqa: E402
 from larosa_jax.models import init_cache  # noqa: E402
-from larosa_jax.pallas.common import DEFAULT_KERNELS  # noqa: E402
 from larosa_jax.pallas.sparse_gemv import NARROW, NARROW_TILE, WIDE_TILE  # noqa: E402
 from larosa_jax.models.random_init import random_model  # noqa: E402
 from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa: E402
+from larosa_jax.plan import DecodePlan, PlanError  # noqa: E402
 from larosa_jax.search import alpha_plain_for  # noqa: E402
 from larosa_jax.models.transformer import dense_projection  # noqa: E402
 from larosa_jax.sparse_model import SparseModel, sparsify  # noqa: E402
@@ -183,6 +184,48 @@ def copy_bandwidth(nbytes: int, repeats: int = 10) -> dict:
             "read_only_GBps": 4 * n / t_read / 1e9}
 
 
+def _pallas_block_sum(x: jax.Array, blk: int, warps: int) -> jax.Array:
+    """A streaming read in Pallas: one program per ``blk`` words, each writing its block's sum."""
+    from jax.experimental import pallas as pl
+
+    from larosa_jax.pallas.common import interpret, triton_params
+
+    nb = x.shape[0] // blk
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = jnp.broadcast_to(jnp.sum(x_ref[...], dtype=jnp.uint32), (16,))
+
+    part = pl.pallas_call(kernel, grid=(nb,), in_specs=[pl.BlockSpec((blk,), lambda i: (i,))],
+                          out_specs=pl.BlockSpec((16,), lambda i: (i,)), out_shape=jax.ShapeDtypeStruct((nb * 16,), jnp.uint32),
+                          compiler_params=triton_params(num_warps=warps, num_stages=1), interpret=interpret())(x)
+    return jnp.sum(part, dtype=jnp.uint32)
+
+
+def read_bandwidth(nbytes: int, repeats: int = 10) -> dict:
+    """The best of several large streaming reads (bytes read per second), and which kernel got it: the
+    honest bound for decode, which reads its weights and writes almost nothing."""
+    n = nbytes // 4 // (1 << 16) * (1 << 16)
+    xs = [jax.random.bits(jax.random.key(i), (n,), jnp.uint32) for i in range(2)]
+    candidates = {
+        "XLA full sum (uint32)": lambda x: jnp.sum(x, dtype=jnp.uint32),
+        "XLA row sums (bf16 rows of 4096, float32)": lambda x: jnp.sum(
+            jax.lax.bitcast_convert_type(x, jnp.bfloat16).reshape(-1, 4096).astype(jnp.float32), axis=-1),
+        "XLA row max (uint32 rows of 8192)": lambda x: jnp.max(x.reshape(-1, 8192), axis=-1),
+    }
+    for blk, warps in ((1 << 14, 8), (1 << 16, 16)):
+        candidates[f"Pallas block sums ({blk} words, {warps} warps)"] = functools.partial(_pallas_block_sum, blk=blk, warps=warps)
+    got = {}
+    for name, fn in candidates.items():
+        try:
+            got[name] = 4 * n / _median_seconds(jax.jit(fn), xs, repeats) / 1e9
+        except Exception as e:  # noqa: BLE001  (a kernel that does not build here is reported, not fatal)
+            got[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    del xs
+    ok = {k: v for k, v in got.items() if isinstance(v, float)}
+    best = max(ok, key=ok.get)
+    return {"read_GBps": ok[best], "read_kernel": best, "read_bytes": 4 * n, "reads": got}
+
+
 # ----------------------------------------------------------------------------- decode benchmark
 NO_EOS = jnp.asarray([-1], jnp.int32)  # never sampled: every run decodes exactly --new tokens
 
@@ -249,27 +292,25 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
     for method, p in configs:
         graphdef0, state0, specs = bases[method.startswith("larosa")]
         sc = sparse_config(cfg, method, p)
+        plan = plan_for(sc.method, args.plan)
         teal = None
-        if method == "dense":
-            m = nnx.merge(graphdef0, state0)
-            ks, eff = None, 0.0
-        elif method == "teal":
+        if method == "teal":
             base = nnx.merge(graphdef0, state0)
             thresholds, teal = teal_calibration(base, _prompt(cfg, 1, args.prompt), _prompt(cfg, 1, args.prompt, seed=1), p)
-            m = SparseModel(base, sc, TealProjection(thresholds))
+            m = SparseModel(base, sc, TealProjection(thresholds), plan)
             dims = site_dims(cfg)
             ks, eff = {s: int(round((1 - p) * dims[s])) for s in SITES}, m.effective_sparsity
         else:
-            m = sparsify(nnx.merge(graphdef0, state0), None, sc)
-            ks, eff = site_ks(cfg, sc), m.effective_sparsity
+            m = sparsify(nnx.merge(graphdef0, state0), None, sc, plan)
+            ks, eff = (None, 0.0) if method == "dense" else (site_ks(cfg, sc), m.effective_sparsity)
         if args.mesh:  # tensor-parallel: each device keeps its shards only
             m = TensorParallel(shard_params(m, args.mesh), args.mesh)
         graphdef, state = nnx.split(m)
         for b in args.batches:
-            res = time_decode(name, label(method, p), graphdef, state, cfg, b, args)
+            res = time_decode(name, label(method, p), m, cfg, b, args)
             wbytes = weight_bytes_per_step(cfg, specs, ks)
             kvbytes = b * kv_bytes_per_step(cfg, args.prompt, args.new, jnp.dtype(dtype).itemsize)
-            bw = args.bandwidth["copy_GBps"] * 1e9
+            bw = args.bandwidth["read_GBps"] * 1e9
             roof_ms = (wbytes + kvbytes) / bw * 1e3
             ms_tok = res["ms_per_token"]
             res.update(model=name, config=label(method, p), method=method, sparsity=p, effective_sparsity=eff,
@@ -300,8 +341,7 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
                     print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
                 want_v = [t.split(":") for t in args.variants_model.split(",") if t]
                 if args.variants and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want_v):
-                    res["variants"] = decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args,
-                                                      args.variants.split(","))
+                    res["variants"] = decode_variants(name, m, cfg, prompt_ids, max_len, dtype, args, args.variants)
             results.append(res)
             on_result(res)
             jax.clear_caches()
@@ -342,15 +382,31 @@ def teal_calibration(model, tokens, held, p: float) -> tuple[dict[str, np.ndarra
     return th, {s: np.asarray(v).round(4).tolist() for s, v in frac.items()}
 
 
-def time_decode(name: str, what: str, graphdef, state, cfg: ModelConfig, batch: int, args) -> dict:
+def plan_for(method: str, edits: str | None) -> DecodePlan:
+    """The decode plan a config runs: every kernel for ``method``, with ``--plan``'s edits."""
+    return DecodePlan.kernels(method).edit(edits or "").check(method)
+
+
+def with_plan(m, plan: DecodePlan):
+    """(graphdef, state) of model ``m`` (a model, or one wrapped for tensor parallelism) under ``plan``."""
+    inner = getattr(m, "inner", m)
+    saved, inner.plan = inner.plan, plan
+    try:
+        return nnx.split(m)
+    finally:
+        inner.plan = saved
+
+
+def time_decode(name: str, what: str, m, cfg: ModelConfig, batch: int, args) -> dict:
     """Median seconds of one ``decode`` call of ``args.new`` tokens for ``batch`` rows (after a warm-up)."""
     dtype = jnp.bfloat16
     prompt_ids = _prompt(cfg, batch, args.prompt)
     max_len = -(-(args.prompt + args.new) // 64) * 64
-    run = functools.partial(decode, graphdef, state, eos=NO_EOS, pad_id=jnp.asarray(0, jnp.int32),
-                            sampling=SamplingConfig(), steps=args.new)
+    graphdef, state = nnx.split(m)
 
     def measure():
+        run = functools.partial(decode, graphdef, state, eos=NO_EOS, pad_id=jnp.asarray(0, jnp.int32),
+                                sampling=SamplingConfig(), steps=args.new)
         t0 = time.perf_counter()
         ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
         jax.block_until_ready(ds)
@@ -374,25 +430,20 @@ def time_decode(name: str, what: str, graphdef, state, cfg: ModelConfig, batch: 
             del out
         return t_prefill_first, t_warm, first_tokens, times
 
-    pallas_error = None
+    plan, pallas_error = getattr(m, "inner", m).plan, None
     try:
         t_prefill_first, t_warm, first_tokens, times = measure()
-    except Exception as e:  # noqa: BLE001  (a kernel that does not build here: measure the XLA path)
+    except Exception as e:  # noqa: BLE001  (a kernel that does not build here: measure the jnp path, say so)
         pallas_error = f"{type(e).__name__}: {str(e)[:1500]}"
-        print(f"{name} {what}: default path failed ({pallas_error[:500]}); retrying with LAROSA_PALLAS=0", flush=True)
-        saved = os.environ.get("LAROSA_PALLAS")
-        os.environ["LAROSA_PALLAS"] = "0"
+        print(f"{name} {what}: the plan's kernels failed ({pallas_error[:500]}); retrying without kernels", flush=True)
+        plan = DecodePlan.reference()
+        graphdef, state = with_plan(m, plan)
         jax.clear_caches()
-        try:
-            t_prefill_first, t_warm, first_tokens, times = measure()
-        finally:
-            os.environ.pop("LAROSA_PALLAS") if saved is None else os.environ.__setitem__("LAROSA_PALLAS", saved)
+        t_prefill_first, t_warm, first_tokens, times = measure()
     t = statistics.median(times)
     return {"cache_slots": max_len, "decode_seconds": times, "median_seconds": t, "tokens_per_s": args.new / t,
             "ms_per_token": t / args.new * 1e3, "first_prefill_seconds": t_prefill_first, "warmup_decode_seconds": t_warm,
-            "first_tokens": first_tokens,
-            "pallas": "0 (fallback)" if pallas_error else os.environ.get("LAROSA_PALLAS", f"{DEFAULT_KERNELS} (default)"),
-            "pallas_error": pallas_error}
+            "first_tokens": first_tokens, "plan": plan.describe(), "pallas_error": pallas_error}
 
 
 def single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args) -> float:
@@ -432,38 +483,32 @@ def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
 
 
 # ----------------------------------------------------------------------------- diagnostics
-def edit_flags(flags: str, edit: str) -> str:
-    """``LAROSA_PALLAS`` flags with an edit like ``-side+gated`` applied (features added / removed)."""
-    parts = re.findall(r"([+-])([a-z]+)", edit)
-    if not parts or "".join(a + b for a, b in parts) != edit:
-        raise SystemExit(f"--variants: {edit!r} is neither a known variant nor +FLAG/-FLAG edits (e.g. -side+gated)")
-    out = [f for f in flags.split(",") if f and f != "0"]
-    for sign, f in parts:
-        out = [g for g in out if g != f] + ([f] if sign == "+" else [])
-    return ",".join(out) or "0"
+def parse_variants(text: str | None, methods) -> list[str]:
+    """``--variants``: ``;``-separated plan edits (each checked for every method it will run with), or
+    ``nograph`` (the config's plan, XLA command buffers off)."""
+    out = [v.strip() for v in (text or "").split(";") if v.strip()]
+    for v in out:
+        if v == "nograph":
+            continue
+        for method in methods:
+            try:
+                plan_for(method, v)
+            except PlanError as e:
+                raise SystemExit(f"--variants {v!r} for {method}: {e}") from None
+    return out
 
 
-def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args, variants) -> dict:
-    """The whole decode call with parts of the GPU path switched off (A/B against the default).
-
-    ``xla``: no Pallas kernels (LAROSA_PALLAS=0); ``gemv`` / ``attn``: only that kernel; ``masked``:
-    the batch-1 sparse GEMV on masked tiles instead of compacted indices; ``nograph``: default
-    kernels, XLA command buffers (CUDA graphs) off; ``+FLAG`` / ``-FLAG`` edits (e.g. ``-side``: the
-    residual adapter as tiles of the down GEMV's launch instead of beside the down selection): this
-    run's kernel flags with those added or removed.
-    """
-    flags_for = {"xla": "0", "gemv": "gemv", "attn": "attn", "nograph": None, "default": None,
-                 "masked": edit_flags(DEFAULT_KERNELS, "-gather")}
-    for v in variants:  # "-side+gated": this run's kernel flags with side removed and gated added
-        if v not in flags_for:
-            flags_for[v] = edit_flags(os.environ.get("LAROSA_PALLAS", DEFAULT_KERNELS), v)
+def decode_variants(name, m, cfg, prompt_ids, max_len, dtype, args, variants) -> dict:
+    """The whole decode call under other plans (A/B against the config's): each variant a plan edit of
+    the config's plan (e.g. ``adapter=tail``, ``*.gemv=masked``, ``kernels=off``), or ``nograph``
+    (the same plan, XLA command buffers (CUDA graphs) off)."""
+    base = getattr(m, "inner", m).plan
     opts_for = {"nograph": {"xla_gpu_enable_command_buffer": ""}}
-    saved = os.environ.get("LAROSA_PALLAS")
     out = {}
     for v in variants:
         jax.clear_caches()
-        if flags_for.get(v) is not None:
-            os.environ["LAROSA_PALLAS"] = flags_for[v]
+        method = getattr(getattr(m, "inner", m), "method", "dense")
+        graphdef, state = with_plan(m, base if v == "nograph" else base.edit(v).check(method))
         try:
             ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
             kw = dict(sampling=SamplingConfig(), steps=args.new)
@@ -487,19 +532,12 @@ def decode_variants(name, graphdef, state, cfg, prompt_ids, max_len, dtype, args
         except Exception as e:  # noqa: BLE001
             out[v] = {"error": f"{type(e).__name__}: {str(e)[:800]}"}
             print(f"{name} variant {v}: ERROR {out[v]['error']}", flush=True)
-        finally:
-            if saved is None:
-                os.environ.pop("LAROSA_PALLAS", None)
-            else:
-                os.environ["LAROSA_PALLAS"] = saved
     jax.clear_caches()
     return out
 
 
 # ----------------------------------------------------------------------------- output
-_VARIANT_LABEL = {"xla": "XLA only (LAROSA_PALLAS=0)", "gemv": "Pallas GEMV, XLA attention",
-                  "attn": "Pallas attention, XLA GEMV", "nograph": "default, no CUDA graphs",
-                  "masked": "sparse GEMV on masked tiles"}
+_VARIANT_LABEL = {"kernels=off": "no kernels (jnp twins, XLA)", "nograph": "the plan, no CUDA graphs"}
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
@@ -511,10 +549,11 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"Device: {meta['device']}; jax {meta['jax']} (jaxlib {meta['jaxlib']}), flax {meta['flax']}; {meta['date']}.",
         f"Random bf16 weights, bf16 KV cache, prompt {meta['prompt']} tokens, {meta['new']} new tokens decoded by one "
         f"`lax.while_loop` jit (`larosa_jax.generate.decode`); median of {meta['repeats']} timed calls after a warm-up.",
-        f"Roofline: (weights read per step incl. lm_head + mean live KV cache) / copy bandwidth "
-        f"{meta['bandwidth']['copy_GBps']:.0f} GB/s (device-to-device copy, read + write bytes, measured in the same run; "
-        f"read-only reduction {meta['bandwidth']['read_only_GBps']:.0f} GB/s).",
-        f"Kernel options (`LAROSA_PALLAS`): {meta.get('larosa_pallas', 'not recorded')}; the variant columns edit these.",
+        f"Roofline: (weights read per step incl. lm_head + mean live KV cache) / read bandwidth "
+        f"{meta['bandwidth']['read_GBps']:.0f} GB/s (the best of several streaming reads in the same run: "
+        f"{meta['bandwidth']['read_kernel']}; device-to-device copy {meta['bandwidth']['copy_GBps']:.0f} GB/s read + write).",
+        f"Decode plan: every kernel for the method{' with `' + meta['plan_edits'] + '`' if meta.get('plan_edits') else ''} "
+        "(each row's plan is in the JSON); the variant columns edit it.",
         "",
         "| model | weights GB/step | KV MB/step | tokens/s | ms/token | roofline ms/token | % of roofline |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -528,7 +567,7 @@ def markdown(meta: dict, results: list[dict]) -> str:
     var = [r for r in everything if r.get("variants")]
     if var:
         names = sorted({v for r in var for v in r["variants"]})
-        lines += ["", "Same decode call with parts of the GPU path switched (`LAROSA_PALLAS`; ms/token, % of roofline):", "",
+        lines += ["", "Same decode call under other plans (plan edits; ms/token, % of roofline):", "",
                   "| model | config | default (all kernels) | " + " | ".join(_VARIANT_LABEL.get(n, n) for n in names) + " |",
                   "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
         for r in var:
@@ -618,8 +657,10 @@ def main(argv=None):
     ap.add_argument("--profile", default=None,
                     help="comma list of MODEL[:CONFIG] (MODEL may be 'all', CONFIG defaults to dense) to trace one decode call of")
     ap.add_argument("--step-check", default=None, help="model name (or 'all'): also time one jit call per token")
-    ap.add_argument("--variants", default=None,
-                    help="comma list of xla,gemv,attn,masked,nograph or flag edits like -side+gated (decode A/B)")
+    ap.add_argument("--plan", default=None, metavar="EDITS",
+                    help="decode plan edits applied to every config, e.g. 'adapter=tail,*.gemv=masked' (larosa_jax/plan.py)")
+    ap.add_argument("--variants", default=None, metavar="EDITS;EDITS",
+                    help="';'-separated plan edits (or nograph) to time beside each chosen config's plan (decode A/B)")
     ap.add_argument("--variants-model", default="all",
                     help="comma list of MODEL[:CONFIG] (or 'all'; CONFIG defaults to dense) for --variants, at batch 1")
     ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")
@@ -646,6 +687,13 @@ def main(argv=None):
             except SparsityError as e:
                 ap.error(f"--configs {label(method, p)} on {n}: no α_plain gives effective sparsity {p:g} with "
                          f"{'α_rot = 1' if method == 'larosa-a1' else 'the official α_rot'} ({e}); try larosa-a1@{p:g}")
+    methods = {"larosa" if m.startswith("larosa") else m for m, _ in parse_configs(args.configs)}
+    try:
+        for method in methods:
+            plan_for(method, args.plan)
+    except PlanError as e:
+        ap.error(f"--plan {args.plan!r}: {e}")
+    args.variants = parse_variants(args.variants, methods)
     args.mesh = make_mesh(args.mesh) if args.mesh else None
 
     dev = jax.devices()[0]
@@ -658,15 +706,16 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "prompt": args.prompt, "new": args.new, "repeats": args.repeats, "tiny": args.tiny, "batches": args.batch,
         "configs": args.configs, "mesh": None if args.mesh is None else dict(args.mesh.shape),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "larosa_pallas": os.environ.get("LAROSA_PALLAS", f"{DEFAULT_KERNELS} (default)"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "plan_edits": args.plan or "",
         "batch1_tiles": {"narrow": list(NARROW_TILE), "wide": list(WIDE_TILE), "narrow_up_to": NARROW},
     }
     print(json.dumps({k: meta[k] for k in ("device", "platform", "jax", "jaxlib", "flax", "python")}), flush=True)
-    bw = copy_bandwidth(int(args.bw_bytes))
+    bw = {**copy_bandwidth(int(args.bw_bytes)), **read_bandwidth(int(args.bw_bytes))}
     meta["bandwidth"] = bw
     args.bandwidth = bw
-    print(f"copy bandwidth {bw['copy_GBps']:.0f} GB/s (read+write, {bw['bytes'] / 1e9:.1f} GB moved in "
-          f"{bw['seconds'] * 1e3:.2f} ms); read-only {bw['read_only_GBps']:.0f} GB/s", flush=True)
+    print(f"read bandwidth {bw['read_GBps']:.0f} GB/s ({bw['read_kernel']}; all: "
+          + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in bw["reads"].items())
+          + f"); copy {bw['copy_GBps']:.0f} GB/s (read+write)", flush=True)
 
     outs = []
     if args.out:

@@ -9,14 +9,13 @@ to read the loop condition, which would swamp kernels of a few microseconds. Row
 
 * ``xla dense``: ``x @ W`` as XLA compiles it; ``pallas dense``: the batch-1 dense GEMV kernel;
 * ``sparse s=…``: ``sparse_matvec`` on a precomputed keep set of sparsity s (Top-K of a Gaussian x):
-  the gather kernel at batch 1 (masked tiles with ``LAROSA_PALLAS`` listing no ``gather``), XLA's
-  GEMM on the masked rows above (``--sweep`` times both kernels' tiles);
+  the gather kernel at batch 1 (masked tiles with ``--gemv masked``), XLA's GEMM on the masked rows
+  above (``--sweep`` times both kernels' tiles);
 * ``select+sparse s=…``: the Top-K selection kernel in front of it (the decode path);
 * selection alone: the kernel (as the decode path calls it), ``lax.top_k`` and the jnp bisection twin.
 
     python eval/bench_kernels.py --out eval/results/kernels_h200     # GPU
     python eval/bench_kernels.py --sweep --out /tmp/sweep            # GPU: tile / warp / step choices
-    python eval/bench_kernels.py --sweep-side llama2 --out /tmp/side  # GPU: the adapter beside the down selection
     python eval/bench_kernels.py --tiny                              # CPU smoke test (interpret mode)
 
 Writes <out>.json, <out>.md and <out>.png (speed-up over XLA dense against sparsity, ideal 1/(1-s)).
@@ -122,9 +121,11 @@ def _weights(k, ns, tiny):
                           for j, n in enumerate(ns)) for c in range(copies)]
 
 
-def _keep(x, kk):
+def _keep(x, kk, gemv="gather"):
     """What the decode path hands the GEMV: the selection kernel's outputs for one row, threshold pairs above."""
-    return sel.select_topk(x, kk) if x.shape[0] == 1 else sel.KeepSet(sel.topk_threshold(x, kk))
+    if x.shape[0] == 1:
+        return sel.select_topk(x, kk, kernel=True, compact=gemv == "gather", window=True)
+    return sel.KeepSet(sel.topk_threshold(x, kk, kernel=True, window=True))
 
 
 def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
@@ -153,15 +154,15 @@ def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
     record("xla dense", 0.0, xla_dense, (xs, wsets))
     if rows == 1:
         def pallas_dense(i, xs, wsets):
-            return _probe(ops.matvec(xs[i], wsets[i % copies], none))
+            return _probe(ops.matvec(xs[i], wsets[i % copies], none, kernel=True))
 
         record("pallas dense", 0.0, pallas_dense, (xs, wsets))
 
     for s in args.sparsities:
         kk = _k(s, k)
         # correctness at this sparsity, against the jnp twin in float32
-        keep = _keep(xs[0], jnp.int32(kk))
-        got = ops.sparse_matvec(xs[0], keep, wsets[0], none)
+        keep = _keep(xs[0], jnp.int32(kk), args.gemv)
+        got = ops.sparse_matvec(xs[0], keep, wsets[0], none, gemv=args.gemv)
         ref_thr = sel.topk_threshold_reference(xs[0], kk)
         xk = ops.apply(xs[0], ref_thr).astype(jnp.float32)
         want = [jnp.dot(xk, w.astype(jnp.float32), precision="highest") for w in wsets[0]]
@@ -169,13 +170,13 @@ def bench_shape(name, k, ns, rows, args, rng) -> list[dict]:
         same = bool(jnp.all(ops.keep_mask(xs[0], keep.thr) == ops.keep_mask(xs[0], ref_thr)))
         if err > 1e-2 or not same:
             raise SystemExit(f"{name} b={rows} s={s}: kernel mismatch (rel err {err:.3g}, same keep set: {same})")
-        keeps = [_keep(xs[i], jnp.int32(kk)) for i in range(args.iters)]
+        keeps = [_keep(xs[i], jnp.int32(kk), args.gemv) for i in range(args.iters)]
 
         def sparse(i, xs, keeps, wsets):
-            return _probe(ops.sparse_matvec(xs[i], keeps[i], wsets[i % copies], none))
+            return _probe(ops.sparse_matvec(xs[i], keeps[i], wsets[i % copies], none, gemv=args.gemv))
 
         def select_sparse(i, xs, kk, wsets):
-            return _probe(ops.sparse_matvec(xs[i], _keep(xs[i], kk), wsets[i % copies], none))
+            return _probe(ops.sparse_matvec(xs[i], _keep(xs[i], kk, args.gemv), wsets[i % copies], none, gemv=args.gemv))
 
         record("sparse", s, sparse, (xs, keeps, wsets), err)
         record("select+sparse", s, select_sparse, (xs, jnp.int32(kk), wsets))
@@ -214,7 +215,7 @@ def sweep(names, table, args, rng) -> list[dict]:
         for rows in args.sweep_batches:
             xs = jnp.asarray(rng.standard_normal((args.iters, rows, k)), jnp.bfloat16)
             kk = _k(0.5, k)
-            thrs = [sel.topk_threshold(xs[i], kk) for i in range(args.iters)]
+            thrs = [sel.topk_threshold(xs[i], kk, kernel=True) for i in range(args.iters)]
             tiles = [(64, 128, 4), (128, 128, 4), (128, 256, 4), (128, 128, 8)]
             for bm, bn, w in tiles[:1] if args.tiny else tiles:
                 def f(i, xs, thrs, wsets, bm=bm, bn=bn, w=w):
@@ -240,78 +241,6 @@ def sweep(names, table, args, rng) -> list[dict]:
     return out
 
 
-SIDE_SHAPES = {"llama2": (11008, 4096), "llama3": (14336, 4096), "qwen2": (18944, 3584)}  # down's D_in, adapter d
-SIDE_TILES = ((128, 1), (128, 2), (128, 4), (64, 2), (64, 4))
-
-
-def sweep_side(names, args, rng) -> list[dict]:
-    """The down selection (compacting, k = D/2) with La RoSA's adapter product r·A on its spare programs,
-    for each (rows per tile, row tiles per program), against the selection alone and XLA's dot alone."""
-    out = []
-    for name in names:
-        d, m = (640, 256) if args.tiny else SIDE_SHAPES[name]
-        nbytes = m * m * 2
-        copies = 1 if args.tiny else max(1, int(np.ceil(2 * L2_BYTES / nbytes)))
-        keys = jax.random.split(jax.random.key(m), copies)
-        adapters = [(jax.random.normal(kk, (m, m), jnp.float32) * m**-0.5).astype(jnp.bfloat16) for kk in keys]
-        xs = jnp.asarray(rng.standard_normal((args.iters, 1, d)), jnp.bfloat16)
-        rs = jnp.asarray(rng.standard_normal((args.iters, 1, m)), jnp.bfloat16)
-        acc = jnp.zeros((m,), jnp.float32)
-        kk = jnp.int32(_k(0.5, d))
-
-        def rec(op, fn, a):
-            """Wall time per call, and the device's own time per call from a trace: each kernel, and
-            their busy span (the probe's small reduction included)."""
-            sec = timed(fn, a, args.iters, args.repeats)
-            busy, kern = traced(fn, a, args.iters)
-            out.append({"shape": f"{name} down select + adapter", "d_in": d, "adapter": m, "op": op, "us": sec * 1e6,
-                        "device_busy_us": busy, "kernels_us": kern})
-            print(f"side {name:7s} D={d} A={m}x{m} {op:28s} wall {sec * 1e6:7.2f} us, device busy {busy:7.2f} us: "
-                  + ", ".join(f"{v:.2f} {k[:40]}" for k, v in list(kern.items())[:3]), flush=True)
-
-        def alone(i, xs):
-            return sel.select_kernel(xs[i], kk)[0][0, 0].astype(jnp.float32)
-
-        def dot(i, rs, adapters):
-            return jnp.sum(sel.residual_product(rs[i], adapters[i % copies]))
-
-        rec("selection alone", alone, (xs,))
-        rec("XLA dot r@A alone", dot, (rs, adapters))
-        want = np.asarray(sel.residual_product(rs[0], adapters[0]), np.float32).reshape(-1)
-        tiles = args.side_tiles or (SIDE_TILES[:2] if args.tiny else SIDE_TILES)
-        for tile in tiles:
-            got = sel.select_kernel(xs[0], kk, side=sel.Side(adapters[0], acc, rs[0]), side_tile=tile)[-1]
-            err = float(np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want))
-            if err > 1e-3:
-                raise SystemExit(f"side {name} tile {tile}: mismatch (rel err {err:.3g})")
-
-            def both(i, xs, rs, adapters, tile=tile):
-                o = sel.select_kernel(xs[i], kk, side=sel.Side(adapters[i % copies], acc, rs[i]), side_tile=tile)
-                return o[0][0, 0].astype(jnp.float32) + o[-1][0]
-
-            rec(f"with side rows={tile[0]} steps={tile[1]}", both, (xs, rs, adapters))
-    return out
-
-
-def side_markdown(meta, res) -> str:
-    """The ``--sweep-side`` table: the down selection's launch, alone and with the adapter's tiles."""
-    lines = ["# The adapter product r·A beside the down selection", "",
-             f"Device: {meta['device']}; jax {meta['jax']}; {meta['date']}. One row of D entries (k = D/2, compacting, "
-             "as in decode), random bf16 A (d × d, copies cycled past L2), {iters} chained calls per jit. Device µs per "
-             "call from a trace: the selection kernel's launch (with the side tiles on its spare programs), or XLA's "
-             "GEMM for `r @ A` alone; wall µs per call include the harness's launches and probe.".format(iters=meta["iters"]),
-             "", "| model | D | A | variant | device µs | + over alone | wall µs |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
-    for name in dict.fromkeys(r["shape"] for r in res):
-        alone = None  # the latest selection-alone row before each variant (the same run's)
-        for r in (r for r in res if r["shape"] == name):
-            us = own_us(r)[1]
-            alone = us if r["op"].startswith("selection alone") else alone
-            more = f"{us - alone:+.2f}" if r["op"].startswith("with side") and alone is not None else ""
-            lines.append(f"| {name.split()[0]} | {r['d_in']} | {r['adapter']}² | {r['op']} | {us:.2f} | {more} | {r['us']:.2f} |")
-    lines += ["", "Reproduce: `python eval/bench_kernels.py --sweep-side llama2,llama3,qwen2 --out <prefix>`", ""]
-    return "\n".join(lines)
-
-
 def own_us(r) -> tuple[list[str], float]:
     """The kernels of a traced op that are its own work (XLA's GEMM/GEMV, the Pallas kernels, named
     after their Python functions), and their summed µs per call."""
@@ -326,7 +255,7 @@ def markdown(meta, res) -> str:
              f"bf16 x; each op timed as {meta['iters']} calls unrolled in one jit (chained, distinct inputs, weights cycled over "
              "copies larger than L2), median of the timed runs. Speed-up is against XLA's dense `x @ W` at the same "
              "shape and batch; `select+sparse` includes the Top-K selection kernel (the decode path). Batch 1 uses the "
-             f"{'gather kernel (compacted kept rows)' if sel.enabled('gather') else 'masked-tile kernel'}; at batch > 1 the dispatch takes XLA's GEMM on the masked rows (the masked-tile "
+             f"{'gather kernel (compacted kept rows)' if meta['gemv'] == 'gather' else 'masked-tile kernel'}; at batch > 1 the dispatch takes XLA's GEMM on the masked rows (the masked-tile "
              "kernel on the union of the keep sets, timed by `--sweep`, was slower).", "",
              "| shape | tokens | XLA dense µs | Pallas dense µs | " + " | ".join(f"sparse {s}" for s in sps)
              + " | " + " | ".join(f"select+sparse {s}" for s in sps) + " |",
@@ -406,17 +335,10 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="only sweep tile/warp/step choices (picking the defaults)")
     ap.add_argument("--sweep-batches", default="1,4")
     ap.add_argument("--trace", action="store_true", help="also trace each op: the device's own time per call, by kernel")
-    ap.add_argument("--sweep-side", default=None, metavar="MODELS",
-                    help=f"only time the adapter tiles beside the down selection, for a comma list of {list(SIDE_SHAPES)}")
-    ap.add_argument("--side-tiles", default=None, metavar="RxS,…",
-                    help="--sweep-side's (rows per tile)x(row tiles per program) choices, e.g. 128x1,128x5")
+    ap.add_argument("--gemv", default="gather", choices=["gather", "masked"],
+                    help="the batch-1 sparse GEMV: gather (compacted kept rows, the Top-K decode path) or masked tiles")
     args = ap.parse_args(argv)
-    try:
-        args.side_tiles = [tuple(int(v) for v in t.split("x")) for t in args.side_tiles.split(",")] if args.side_tiles else None
-    except ValueError:
-        ap.error(f"--side-tiles {args.side_tiles!r}: expected a comma list of ROWSxSTEPS, e.g. 128x1,128x5")
-    if args.tiny:
-        os.environ.setdefault("LAROSA_PALLAS_INTERPRET", "1")
+    if args.tiny:  # off a GPU the kernels run in interpret mode
         args.iters, args.repeats = 2, 1
     table = TINY if args.tiny else SHAPES
     names = list(table) if not args.shapes else [s.strip() for s in args.shapes.split(",")]
@@ -428,7 +350,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     meta = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "iters": args.iters, "repeats": args.repeats, "tiny": args.tiny,
+            "iters": args.iters, "repeats": args.repeats, "tiny": args.tiny, "gemv": args.gemv,
             "tiles": {"masked": [sg.BM, sg.BN, sg.WARPS], "gather": [sg.GBM, sg.GBN, sg.GWARPS]}}
     print(json.dumps(meta), flush=True)
     outs = [Path(args.out)] if args.out else []
@@ -453,17 +375,6 @@ def main(argv=None):
                     print(f"plot failed: {e}")
         return md
 
-    if args.sweep_side:
-        for n in args.sweep_side.split(","):
-            if n.strip() not in SIDE_SHAPES:
-                ap.error(f"unknown model {n!r} for --sweep-side; known: {', '.join(SIDE_SHAPES)}")
-            res += sweep_side([n.strip()], args, rng)
-            write(with_md=False)
-        for o in outs:
-            tmp = Path(str(o) + ".md.tmp")
-            tmp.write_text(side_markdown(meta, res))
-            tmp.replace(Path(str(o) + ".md"))
-        return
     if args.sweep:
         args.sweep_batches = [int(b) for b in args.sweep_batches.split(",")]
         res = sweep(names, table, args, rng)

@@ -27,7 +27,8 @@ from flax import nnx
 
 from . import __version__, parallel
 from .config import ModelConfig
-from .models.transformer import dense_projection, rope_tables
+from .models.transformer import dense_projection, residual, rope_tables, site_row
+from .plan import DecodePlan
 from .safetensors_io import CheckpointError, SafeTensorsFile, save_tensors
 
 FLAVOURS = ("faithful", "fused")
@@ -121,20 +122,22 @@ def _block_step(graphdef, state, h, rope, start, key, acc, *, flavour: str, cfg:
         idx = jax.random.randint(keys[site], (SAMPLES_PER_BATCH,), 0, flat.shape[0])
         stats[site] = jnp.quantile(flat[idx], grid)
 
-    def capture(site, layer, x, linears, gain=None):
-        xin = x if gain is None else gain * x
+    def capture(site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
+        row, _ = site_row(x, None, prologue)  # norm(h) at qkv / gate_up (γ-free), the plain input elsewhere
+        xin = row if gain is None else gain * row
         quantiles(site, xin)
         if site == "qkv":
-            xc = (xin if flavour == "faithful" else x).astype(jnp.float32).reshape(-1, x.shape[-1])
+            xc = (xin if flavour == "faithful" else row).astype(jnp.float32).reshape(-1, row.shape[-1])
             stats["H"] = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
-        out = dense_projection(site, layer, x, linears, gain)
+        out, keep = dense_projection(site, layer, x, linears, plan, gain=gain, prologue=prologue, raw=raw)
         if site == "gate_up":
-            quantiles("cats", jax.nn.silu(out[0].astype(jnp.float32)))
-        return out
+            quantiles("cats", jax.nn.silu(out[0][..., : linears[0].kernel.shape[1]].astype(jnp.float32)))
+        return out, keep
 
     t = h.shape[1]
     slots = (jnp.zeros((), jnp.int32), jnp.arange(t, dtype=jnp.int32), start)
-    h_out, _ = block(h, 0, cfg, rope, None, slots, capture)
+    h_out, _ = block(h, 0, cfg, rope, None, slots, capture, DecodePlan.reference())
+    h_out = residual(h_out, h.dtype)
     finite = jnp.all(jnp.isfinite(h_out.astype(jnp.float32)), axis=(1, 2))  # per window
     acc = _kahan(acc, stats.pop("H"))
     return h_out, acc, stats, finite

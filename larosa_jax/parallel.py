@@ -134,37 +134,51 @@ def _local_config(cfg, m: int):
 
 class RowParallel(nnx.Module):
     """Wraps a projection hook (a module, whose calibrated state stays state, or ``dense_projection``)
-    inside ``shard_map``: at the row-parallel sites (o, down) each device holds a slice of the input;
-    Top-K must mean the same as on one device, so the threshold pair is found on the all-gathered
-    input and its index cut shifted to this device's slice; partial outputs are summed over ``model``.
-    Magnitude thresholds (TEAL, CATS) are elementwise and need no gather."""
+    inside ``shard_map``. Column sites (q/k/v, gate/up) pass through: their input is replicated and
+    each device computes its column block. At the row-parallel sites (o, down) each device holds a
+    slice of the input: its prologue (SiLU·up) is elementwise and runs on the slice; Top-K must mean
+    the same as on one device, so the threshold pair is found on the all-gathered row and its index
+    cut shifted to this device's slice; partial outputs are summed over ``model``, and the fused
+    model's adapter product (A split by columns) is all-gathered and added. Magnitude thresholds
+    (TEAL, CATS) are elementwise and need no gather."""
 
     def __init__(self, inner, axis: str = "model"):
         self.inner, self.axis = inner, axis
 
-    def __call__(self, site, layer, x, linears, gain=None):
+    def __call__(self, site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
         if site not in ROW_SITES:
-            return self.inner(site, layer, x, linears, gain)
+            return self.inner(site, layer, x, linears, plan, gain=gain, prologue=prologue, raw=raw)
+        from . import pallas as ops
+        from .models.transformer import site_row
+        from .sparsity import SITES, gemv_options, kept_projection, select_options
+
+        row, _ = site_row(x, None, prologue)
+        part_raw = raw or residual is not None  # the adapter product is added onto the float32 sum
         ks = getattr(self.inner, "ks", None)
         if ks is None:  # dense, TEAL, CATS: each device decides on its own entries
-            outs = self.inner(site, layer, x, linears, gain)
+            outs, keep = self.inner(site, layer, row, linears, plan, raw=part_raw)
         else:
-            from . import pallas as ops
-            from .sparsity import SITES, kept_projection
-
-            full = jax.lax.all_gather(x, self.axis, axis=x.ndim - 1, tiled=True)
-            thr = ops.topk_threshold(full, ks[SITES.index(site)])
-            off = jax.lax.axis_index(self.axis) * x.shape[-1]
-            thr = jnp.stack([thr[..., 0], jnp.clip(thr[..., 1] - off, 0, x.shape[-1])], axis=-1)
-            outs = kept_projection(x, ops.KeepSet(thr), linears)
-        return tuple(jax.lax.psum(o.astype(jnp.float32), self.axis).astype(o.dtype) for o in outs)
+            full = jax.lax.all_gather(row, self.axis, axis=row.ndim - 1, tiled=True)
+            opts = select_options(plan, site)
+            thr = ops.topk_threshold(full, ks[SITES.index(site)], kernel=opts["kernel"], window=opts["window"])
+            off = jax.lax.axis_index(self.axis) * row.shape[-1]
+            keep = ops.KeepSet(jnp.stack([thr[..., 0], jnp.clip(thr[..., 1] - off, 0, row.shape[-1])], axis=-1))
+            outs = kept_projection(row, keep, linears, None, part_raw, **dict(gemv_options(plan, site), gemv="masked"))
+        outs = tuple(jax.lax.psum(o.astype(jnp.float32), self.axis).astype(o.dtype) for o in outs)
+        if residual is not None:  # this device's column block of r·A: gather the rest
+            ra = ops.residual_product(*residual)
+            y = outs[0] + jax.lax.all_gather(ra, self.axis, axis=ra.ndim - 1, tiled=True)
+            outs = (y,) if raw else (y.astype(linears[0].kernel.dtype),)
+        return outs, keep
 
 
 class TensorParallel(nnx.Module):
     """A model (dense :class:`~larosa_jax.models.Transformer` or
     :class:`~larosa_jax.sparse_model.SparseModel`) run tensor-parallel over ``mesh``'s ``model``
-    axis, with the batch over ``data``, in one ``shard_map``. Same call convention as the model, so
-    :func:`larosa_jax.generate.generate` takes it. The Pallas kernels run inside on each device's shards."""
+    axis, with the batch over ``data``, in one ``shard_map``: the same layer function as on one
+    device, with the model's decode plan minus the adapter tiles (:meth:`DecodePlan.for_tensor_parallel`).
+    Same call convention as the model, so :func:`larosa_jax.generate.generate` takes it. The Pallas
+    kernels run inside on each device's shards."""
 
     def __init__(self, model, mesh: Mesh):
         base = getattr(model, "base", model)
@@ -185,24 +199,23 @@ class TensorParallel(nnx.Module):
 
     def _local_split(self):
         """(graphdef, state) of the model with the per-device config (head counts and MLP width divided
-        by M), adapter outputs gathered over ``model`` and its projection hook wrapped in
-        :class:`RowParallel`; the state is the model's own."""
+        by M), the tensor-parallel plan and its projection hook wrapped in :class:`RowParallel`; the
+        state is the model's own."""
         base = getattr(self.inner, "base", self.inner)
-        cfg, proj = base.config, getattr(self.inner, "proj", None)
+        cfg, plan = base.config, self.inner.plan
+        proj = getattr(self.inner, "proj", None)
         base.config = _local_config(cfg, self.mesh.shape["model"])
-        base.adapter_axis = "model"
+        self.inner.plan = plan.for_tensor_parallel()
         if proj is not None:
             self.inner.proj = RowParallel(proj)
         try:
             return nnx.split(self.inner)
         finally:
-            base.config, base.adapter_axis = cfg, None
+            base.config, self.inner.plan = cfg, plan
             if proj is not None:
                 self.inner.proj = proj
 
     def __call__(self, tokens, cache=None, *, start=None):
-        from .models import dense_projection
-
         if tokens.shape[0] % self.mesh.shape["data"]:
             raise MeshError(f"a batch of {tokens.shape[0]} rows does not split over data={self.mesh.shape['data']}")
         graphdef, state = self._local_split()
@@ -211,11 +224,13 @@ class TensorParallel(nnx.Module):
         batch = P("data")
 
         def body(state, tokens, cache, start):
+            from .models import dense_projection
+
             model = nnx.merge(graphdef, state)
             if getattr(model, "proj", None) is not None:  # a sparse hook, already row-parallel
                 return model(tokens, cache, start=start)
-            base = getattr(model, "base", model)  # dense: row-parallel sums around the dense projection
-            return base(tokens, cache, start=start, proj=RowParallel(dense_projection))
+            base = getattr(model, "base", model)  # dense: row-parallel sums around the dense hook
+            return base(tokens, cache, start=start, proj=RowParallel(dense_projection), plan=model.plan)
 
         cache_spec = None
         if cache is not None:

@@ -10,6 +10,7 @@ from flax import nnx
 from .calibration import CalibrationStats
 from .fusion import fuse
 from .models import Transformer
+from .plan import DecodePlan
 from .sparsity import SparseConfig, Stat, effective_sparsity_of, make_projection
 
 
@@ -18,11 +19,13 @@ class SparseModel(nnx.Module):
 
     Same call convention as the dense model, so ``generate``, perplexity and the benchmarks take
     either. For ``larosa`` in ``fused`` mode ``base`` is the folded model (adapters, untied head).
+    ``plan``: the kernels its decode uses (checked for the method; default :meth:`DecodePlan.default`).
     """
 
-    def __init__(self, base: Transformer, sparse: SparseConfig, proj):
+    def __init__(self, base: Transformer, sparse: SparseConfig, proj, plan: DecodePlan | None = None):
         self.base = base
         self.proj = proj
+        self.plan = (DecodePlan.default(sparse.method) if plan is None else plan).check(sparse.method)
         # only the method and mode are static: other p or α reuse the compiled model
         self.method, self.mode = sparse.method, sparse.mode
         self.numbers = Stat(jnp.asarray([sparse.sparsity, *sparse.alphas(), effective_sparsity_of(base.config, sparse)]))
@@ -46,12 +49,14 @@ class SparseModel(nnx.Module):
 
     def __call__(self, tokens, cache=None, *, start=None):
         if self.proj is None:
-            return self.base(tokens, cache, start=start)
-        return self.base(tokens, cache, start=start, proj=self.proj)
+            return self.base(tokens, cache, start=start, plan=self.plan)
+        return self.base(tokens, cache, start=start, proj=self.proj, plan=self.plan)
 
 
-def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig) -> SparseModel:
-    """Apply ``sc`` to a dense (or already fused) model. Checks that ``stats`` belong to ``model``."""
+def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig,
+             plan: DecodePlan | None = None) -> SparseModel:
+    """Apply ``sc`` to a dense (or already fused) model. Checks that ``stats`` belong to ``model``;
+    ``plan``: the decode's kernels (default: every kernel that serves the method on a GPU, none elsewhere)."""
     if isinstance(model, SparseModel):
         model = model.base
     fused_already = model.adapters is not None
@@ -66,4 +71,4 @@ def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfi
         model = fuse(model, stats.rotations)
     elif fused_already and sc.method not in ("dense", "larosa") or (fused_already and sc.mode != "fused" and sc.method == "larosa"):
         raise ValueError(f"a fused model only runs method 'larosa' mode 'fused' (or 'dense'), not {sc.method}/{sc.mode}")
-    return SparseModel(model, sc, make_projection(model.config, sc, stats))
+    return SparseModel(model, sc, make_projection(model.config, sc, stats), plan)

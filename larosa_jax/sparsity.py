@@ -17,7 +17,8 @@ from flax import nnx
 
 from . import pallas as ops
 from .config import ModelConfig
-from .models.transformer import _List, Linear, dense_projection
+from .models.transformer import _List, Linear, project, site_row
+from .plan import DecodePlan
 
 Array = jax.Array
 METHODS = ("dense", "topk", "teal", "cats", "larosa")
@@ -132,23 +133,34 @@ def width(linears: Sequence[Linear]) -> int:
     return sum(lin.kernel.shape[1] for lin in linears)
 
 
-def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear], residual=None,
-                    raw: bool = False) -> tuple[Array, ...]:
+def gemv_options(plan: DecodePlan, site: str) -> dict:
+    """The sparse GEMV's choices at ``site`` under ``plan`` (``ops.sparse_matvec``'s keywords)."""
+    sp = plan.site(site)
+    return {"gemv": sp.gemv, "tail": plan.adapter in ("side", "tail"), "tile": sp.tile}
+
+
+def kept_projection(x: Array, keep: ops.KeepSet, linears: Sequence[Linear], residual=None, raw: bool = False,
+                    **gemv) -> tuple[Array, ...]:
     """Outputs of ``linears`` on x restricted to its keep set (plus ``r @ A`` for a ``residual``):
-    at decode on GPU the sparse GEMV reads only the kept weight rows. ``raw``: one float32 output,
-    unrounded, for a selection prologue or ``ops.decode_step`` to read (``ops.sparse_matvec``)."""
+    at decode on GPU the sparse GEMV reads only the kept weight rows (``gemv``: :func:`gemv_options`).
+    ``raw``: one float32 output, unrounded, for a selection prologue or ``ops.decode_step`` to read
+    (``ops.sparse_matvec``)."""
     ws = tuple(lin.kernel[...] for lin in linears)
     bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
-    return ops.sparse_matvec(x, keep, ws, bs, residual, raw)
+    return ops.sparse_matvec(x, keep, ws, bs, residual, raw, **gemv)
+
+
+def select_options(plan: DecodePlan, site: str) -> dict:
+    """The Top-K selection's choices at ``site`` under ``plan`` (``ops.select_topk``'s keywords)."""
+    sp = plan.site(site)
+    return {"kernel": sp.select, "compact": sp.gemv == "gather", "window": plan.window, "prologue_kernel": sp.prologue}
 
 
 # ----------------------------------------------------------------------------- projections
+# Each is a projection hook of the decoder (``models.transformer.Projection``):
+# ``proj(site, layer, x, linears, plan, *, gain, prologue, residual, side, raw) -> (outputs, keep)``.
 class Stat(nnx.Variable):
     """Calibrated, non-trainable state carried by a sparse projection (rotations, thresholds)."""
-
-
-def _gained(x: Array, gain: Array | None) -> Array:
-    return x if gain is None else gain * x
 
 
 def _ks(ks: dict[str, int]) -> Stat:
@@ -162,37 +174,26 @@ class TopKProjection(nnx.Module):
     ``gains=False`` for a fused model, whose RMSNorm gains are folded into the weights (all ones):
     skipping the multiply by ones saves two small kernels per layer at decode.
 
-    The decoder calls :meth:`fused` (``fuses_norm``): it hands each site the residual stream, not its
-    RMSNorm, so the selection kernel can compute the norm (and SiLU·up before down) on the row it
-    reads anyway, from the previous GEMV's float32 accumulator. The fused model hands its down site
-    the residual adapter ``(r_mid, A)``: the sparse GEMV adds the down output onto r_mid·A in float32
-    (on GPU made beside the down selection, ``side``: the decoder hands the gate/up and down sites an
-    ``ops.Side``; see ``pallas/sparse_gemv.py`` for the alternatives).
+    The selection sees the site's prologue, so on GPU its kernel computes the norm on the row it
+    reads anyway, from the previous GEMV's float32 accumulator. At the fused model's down site the
+    sparse GEMV adds the down output onto the residual adapter's r_mid·A in float32 (made beside the
+    down selection with ``side``; see ``pallas/sparse_gemv.py`` for the alternatives).
     """
-
-    fuses_norm = True
 
     def __init__(self, ks: dict[str, int], gains: bool = True):
         self.ks = _ks(ks)
         self.gains = gains
 
-    def __call__(self, site, layer, x, linears, gain=None):
-        return self.fused(site, layer, x, linears, gain=gain)[0]
-
-    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, side=None, raw=False):
-        """``(outputs, keep)``: the site's outputs on ``prologue``'s row made from x (on x itself without
-        one; γ applied unless the gains are folded), with ``raw`` one float32 unrounded buffer, and its
-        keep set (``keep.h``: a Norm prologue's rounded residual stream; ``keep.side``: the ``side`` sum,
-        zeros at gate/up and r·A at the down site, where with the ``residual`` it is the GEMV's
-        starting sum)."""
+    def __call__(self, site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
         gain = gain if self.gains else None
         if prologue is None:
-            x = _gained(x, gain)
+            x = x if gain is None else gain * x
         elif gain is not None:
             prologue = dataclasses.replace(prologue, gain=gain)
         n = 0 if side is not None and residual is not None else width(linears)  # the side sum starts the GEMV
-        keep = ops.select_topk(x, self.ks[SITES.index(site)], n, side=side, prologue=prologue)
-        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep
+        keep = ops.select_topk(x, self.ks[SITES.index(site)], n, side=side, prologue=prologue, **select_options(plan, site))
+        row = x if keep.x is None else keep.x
+        return kept_projection(row, keep, linears, residual, raw, **gemv_options(plan, site)), keep
 
 
 class RotatedTopKProjection(nnx.Module):
@@ -207,51 +208,50 @@ class RotatedTopKProjection(nnx.Module):
         self.rotations = Stat(jnp.asarray(rotations))  # [L, d, d]
         self.gamma_free = gamma_free
 
-    def __call__(self, site, layer, x, linears, gain=None):
+    def __call__(self, site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
+        k = self.ks[SITES.index(site)]
         if SITE_TYPE[site] == "plain":
-            return kept_projection(x, ops.select_topk(x, self.ks[SITES.index(site)], width(linears)), linears)
-        xin = x if self.gamma_free else _gained(x, gain)
-        ct = jnp.promote_types(xin.dtype, jnp.float32)  # select in ≥ fp32: near-ties must not flip
+            row, h = site_row(x, None, prologue)
+            keep = ops.select_topk(row, k, width(linears), **select_options(plan, site))
+            return kept_projection(row, keep, linears, residual, raw, **gemv_options(plan, site)), keep
+        row, h = site_row(x, None if self.gamma_free else gain, prologue)
+        ct = jnp.promote_types(row.dtype, jnp.float32)  # select in >= fp32: near-ties must not flip
         q = self.rotations[layer].astype(ct)
-        a = jnp.dot(xin.astype(ct), q)
-        a = ops.apply(a, ops.select_topk(a, self.ks[SITES.index(site)]).thr)
-        xh = jnp.dot(a, q.T).astype(x.dtype)
-        return dense_projection(site, layer, xh, linears, gain if self.gamma_free else None)
+        a = jnp.dot(row.astype(ct), q)
+        a = ops.apply(a, ops.select_topk(a, k).thr)
+        xh = jnp.dot(a, q.T).astype(row.dtype)
+        if self.gamma_free and gain is not None:
+            xh = gain * xh
+        outs = project(xh, linears, kernel=plan.gemv)
+        return ops.combine_outputs(outs, residual, raw), ops.KeepSet(None, x=row, h=h)
 
 
 class TealProjection(nnx.Module):
     """TEAL: per-layer, per-site magnitude thresholds (calibration quantiles at p).
 
-    Like :class:`TopKProjection` it takes each site's input prologue (:meth:`fused`): at batch-1
-    decode on GPU no selection runs, the sparse GEMV compares each entry with the threshold as it
-    reads the row, and the norms happen in a search-free launch of the selection kernel."""
-
-    fuses_norm = True
+    At batch-1 decode on GPU no selection searches: the sparse GEMV compares each entry with the
+    threshold as it reads the row, and the norms happen in a search-free launch of the selection
+    kernel."""
 
     def __init__(self, thresholds: dict[str, Array]):
         self.thresholds = Stat(jnp.stack([jnp.asarray(thresholds[s], jnp.float32) for s in SITES]))  # [site, L]
         # each threshold's pair for bf16 rows, one array per (layer, site): made per site at decode, or
-        # sliced from one stacked array, each pair cost its own ~1.1 µs XLA launch (H200 trace, run 8)
+        # sliced from one stacked array, each pair would cost its own small XLA launch per step
         bf16_row = jnp.zeros((1, 1), jnp.bfloat16)
         self.pairs = _List([Stat(ops.magnitude_threshold(bf16_row, t)) for t in self.thresholds[...].T.reshape(-1)])
 
-    def __call__(self, site, layer, x, linears, gain=None):
-        return self.fused(site, layer, x, linears, gain=gain)[0]
-
-    def fused(self, site, layer, x, linears, *, gain=None, prologue=None, residual=None, side=None, raw=False):
-        """``(outputs, keep)`` as :meth:`TopKProjection.fused` (γ always applied: TEAL runs on the plain
-        model, without adapters, so it takes no ``side``)."""
-        if side is not None:
-            raise ValueError("TealProjection: no residual adapter product (side) on the plain model TEAL runs on")
+    def __call__(self, site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
         if prologue is None:
-            x = _gained(x, gain)
+            x = x if gain is None else gain * x
         elif gain is not None:
             prologue = dataclasses.replace(prologue, gain=gain)
-        i = SITES.index(site)
+        i, sp = SITES.index(site), plan.site(site)
         bf16 = (x.dtype if prologue is None else prologue.dtype) == jnp.bfloat16
         keep = ops.select_threshold(x, self.thresholds[i, layer], width(linears), prologue=prologue,
-                                    pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None)
-        return kept_projection(x if keep.x is None else keep.x, keep, linears, residual, raw), keep
+                                    pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None,
+                                    kernel=sp.select and sp.prologue)
+        row = x if keep.x is None else keep.x
+        return kept_projection(row, keep, linears, residual, raw, **gemv_options(plan, site)), keep
 
 
 class CatsProjection(nnx.Module):
@@ -264,13 +264,14 @@ class CatsProjection(nnx.Module):
     def __init__(self, thresholds: Array):
         self.thresholds = Stat(jnp.asarray(thresholds, jnp.float32))  # [L]
 
-    def __call__(self, site, layer, x, linears, gain=None):
-        out = dense_projection(site, layer, x, linears, gain)
-        if site != "gate_up":
-            return out
-        g, u = out
-        keep = jnp.abs(jax.nn.silu(g.astype(jnp.float32))) > self.thresholds[layer]
-        return g, jnp.where(keep, u, jnp.zeros((), u.dtype))
+    def __call__(self, site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
+        row, h = site_row(x, gain, prologue)
+        outs = project(row, linears, kernel=plan.gemv)
+        if site == "gate_up":
+            g, u = outs
+            keep = jnp.abs(jax.nn.silu(g.astype(jnp.float32))) > self.thresholds[layer]
+            outs = (g, jnp.where(keep, u, jnp.zeros((), u.dtype)))
+        return ops.combine_outputs(outs, residual, raw), ops.KeepSet(None, x=row, h=h)
 
 
 def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):

@@ -29,7 +29,7 @@ from flax import nnx
 import larosa_jax
 from larosa_jax import data
 from larosa_jax.calibration import CalibrationStats, calibrate, fingerprint
-from larosa_jax.models.transformer import dense_projection
+from larosa_jax.models.transformer import dense_projection, site_row
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "larosa_jax" / "assets"
@@ -159,14 +159,14 @@ def _capture(graphdef, state, tokens):
     model = nnx.merge(graphdef, state)
     rec = {}
 
-    def hook(site, layer, x, linears, gain=None):
-        out = dense_projection(site, layer, x, linears, gain)
-        rec[f"{site}.{layer}"] = x if gain is None else gain * x  # what the linears see
+    def hook(site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
+        out, keep = dense_projection(site, layer, x, linears, plan, gain=gain, prologue=prologue, raw=raw)
+        rec[f"{site}.{layer}"] = keep.x  # what the linears see
         if gain is not None:
-            rec[f"{site}.{layer}.norm"] = x  # γ-free norm(h)
+            rec[f"{site}.{layer}.norm"] = site_row(x, None, prologue)[0]  # γ-free norm(h)
         if site == "gate_up":
-            rec[f"cats.{layer}"] = jax.nn.silu(out[0].astype(jnp.float32))
-        return out
+            rec[f"cats.{layer}"] = jax.nn.silu(out[0][..., : linears[0].kernel.shape[1]].astype(jnp.float32))
+        return out, keep
 
     model(tokens, proj=hook)
     return rec

@@ -31,13 +31,12 @@ def test_gemv_kernel_matches_jnp(k, ns):
         assert _rel(jnp.sum(p, axis=0), want) < 1e-5  # float32 accumulation of the same bf16 products
 
 
-def test_gemv_dispatch_bias_and_fallback(monkeypatch):
-    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
+def test_gemv_dispatch_bias_and_fallback():
     kx, kw, kb = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(kx, (1, 1, 256), jnp.float32).astype(jnp.bfloat16)
     ws = (jax.random.normal(kw, (256, 384), jnp.float32).astype(jnp.bfloat16),) * 2
     bs = (jax.random.normal(kb, (384,), jnp.float32).astype(jnp.bfloat16), None)
-    got = gemv.matvec(x, ws, bs)
+    got = gemv.matvec(x, ws, bs, kernel=True)
     want = gemv.matvec_reference(x, ws, bs)
     for g, w in zip(got, want):
         assert g.shape == w.shape == (1, 1, 384) and g.dtype == jnp.bfloat16
@@ -116,18 +115,20 @@ def test_decode_step_kernel_matches_jnp(b, hq, hkv, hd, s, write, buffer):
         assert not da.step_supported(qkv, cache_k, cache_v, jnp.float32)
 
 
-def test_decode_with_the_attention_kernels_matches_the_jnp_path(monkeypatch):
+def test_decode_with_the_attention_kernels_matches_the_jnp_path():
     """A bf16 dense model (head_dim 64, GQA): prefill + decode steps with the decode-step kernel give the
     jnp path's logits and cache. Dense, so bf16 rounding is not amplified by Top-K flips."""
     from larosa_jax.config import ModelConfig
     from larosa_jax.models import init_cache
     from larosa_jax.models.random_init import random_model
+    from larosa_jax.plan import DecodePlan
 
     cfg = ModelConfig.from_hf({
         "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 320, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
         "tie_word_embeddings": False, "rms_norm_eps": 1e-6})
     model = random_model(cfg, jnp.bfloat16, seed=5)
+    model.plan = DecodePlan.reference()
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 9)), jnp.int32)
 
     def run():
@@ -140,8 +141,7 @@ def test_decode_with_the_attention_kernels_matches_the_jnp_path(monkeypatch):
         return np.stack([np.asarray(o, np.float32) for o in out]), cache
 
     want, want_cache = run()
-    monkeypatch.setenv("LAROSA_PALLAS_INTERPRET", "1")
-    monkeypatch.setenv("LAROSA_PALLAS", "attn,rope")
+    model.plan = DecodePlan.reference().edit("attention=on")
     got, got_cache = run()
     assert _rel(got, want) < 2e-2
     for g, w in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):

@@ -63,7 +63,6 @@ SCRIPT = textwrap.dedent("""
 def _on_four_devices(script: str) -> dict:
     """Run ``script`` in a fresh Python with 4 simulated CPU devices; the dict it prints after RESULT."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    env.pop("LAROSA_PALLAS_INTERPRET", None)
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
@@ -201,7 +200,8 @@ TP_SCRIPT = textwrap.dedent("""
     from larosa_jax.models import init_cache
     tp2 = TensorParallel(mb, make_mesh("model=2"))
     ref = np.asarray(tp2(tok, init_cache(mb.config, 1, 64, jnp.bfloat16))[0], np.float32)
-    os.environ["LAROSA_PALLAS_INTERPRET"] = "1"
+    from larosa_jax.plan import DecodePlan
+    mb.plan = DecodePlan.kernels("larosa")  # every kernel, in interpret mode on CPU
     jax.clear_caches()
     from jax.experimental import pallas as pl
     calls, orig = [], pl.pallas_call
@@ -244,7 +244,6 @@ def test_tensor_parallel_kernels_and_refusals(tensor_parallel):
 def test_benchmarks_run_on_a_mesh(tmp_path):
     """The multi-GPU benchmark commands (TP decode, DP calibration) at tiny shapes on 4 CPU devices."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    env.pop("LAROSA_PALLAS_INTERPRET", None)
     env.pop("OUT", None)
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=env, capture_output=True, text=True,  # noqa: E731
                                     timeout=900)

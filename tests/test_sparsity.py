@@ -24,6 +24,7 @@ from _helpers import held_windows, logits, rel_err, stories, stories_stats
 from larosa_jax import pallas as ops, sparsity
 from larosa_jax.config import ModelConfig, RopeConfig
 from larosa_jax.models.transformer import dense_projection
+from larosa_jax.plan import DecodePlan
 from larosa_jax.search import alpha_grid, alpha_plain_for, search_alpha
 from larosa_jax.sparse_model import SparseModel, sparsify
 from larosa_jax.sparsity import (
@@ -211,18 +212,19 @@ def test_projections_keep_exactly_k_at_every_site_with_ties(kind, monkeypatch):
     else:
         proj = RotatedTopKProjection(ks, perms, gamma_free=kind == "larosa_gamma_free")
     seen = []
+    project = sparsity.project
 
-    def spy(site, layer, x, linears, gain=None):
-        seen.append((site, np.asarray(x, np.float32), None if gain is None else np.asarray(gain)))
-        return dense_projection(site, layer, x, linears, gain)
+    def spy(x, linears, *, kernel=False):  # the dense path (rotated sites): what the weights see
+        seen.append((current[0], np.asarray(x, np.float32)))
+        return project(x, linears, kernel=kernel)
 
     kept_projection = sparsity.kept_projection
 
-    def spy_kept(x, keep, linears, residual=None, raw=False):  # the sparse-GEMV path: what the weights see is keep(x)
-        seen.append((current[0], np.asarray(ops.apply(x, keep.thr), np.float32), None))
-        return kept_projection(x, keep, linears, residual, raw)
+    def spy_kept(x, keep, linears, residual=None, raw=False, **gemv):  # the sparse-GEMV path: the weights see keep(x)
+        seen.append((current[0], np.asarray(ops.apply(x, keep.thr), np.float32)))
+        return kept_projection(x, keep, linears, residual, raw, **gemv)
 
-    monkeypatch.setattr(sparsity, "dense_projection", spy)
+    monkeypatch.setattr(sparsity, "project", spy)
     monkeypatch.setattr(sparsity, "kept_projection", spy_kept)
     linears = _site_linears(s.model.layers[layer])
     current = [None]
@@ -230,19 +232,20 @@ def test_projections_keep_exactly_k_at_every_site_with_ties(kind, monkeypatch):
         current[0] = site
         x = tied_values(rng, (2, 9, dims[site]))
         gain = np.full(dims[site], 2.0, np.float32) if SITE_TYPE[site] == "rot" else None
-        out = proj(site, layer, jnp.asarray(x), linears[site], None if gain is None else jnp.asarray(gain))
-        got_site, xs, g = seen[-1]
+        out, _ = proj(site, layer, jnp.asarray(x), linears[site], DecodePlan.reference(),
+                      gain=None if gain is None else jnp.asarray(gain))
+        got_site, xs = seen[-1]
         assert got_site == site
         kept = xs != 0
         assert (kept.sum(-1) == ks[site]).all(), f"{kind} {site}: kept {np.unique(kept.sum(-1))} != k={ks[site]}"
-        # what the weights see is the input itself (times γ where the hook applies it first) on the kept set
-        xin = x * gain if (gain is not None and g is None) else x
+        # what the weights see is the input times γ on the kept set (γ before the rotation or after it: the
+        # signed permutations commute with a constant γ)
+        xin = x if gain is None else x * gain
         np.testing.assert_allclose(np.where(kept, xin, 0.0), xs, rtol=1e-6, atol=0)
         mag = np.abs(xin)
         assert (np.where(kept, mag, np.inf).min(-1) >= np.where(kept, -np.inf, mag).max(-1)).all()
         # and the hook returns the linears applied to that sparse input
-        ref = dense_projection(site, layer, jnp.asarray(xs), linears[site], None if g is None else jnp.asarray(g))
-        for o, r in zip(out, ref):
+        for o, r in zip(out, project(jnp.asarray(xs), linears[site])):
             np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
@@ -254,8 +257,8 @@ def test_real_activations_keep_exactly_k_at_every_site(method, mode, monkeypatch
     calls = []
     orig = ops.select_topk
 
-    def spy(x, k, width=0, side=None, prologue=None):  # every Top-K decision of the projections goes through select_topk
-        keep = orig(x, k, width, side, prologue)
+    def spy(x, k, width=0, side=None, prologue=None, **kw):  # every Top-K decision of the projections goes through select_topk
+        keep = orig(x, k, width, side, prologue, **kw)
         row = x if prologue is None else keep.x  # with a prologue (norm, SiLU·up) the row it made
         calls.append((jnp.sum(ops.apply(row, keep.thr) != 0, axis=-1), jnp.sum(row == 0, axis=-1), jnp.asarray(k)))
         widths.append(row.shape[-1])  # static, recorded while tracing
@@ -419,7 +422,8 @@ def test_teal_bf16_pairs_are_the_threshold_in_the_rows_dtype():
             gain = jnp.asarray(rng.uniform(0.5, 1.5, dims[site]), jnp.bfloat16) if SITE_TYPE[site] == "rot" else None
             xin = x if gain is None else gain * x
             tau = jnp.asarray(taus[site][layer], jnp.bfloat16)
-            want = dense_projection(site, layer, jnp.where(jnp.abs(xin) > tau, xin, 0), linears[site])
-            got = proj(site, layer, x, linears[site], gain)
+            plan = DecodePlan.reference()
+            want, _ = dense_projection(site, layer, jnp.where(jnp.abs(xin) > tau, xin, 0), linears[site], plan)
+            got, _ = proj(site, layer, x, linears[site], plan, gain=gain)
             for g, w in zip(got, want):
                 np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -6,10 +6,12 @@ matmuls run in the parameter dtype with float32 accumulation.
 
 Sparsity plugs in at four *sites* per layer, named after the paper's activation types:
 ``qkv`` (attention input, rotated in La RoSA), ``o`` (o_proj input), ``gate_up`` (MLP input,
-rotated) and ``down`` (down_proj input). Each site is a call ``proj(site, layer, x, linears, gain)``
-returning the outputs of ``linears`` on ``x * gain``; the dense model uses :func:`dense_projection`.
-At ``qkv``/``gate_up`` x is the gain-free ``norm(h)`` and ``gain`` the RMSNorm γ (La RoSA's fused
-flavour rotates norm(h) before γ); at ``o``/``down`` gain is None.
+rotated) and ``down`` (down_proj input). One layer function serves every method: each site is a
+call of the model's projection hook (:data:`Projection`; the dense model uses
+:func:`dense_projection`), which is handed the site's inputs *before* their elementwise prologue —
+the residual stream h (and the add due to it) with a ``Norm`` at q/k/v and gate/up, the gate/up
+output with ``Gated`` (SiLU·up) at down — so that a GPU selection kernel can make the row it reads
+anyway. The model's :class:`~larosa_jax.plan.DecodePlan` says which kernels each op may use.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flax import nnx
 
 from .. import pallas as ops
 from ..config import ModelConfig, rope_inv_freq
+from ..plan import DecodePlan
 
 Array = jax.Array
 _List = getattr(nnx, "List", list)  # flax >= 0.12 wants nnx.List for lists of modules
@@ -90,21 +93,40 @@ class Linear(nnx.Module):
         return project(x, (self,))[0]
 
 
-Projection = Callable[[str, int, Array, Sequence[Linear], Array | None], tuple[Array, ...]]
+Projection = Callable[..., tuple[tuple[Array, ...], ops.KeepSet]]
+"""``proj(site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False)``
+→ ``(outputs, keep)``: the outputs of ``linears`` on the site's row — ``prologue``'s row made from x
+(a Norm's γ is ``gain``), or x (times ``gain``) without one — plus ``r @ A`` for a ``residual = (r, A)``,
+as one float32 buffer with ``raw``; ``keep`` is the site's :class:`~larosa_jax.pallas.KeepSet`, whose
+``h`` holds a Norm prologue's rounded residual (the layer's new h). ``side``: La RoSA's adapter
+product on the selection's spare programs (``plan.adapter == "side"``; hooks that do not select ignore
+it). Hooks are modules (their calibrated state stays state) or functions."""
 
 
-def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear], gain: Array | None = None) -> tuple[Array, ...]:
-    del site, layer
-    x = x if gain is None else gain * x  # same op order as HF's RMSNorm: weight * normed
-    return project(x, linears)
+def site_row(x: Array, gain: Array | None = None, prologue=None) -> tuple[Array, Array | None]:
+    """The row a site's linears read and a Norm prologue's rounded residual (None otherwise): the
+    prologue's jnp twin with its γ = ``gain``, or ``gain * x`` (HF's RMSNorm op order: weight * normed)."""
+    if prologue is None:
+        return (x if gain is None else gain * x), None
+    if gain is not None:
+        prologue = dataclasses.replace(prologue, gain=gain)
+    return prologue.reference(x)
 
 
-def project(x: Array, linears: Sequence[Linear]) -> tuple[Array, ...]:
-    """x @ W_i (+ b_i) for several linears sharing one input: one Pallas launch at bf16 batch-1
-    decode on GPU (q/k/v together, gate/up together), XLA dots otherwise."""
+def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear], plan: DecodePlan, *, gain=None,
+                     prologue=None, residual=None, side=None, raw: bool = False):
+    """The dense model's hook (see :data:`Projection`)."""
+    del site, layer, side
+    row, h = site_row(x, gain, prologue)
+    return ops.combine_outputs(project(row, linears, kernel=plan.gemv), residual, raw), ops.KeepSet(None, x=row, h=h)
+
+
+def project(x: Array, linears: Sequence[Linear], *, kernel: bool = False) -> tuple[Array, ...]:
+    """x @ W_i (+ b_i) for several linears sharing one input: with ``kernel`` one Pallas launch at bf16
+    batch-1 decode (q/k/v together, gate/up together), XLA dots otherwise."""
     ws = tuple(lin.kernel[...] for lin in linears)
     bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
-    return ops.matvec(x, ws, bs)
+    return ops.matvec(x, ws, bs, kernel=kernel)
 
 
 def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
@@ -137,7 +159,7 @@ def attend(q: Array, k: Array, v: Array, q_slots: Array, k_slots: Array, start: 
     ``start[b] <= slot_j <= slot_i`` (causal, left padding masked)."""
     b, t, hq, hd = q.shape
     hkv = k.shape[2]
-    if t == 1:  # decode: the cache's slots are 0..S-1
+    if t == 1:  # one query: the multiply + reduce twin of the decode attention
         return ops.decode_attention(q, k, v, q_slots[0], start)
     visible = (k_slots[None, None, :] <= q_slots[None, :, None]) & (k_slots[None, None, :] >= start[:, None, None])
     qg = q.reshape(b, t, hkv, hq // hkv, hd)
@@ -164,83 +186,48 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(
-        self,
-        h: Array,
-        layer: int,
-        cfg: ModelConfig,
-        rope: tuple[Array, Array],
-        kv: tuple[Array, Array] | None,
-        slots: tuple[Array, Array, Array],
-        proj: Projection,
-        adapter: Array | None = None,
-        adapter_axis: str | None = None,
-    ) -> tuple[Array | tuple[Array, Array], tuple[Array, Array] | None]:
-        """One decoder layer. ``slots`` = (write index, query slots [T], start [B]); ``adapter``: the
-        fused model's d × d residual adapter into the next layer's basis (column block over
-        ``adapter_axis`` under tensor parallelism). Through ``_fused`` the returned residual may be a
-        pair (h, y) to be summed by the next layer or by :func:`residual`."""
-        if getattr(proj, "fuses_norm", False) and adapter_axis is None:
-            return self._fused(h, layer, cfg, rope, kv, slots, proj, adapter)
-        x = rms_norm(h, None, cfg.rms_norm_eps)
-        a = self.attn
-        qkv = proj("qkv", layer, x, (a.q, a.k, a.v), self.attn_norm.scale[...])
-        o, kv = self._attend(qkv, cfg, rope, kv, slots)
-        (o,) = proj("o", layer, o, (a.o,), None)
-        h = h + o
-        x = rms_norm(h, None, cfg.rms_norm_eps)
-        m = self.mlp
-        g, u = proj("gate_up", layer, x, (m.gate, m.up), self.mlp_norm.scale[...])
-        act = ops.gated(g, u)
-        if adapter is None:
-            (y,) = proj("down", layer, act, (m.down,), None)
-            return h + y, kv
-        # fused La RoSA: the next layer's residual is h·A + MLP(h), the down weights already fold the
-        # next basis (fusion.py); a Top-K projection sums h·A with its down GEMV's output (_fused)
-        (y,) = proj("down", layer, act, (m.down,), None)
-        (ha,) = ops.matvec(h, (adapter,), (None,))  # the batch-1 GEMV kernel at decode
-        if adapter_axis is not None:  # this device's column block of the product: gather the rest
-            ha = jax.lax.all_gather(ha, adapter_axis, axis=ha.ndim - 1, tiled=True)
-        return ha + y, kv
+    def __call__(self, h, layer: int, cfg: ModelConfig, rope: tuple[Array, Array], kv: tuple[Array, Array] | None,
+                 slots: tuple[Array, Array, Array], proj: Projection, plan: DecodePlan, adapter: Array | None = None):
+        """One decoder layer: ``(residual, kv)``. ``slots`` = (write index, query slots [T], start [B]);
+        ``adapter``: the fused model's d × d residual adapter into the next layer's basis.
 
-    def _fused(self, h, layer, cfg, rope, kv, slots, proj, adapter):
-        """The same layer through a projection that takes each site's input prologue (``proj.fused``):
-        the norms, the residual adds and SiLU·up happen where the Top-K row is read, and every GEMV
-        hands on its float32 accumulator. ``h`` may arrive as the previous layer's float32 accumulator
-        (La RoSA: down plus the adapter) or as a pair (h, y) whose sum is the residual (Top-K: the
-        down output y is added inside the next selection); the norm prologue rounds both to the
-        model's dtype, and ``residual`` makes the sum where no selection follows.
+        Every site hands its outputs on unrounded (``raw``): the next site's prologue rounds them as
+        the layer's own casts would. ``h`` may arrive as the previous layer's float32 accumulator (a
+        fused La RoSA layer: down plus the adapter) or as a pair (h, y) whose sum is the residual (a
+        layer without adapter: the down output y is added in the next layer's norm prologue);
+        :func:`residual` makes the sum where no layer follows.
 
-        The adapter product r_mid·A is independent of the MLP, so at batch-1 decode (option "side") its
-        tiles stream on the spare programs of the down selection launch, which searches one row on a
-        few SMs (``ops.Side``; the gate/up selection zero-fills its sum), and the down GEMV adds onto
-        that sum; otherwise the down GEMV's launch takes them (``tail``)."""
+        The adapter product r_mid·A is independent of the MLP, so with ``plan.adapter == "side"`` at
+        batch-1 decode its tiles stream on the spare programs of the down selection launch (``ops.Side``;
+        the gate/up selection zero-fills its sum) and the down GEMV adds onto that sum."""
         a, m = self.attn, self.mlp
         eps, dt = cfg.rms_norm_eps, a.q.kernel.dtype
         h, add = h if isinstance(h, tuple) else (h, None)
-        (qkv,), keep = proj.fused("qkv", layer, h, (a.q, a.k, a.v), gain=self.attn_norm.scale[...],
-                                  prologue=ops.Norm(eps, dt, add=add), raw=True)  # one float32 buffer: decode_step rounds it
+        (qkv,), keep = proj("qkv", layer, h, (a.q, a.k, a.v), plan, gain=self.attn_norm.scale[...],
+                            prologue=ops.Norm(eps, dt, add=add), raw=True)
         h = keep.h
-        o, kv = self._attend(qkv, cfg, rope, kv, slots)
-        side = ops.side_on(adapter, o)  # r·A beside the down selection: the gate/up one zero-fills its sum
-        (o,), _ = proj.fused("o", layer, o, (a.o,), raw=True)
-        (gu,), keep = proj.fused("gate_up", layer, h, (m.gate, m.up), gain=self.mlp_norm.scale[...],
-                                 prologue=ops.Norm(eps, dt, add=o), side=ops.Side(adapter) if side else None, raw=True)
+        o, kv = self._attend(qkv, cfg, rope, kv, slots, plan)
+        side = plan.adapter == "side" and ops.side_fits(adapter, o)
+        (o,), _ = proj("o", layer, o, (a.o,), plan, raw=True)
+        (gu,), keep = proj("gate_up", layer, h, (m.gate, m.up), plan, gain=self.mlp_norm.scale[...],
+                           prologue=ops.Norm(eps, dt, add=o), side=ops.Side(adapter) if side else None, raw=True)
         h = keep.h
         if adapter is None:
-            (y,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), raw=True)
+            (y,), _ = proj("down", layer, gu, (m.down,), plan, prologue=ops.Gated(dt), raw=True)
             return (h, y), kv
-        (h,), _ = proj.fused("down", layer, gu, (m.down,), prologue=ops.Gated(dt), residual=(h, adapter),
-                             side=ops.Side(adapter, keep.side, h) if side else None, raw=True)
+        # fused La RoSA: the next layer's residual is h·A + MLP(h), the down weights already fold the
+        # next basis (fusion.py)
+        (h,), _ = proj("down", layer, gu, (m.down,), plan, prologue=ops.Gated(dt), residual=(h, adapter),
+                       side=ops.Side(adapter, keep.side, h) if side else None, raw=True)
         return h, kv
 
-    def _attend(self, qkv, cfg, rope, kv, slots):
+    def _attend(self, qkv, cfg, rope, kv, slots, plan):
         """RoPE, the cache write and attention: the o projection's input and the updated cache.
-        ``qkv``: (q, k, v), or the fused path's one float32 buffer of all three (``ops.split_qkv``)."""
+        ``qkv``: (q, k, v), or one float32 buffer of all three (``ops.split_qkv``)."""
         write, q_slots, start = slots
         t, dt = rope[0].shape[1], self.attn.q.kernel.dtype
         if kv is not None and t == 1:  # decode: one kernel on GPU
-            o, keys, vals = ops.decode_step(qkv, *rope, kv[0], kv[1], write, start, dtype=dt)
+            o, keys, vals = ops.decode_step(qkv, *rope, kv[0], kv[1], write, start, dtype=dt, kernel=plan.attention)
             return o, (keys, vals)
         q, k, v = ops.split_qkv(qkv, cfg.num_kv_heads, cfg.head_dim, dt)
         b = q.shape[0]
@@ -272,20 +259,22 @@ class Transformer(nnx.Module):
         # one Param per adapter, not a stacked [L-1, d, d] array: a slice of a stacked array handed to a
         # Pallas call is first copied out by XLA (~16 µs per layer and token at Llama-2-7B size on an H200)
         self.adapters = _List([nnx.Param(jnp.eye(d, dtype=dtype)) for _ in range(cfg.num_layers - 1)]) if adapters else None
-        self.adapter_axis: str | None = None  # tensor parallel: adapters hold column blocks, gathered over this axis
+        self.plan = DecodePlan.default("dense")  # static: which kernels the decode may use
 
     @property
     def dtype(self):
         return self.embed.embedding.dtype
 
     def __call__(
-        self, tokens: Array, cache: KVCache | None = None, *, start: Array | None = None, proj: Projection = dense_projection
+        self, tokens: Array, cache: KVCache | None = None, *, start: Array | None = None, proj: Projection = dense_projection,
+        plan: DecodePlan | None = None,
     ) -> tuple[Array, KVCache | None]:
         """Float32 logits ``[B, T, V]`` for tokens ``[B, T]``.
 
         With a cache the tokens fill slots ``cache.pos ...``; without one they are a whole
-        (optionally left-padded, ``start``) sequence.
+        (optionally left-padded, ``start``) sequence. ``plan``: the kernels to use (default the model's).
         """
+        plan = self.plan if plan is None else plan
         h, cache, ctx = self.embed_and_context(tokens, cache, start)
         new_k, new_v = [], []
         for layer, block in enumerate(self.layers):
@@ -293,7 +282,7 @@ class Transformer(nnx.Module):
             adapter = None
             if self.adapters is not None and layer < self.config.num_layers - 1:
                 adapter = self.adapters[layer][...]
-            h, kv = block(h, layer, self.config, ctx[0], kv, ctx[1], proj, adapter, self.adapter_axis)
+            h, kv = block(h, layer, self.config, ctx[0], kv, ctx[1], proj, plan, adapter)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

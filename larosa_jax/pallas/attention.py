@@ -7,14 +7,11 @@ that reads the cache in its ``[B, S, H_kv, hd]`` layout (a batched dot makes XLA
 whole cache every step).
 
 ``decode_step`` is the whole attention of one decode token: RoPE on the new q and k, the cache
-write and attention in one launch (option "rope"). The program whose block holds the write slot
-puts the new key and value in its tile and stores that one row into the cache, which the call
-updates in place (aliased); the others only read. This replaces three small XLA fusions per layer
-(the q padding with RoPE and the two cache updates: 4.2 µs per layer on an H200, run 5's trace); the
-kernel itself takes 1.35 µs longer than the attention alone (eval/results/NOTES.md, run 6).
-The fused model hands it the q/k/v sparse GEMV's float32 accumulator as one buffer, read three
-times at head offsets and rounded on load, so no slice runs in between either (1.26 µs per layer,
-run 7).
+write and attention in one launch. The program whose block holds the write slot puts the new key
+and value in its tile and stores that one row into the cache, which the call updates in place
+(aliased); the others only read. It replaces three small XLA fusions per layer (the q padding with
+RoPE and the two cache updates). The sparse path hands it the q/k/v GEMV's float32 accumulator as
+one buffer, read three times at head offsets and rounded on load, so no slice runs in between.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .common import MASK_VALUE, acc_dtype, enabled, interpret, triton_params
+from .common import MASK_VALUE, acc_dtype, interpret, triton_params
 
 Array = jax.Array
 
@@ -133,9 +130,9 @@ def decode_attention_reference(q: Array, k: Array, v: Array, q_slot: Array, star
     return o.reshape(b, 1, hq * hd).astype(q.dtype)
 
 
-def decode_attention(q: Array, k: Array, v: Array, q_slot: Array, start: Array) -> Array:
+def decode_attention(q: Array, k: Array, v: Array, q_slot: Array, start: Array, *, kernel: bool = False) -> Array:
     """Single-query attention over the cache: the kernel for bf16 on GPU, the jnp twin otherwise."""
-    if enabled("attn") and supported(q, k):
+    if kernel and supported(q, k):
         return decode_attention_kernel(q, k, v, q_slot, start)
     return decode_attention_reference(q, k, v, q_slot, start)
 
@@ -280,28 +277,28 @@ def decode_step_kernel(qkv, cos, sin, cache_k, cache_v, write, start):
     return _combine(m, l, o, g, cache_k.dtype), keys, vals
 
 
-def decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start, dtype=None):
-    """The jnp twin: RoPE, two cache updates, then ``decode_attention``."""
+def decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start, dtype=None, *, kernel: bool = False):
+    """The jnp twin: RoPE, two cache updates, then ``decode_attention`` (its kernel with ``kernel``)."""
     b = cache_k.shape[0]
     hkv, hd = cache_k.shape[2:]
     q, k, v = split_qkv(qkv, hkv, hd, cache_k.dtype if dtype is None else dtype)
     q = apply_rope(q.reshape(b, 1, -1, hd), cos, sin)
     k = apply_rope(k.reshape(b, 1, hkv, hd), cos, sin)
     keys, vals = write_cache(cache_k, cache_v, k, v.reshape(b, 1, hkv, hd), write)
-    return decode_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), write, start), keys, vals
+    return decode_attention(q, keys.astype(q.dtype), vals.astype(q.dtype), write, start, kernel=kernel), keys, vals
 
 
 def decode_step(qkv, cos: Array, sin: Array, cache_k: Array, cache_v: Array,
-                write: Array, start: Array, dtype=None) -> tuple[Array, Array, Array]:
+                write: Array, start: Array, dtype=None, *, kernel: bool = False) -> tuple[Array, Array, Array]:
     """Attention of one decode token per row. ``qkv``: the projection outputs before RoPE, either
     (q ``[B,1,Hq·hd]``, k, v ``[B,1,Hkv·hd]``) or one buffer ``[B,1,(Hq+2·Hkv)·hd]`` (the fused
     model's q/k/v GEMV accumulator, rounded to ``dtype`` (the model's; default the cache's) as it is
     read: the kernel rounds to the cache's dtype and takes only ``dtype`` = cache dtype = bf16, so
     no slice or cast runs before it); cos/sin ``[B,1,hd]``,
     cache ``[B,S,Hkv,hd]``, the new token at slot ``write``, row b's keys visible from ``start[b]``.
-    Returns (``[B,1,Hq·hd]``, updated cache k, v): one kernel on GPU (options
-    "attn" and "rope"), the jnp twin otherwise."""
+    Returns (``[B,1,Hq·hd]``, updated cache k, v): one kernel with ``kernel`` (the decode plan's
+    ``attention``) where the operands fit it, the jnp twin otherwise (its attention kernel where that fits)."""
     dtype = cache_k.dtype if dtype is None else dtype
-    if enabled("attn") and enabled("rope") and step_supported(qkv, cache_k, cache_v, dtype):
+    if kernel and step_supported(qkv, cache_k, cache_v, dtype):
         return decode_step_kernel(qkv, cos, sin, cache_k, cache_v, write, start)
-    return decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start, dtype)
+    return decode_step_reference(qkv, cos, sin, cache_k, cache_v, write, start, dtype, kernel=kernel)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from .common import acc_dtype, enabled, interpret, triton_params
+from .common import acc_dtype, interpret, triton_params
 
 # Rows / columns per loop step; programs to aim for. On H100 (132 SMs) the kernel streamed far
 # below HBM bandwidth with <= 2 programs per SM (Llama-2 down_proj at 128 programs, Qwen2's at 224)
@@ -100,10 +100,12 @@ def matvec_reference(x, ws, bs):
     return tuple(out)
 
 
-def matvec(x: jax.Array, ws: Sequence[jax.Array], bs: Sequence[jax.Array | None]) -> tuple[jax.Array, ...]:
-    """``x @ w_i + b_i`` for every i: the kernel for bf16 batch-1 rows on GPU, XLA otherwise."""
+def matvec(x: jax.Array, ws: Sequence[jax.Array], bs: Sequence[jax.Array | None], *,
+           kernel: bool = False) -> tuple[jax.Array, ...]:
+    """``x @ w_i + b_i`` for every i: with ``kernel`` (the decode plan's ``gemv``) the kernel for bf16
+    batch-1 rows, XLA otherwise."""
     ws, bs = tuple(ws), tuple(bs)
-    if not (enabled("gemv") and supported(x, ws)):
+    if not (kernel and supported(x, ws)):
         return matvec_reference(x, ws, bs)
     lead = x.shape[:-1]
     out = []

@@ -11,12 +11,12 @@ from the row's mean |x| when one count confirms the k-th magnitude lies there (e
 cuts ties with a cumulative count and optionally compacts the kept indices for the gather GEMV, a
 row's compaction split over several programs; the jnp twin bisects the float32 bits. A one-row
 selection is bound by latency and leaves most SMs idle, so spare programs of the same launch do
-independent work beside it: zero-filling the next GEMV's accumulator, and (``Side``, option "side")
-dense tiles of La RoSA's residual adapter product r·A (``fusion.py``), which streams while the down
-selection searches.
-A *prologue* lets the kernel make its row from the layer's float32 accumulators first (``Norm``:
-residual add and RMSNorm before q/k/v and gate/up; ``Gated``: SiLU(gate)·up before down), in
-place of XLA's small fusions between the launches.
+independent work beside it: zero-filling the next GEMV's accumulator, and (``Side``, the decode
+plan's ``adapter=side``) dense tiles of La RoSA's residual adapter product r·A (``fusion.py``), which
+streams while the down selection searches.
+A ``Norm`` prologue lets the kernel make its row from the layer's float32 accumulators first (the
+residual add and RMSNorm before q/k/v and gate/up), in place of XLA's small fusions between the
+launches; ``Gated`` (SiLU(gate)·up before down) is made by its jnp twin before the selection.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .common import enabled, gated, interpret, rms_normalize, triton_params
+from .common import gated, interpret, rms_normalize, triton_params
 
 Array = jax.Array
 
@@ -155,7 +155,8 @@ class Norm:
 @dataclasses.dataclass(frozen=True)
 class Gated:
     """Select on SiLU(g)·u for ``x = [g | u]`` side by side (the gate/up GEMV's one output buffer, float32
-    or ``dtype``), g and u rounded to ``dtype`` first. Before down."""
+    or ``dtype``), g and u rounded to ``dtype`` first. Before down; always the jnp twin (inside the
+    selection kernel, on the one SM a row's search uses, it was slower than XLA's fusion)."""
 
     dtype: object
 
@@ -175,7 +176,7 @@ def residual_product(rv: Array, a: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class Side:
     """La RoSA's residual adapter product r·A (``A [K, N]``), added onto the float32 sum ``acc`` by spare
-    programs of a one-row selection launch while its row is searched (option "side"). ``acc`` None: the
+    programs of a one-row selection launch while its row is searched (``adapter=side``). ``acc`` None: the
     launch only zero-fills the sum ``[N]`` (programs of one launch run in no set order, so the zeros
     come from an earlier launch than the product's atomic adds)."""
 
@@ -190,12 +191,12 @@ class Side:
         return self.acc.reshape(*lead, -1) + residual_product(self.r, self.a)
 
 
-def side_on(a: Array | None, x: Array) -> bool:
-    """Whether the adapter ``A [K, N]``'s product goes to the spare programs of the down selection
-    (option "side", a decode row ``x``, a bf16 A that tiles); else the down GEMV's launch takes it
-    (``tail`` tiles) or XLA's dot."""
-    return (a is not None and enabled("side") and enabled("select") and enabled("sparse") and _one_row(x)
-            and a.dtype == jnp.bfloat16 and a.ndim == 2 and a.shape[0] % SBM == 0 and a.shape[1] % 64 == 0)
+def side_fits(a: Array | None, x: Array) -> bool:
+    """Whether spare programs of the down selection can make the adapter ``A [K, N]``'s product for the
+    row ``x`` (one decode row, a bf16 A that tiles); else the down GEMV's launch takes it (``tail``
+    tiles) or XLA's dot."""
+    return (a is not None and _one_row(x) and a.dtype == jnp.bfloat16 and a.ndim == 2 and a.shape[0] % SBM == 0
+            and a.shape[1] % 64 == 0)
 
 
 MAG_BITS, MAX_D = 15, 1 << 15  # magnitude bits of a bf16; widest row
@@ -208,12 +209,9 @@ WINDOW_BITS, WINDOW_LOW = 8, 2.0 ** -1.25
 
 ZB = 1024  # zero-fill chunk per spare program
 CHUNK = 1024  # compaction: entries whose positions one program stores
-# side tiles of r·A: rows, columns, row tiles per program. Beside the down selection's search (8 warps, a
-# register-heavy row) few programs fit on an SM, so each carries a large tile: at 64 rows Llama-3-8B's
-# decode gained nothing, at 128 rows 0.12 ms per token (H200, eval/results/NOTES.md). Programs that loop
-# over several row tiles (the next one loading while the current one is summed) ran on par or up to 7 µs
-# slower per launch at Llama shapes and saved 2.2 µs only at Qwen2-7B's (side_sweep_h200.md): one tile each.
-SBM, SBN, SBS = 128, 256, 1
+# side tiles of r·A, rows × columns, one per program: beside the down selection's search (8 warps, a
+# register-heavy row) few programs fit on an SM, so each carries a large tile (eval/results/NOTES.md).
+SBM, SBN = 128, 256
 
 
 def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chunks, nz, side, pro, eps):
@@ -230,10 +228,10 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chu
     H200, and the other SMs sit idle during a one-row selection anyway. The row's first program writes
     the pair and the prologue's outputs.
     Programs past the rows zero-fill float32 buffers (``nz`` entries, then with ``side`` = ("zeros", N)
-    the side sum), or (``side`` = ("add", N, bn, bm, steps, row tiles)) each add the products of
-    ``steps`` ``bm × bn`` tiles of r·A (one column block) atomically onto the side sum.
-    ``pro`` (a prologue: "norm", "norm+add", "norm+gain", "norm+add+gain" or "gated") makes the row
-    from the inputs first and writes it (and a Norm's rounded residual) out for the GEMV.
+    the side sum), or (``side`` = ("add", N, bn, bm)) each add the product of one ``bm × bn`` tile of
+    r·A atomically onto the side sum.
+    ``pro`` (a Norm prologue: "norm", "norm+add", "norm+gain" or "norm+add+gain") makes the row from
+    the inputs first and writes it and the rounded residual out for the GEMV.
     """
     pro_refs = {}
     for name in _pro_inputs(pro):
@@ -243,9 +241,7 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chu
         rv_ref, a_ref, _, *refs = refs  # the third: the side sum's input, aliased to its output
     thr_out, *outs = refs
     if pro:
-        pro_refs["row"] = outs[int(compact)]
-        if pro != "gated":
-            pro_refs["h"] = outs[int(compact) + 1]
+        pro_refs["row"], pro_refs["h"] = outs[int(compact)], outs[int(compact) + 1]
     prog, start = pl.program_id(0), r * chunks
     fills = ([(outs[-2 if side else -1], nz)] if nz else []) + ([(outs[-1], side[1])] if source == "zeros" else [])
     for zero_out, n in fills:  # ZB entries per program
@@ -258,17 +254,13 @@ def _select_kernel(arg_ref, x_ref, *refs, r, d, dp, search, window, compact, chu
         start += -(-n // ZB)
 
     if source == "add":
-        _, n, bn, bm, steps, nt = side
+        _, n, bn, bm = side
 
         @pl.when(prog >= start)
         def _():
             t = prog - start
-            j, i0 = t % (n // bn), t // (n // bn) * steps
-            if steps == 1:
-                acc = adapter_tile(rv_ref, a_ref, i0, j, bm, bn)
-            else:
-                acc = side_tiles(rv_ref, a_ref, i0, jnp.minimum(i0 + steps, nt), j, bm, bn)
-            pltriton.atomic_add(outs[-1], (pl.ds(pl.multiple_of(j * bn, bn), bn),), acc)
+            j, i = t % (n // bn), t // (n // bn)
+            pltriton.atomic_add(outs[-1], (pl.ds(pl.multiple_of(j * bn, bn), bn),), adapter_tile(rv_ref, a_ref, i, j, bm, bn))
 
     @pl.when(prog < r * chunks)
     def _():
@@ -284,39 +276,15 @@ def adapter_tile(r_ref, a_ref, t, j, bm: int, bn: int) -> Array:
     return jnp.sum(r_ref[:, rows][0][:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0)
 
 
-def side_tiles(r_ref, a_ref, i0, end, j, bm: int, bn: int) -> Array:
-    """Float32 ``[bn]``: the sum of :func:`adapter_tile` over row tiles ``i0 … end-1`` of column block j,
-    each tile's load issued before the previous tile's products are summed (software pipelining by
-    hand: Triton's own needs stages in shared memory, and the selection sharing this launch sets
-    ``num_stages=1``). The load past ``end`` is masked off, so it moves no memory."""
-    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-
-    def load(i):
-        live = jnp.broadcast_to(i < end, (bm, bn))
-        return pltriton.load(a_ref.at[pl.ds(pl.multiple_of(i * bm, bm), bm), cols], mask=live, other=0.0)
-
-    def step(i, carry):
-        acc, w = carry
-        nxt = load(i + 1)
-        rv = r_ref[:, pl.ds(pl.multiple_of(i * bm, bm), bm)][0]
-        return acc + jnp.sum(rv[:, None].astype(jnp.float32) * w.astype(jnp.float32), axis=0), nxt
-
-    acc, _ = jax.lax.fori_loop(i0, end, step, (jnp.zeros((bn,), jnp.float32), load(i0)))
-    return acc
-
-
 def _pro_inputs(pro: str | None) -> list[str]:
     return [n for n in ("add", "gain") if pro and n in pro.split("+")]
 
 
 def _make_row(ld, x_ref, row, *, pro, refs, d, eps, scale=None):
-    """The selection's row (over the columns ``ld`` loads) from a prologue's inputs (see :class:`Norm`,
-    :class:`Gated`): ``(row, a Norm's rounded residual h, its RMS scale)``. A slice of the row takes the
-    whole row's ``scale``, so it holds the very values the whole row does."""
+    """The selection's row (over the columns ``ld`` loads) from a Norm prologue's inputs:
+    ``(row, the rounded residual h, its RMS scale)``. A slice of the row takes the whole row's
+    ``scale``, so it holds the very values the whole row does."""
     f32, bf16 = jnp.float32, jnp.bfloat16
-    if pro == "gated":  # row i of [g | u] viewed as rows 2i (g) and 2i + 1 (u)
-        g, u = ld(x_ref, 2 * row).astype(bf16).astype(f32), ld(x_ref, 2 * row + 1).astype(bf16).astype(f32)
-        return (g / (1.0 + jnp.exp(-g)) * u).astype(bf16), None, None
     h = ld(x_ref, row).astype(bf16)
     if "add" in refs:
         h = (h.astype(f32) + ld(refs["add"], row).astype(bf16).astype(f32)).astype(bf16)
@@ -336,12 +304,11 @@ def _loader(c0: int | Array, width: int, d: int):
 
 
 def _prologue(row, x_ref, idx, *, d, dp, pro, refs, eps, lead):
-    """The whole row from a prologue's inputs, stored (and a Norm's rounded residual) for the GEMV by the
+    """The whole row from a Norm prologue's inputs, stored with the rounded residual for the GEMV by the
     row's ``lead`` program; returns (row, RMS scale)."""
     valid = idx < d
     y, h, scale = _make_row(_loader(0, dp, d), x_ref, row, pro=pro, refs=refs, d=d, eps=eps)
-    if h is not None:
-        pltriton.store(refs["h"].at[pl.ds(row, 1), pl.ds(0, dp)], h, mask=valid & lead)
+    pltriton.store(refs["h"].at[pl.ds(row, 1), pl.ds(0, dp)], h, mask=valid & lead)
     pltriton.store(refs["row"].at[pl.ds(row, 1), pl.ds(0, dp)], y, mask=valid & lead)
     return y, scale
 
@@ -443,20 +410,20 @@ def side_unsupported(side: Side, r: int) -> str | None:
 
 def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *, compact: bool = True,
                   zeros: int = 0, side: Side | None = None, warps: int | None = None,
-                  prologue: Norm | Gated | None = None, window: bool = True, chunk: int | None = None,
-                  side_tile: tuple[int, int] | None = None) -> list[Array]:
-    """One program per row of ``x [R, D]`` (D/chunk when compacting; bf16, or with a ``prologue`` its
-    inputs, of any float dtype, from which the bf16 rows are made): Top-K of ``k`` (or the given pairs ``thr [R, 2]``) →
-    ``[R, 4]`` (threshold pair, kept count, 1 where a ``window`` search found the k-th magnitude inside
-    its window, else 0), then ``[R, dp]`` kept indices first (``compact``),
-    then the prologue's rows ``[R, D]`` (and a Norm's rounded residual ``[R, D]``), then a float32
-    zero buffer ``[zeros]`` (when ``zeros`` > 0), then ``side``'s float32 sum ``[N]`` (zeros, or its ``acc``
-    plus r·A; see :class:`Side`), both made by spare programs. ``chunk``: entries per
-    compacting program, a power of two (default ``CHUNK`` on GPU, the whole row in interpret mode, which
-    runs programs one after another); ``side_tile``: (rows per tile, row tiles per program) of the side
-    programs (default ``(SBM, SBS)``; rows dividing A's rows)."""
+                  prologue: Norm | None = None, window: bool = True, chunk: int | None = None) -> list[Array]:
+    """One program per row of ``x [R, D]`` (D/chunk when compacting; bf16, or with a Norm ``prologue`` its
+    inputs, of any float dtype, from which the bf16 rows are made): Top-K of ``k`` (or the given pairs
+    ``thr [R, 2]``) → ``[R, 4]`` (threshold pair, kept count, 1 where a ``window`` search found the k-th
+    magnitude inside its window, else 0), then ``[R, dp]`` kept indices first (``compact``), then the
+    prologue's rows ``[R, D]`` and rounded residuals ``[R, D]``, then a float32 zero buffer ``[zeros]``
+    (when ``zeros`` > 0), then ``side``'s float32 sum ``[N]`` (zeros, or its ``acc`` plus r·A; see
+    :class:`Side`), both made by spare programs. ``chunk``: entries per compacting program, a power of
+    two (default ``CHUNK`` on GPU, the whole row in interpret mode, which runs programs one after
+    another)."""
+    if isinstance(prologue, Gated):
+        raise ValueError("select_kernel: a Gated prologue runs in its jnp twin (Gated.reference), not in the kernel")
     r = x.shape[0]
-    d = x.shape[1] if prologue is None else prologue.width(x)
+    d = x.shape[1]
     dp = max(1 << (d - 1).bit_length(), 16)
     warps = warps or (4 if dp <= 2048 else 8 if dp <= 16384 else 16)  # H200: 8 beat 4 and 16 at D = 4096, 11008
     search = thr is None
@@ -470,16 +437,12 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
     operands = [arg, x]
     pro = None
     if prologue is not None:
-        if isinstance(prologue, Gated):
-            pro = "gated"
-            operands[1] = x.reshape(2 * r, d)  # [g | u] rows as g and u rows: plain row loads
-        else:
-            pro = "+".join(["norm"] + [n for n in ("add", "gain") if getattr(prologue, n) is not None])
-            if prologue.add is not None:
-                operands.append(prologue.add.reshape(r, d))
-            if prologue.gain is not None:
-                operands.append(prologue.gain.reshape(1, d))
-        shapes += [jax.ShapeDtypeStruct((r, d), jnp.bfloat16)] * (1 if pro == "gated" else 2)
+        pro = "+".join(["norm"] + [n for n in ("add", "gain") if getattr(prologue, n) is not None])
+        if prologue.add is not None:
+            operands.append(prologue.add.reshape(r, d))
+        if prologue.gain is not None:
+            operands.append(prologue.gain.reshape(1, d))
+        shapes += [jax.ShapeDtypeStruct((r, d), jnp.bfloat16)] * 2
     shapes += [jax.ShapeDtypeStruct((zeros,), jnp.float32)] if zeros else []
     spare = -(-zeros // ZB)
     side_meta, aliases = None, {}
@@ -490,16 +453,11 @@ def select_kernel(x: Array, k: Array | None = None, thr: Array | None = None, *,
             side_meta, spare = ("zeros", n), spare + -(-n // ZB)
         else:
             bn = next(b for b in (SBN, 128, 64) if n % b == 0)
-            bm, steps = side_tile or (SBM, SBS)
-            if bm < 1 or steps < 1 or side.a.shape[0] % bm:
-                raise ValueError(f"select_kernel: side_tile={side_tile} for A {tuple(side.a.shape)}: rows per tile must "
-                                 "divide A's rows, and both must be positive")
-            nt = side.a.shape[0] // bm
-            side_meta = ("add", n, bn, bm, steps, nt)
-            spare += -(-nt // steps) * (n // bn)
+            side_meta = ("add", n, bn, SBM)
+            spare += side.a.shape[0] // SBM * (n // bn)
             aliases = {len(operands) + 2: len(shapes) - 1}
             operands += [side.r.reshape(1, -1).astype(side.a.dtype), side.a, side.acc.reshape(n)]
-    eps = float(prologue.eps) if isinstance(prologue, Norm) else 0.0
+    eps = float(prologue.eps) if prologue is not None else 0.0
     if chunk is not None and (chunk < 1 or chunk & (chunk - 1)):
         raise ValueError(f"select_kernel: chunk={chunk}; entries per compacting program must be a power of two")
     chunks = dp // min(dp, chunk or (dp if interpret() else CHUNK)) if compact else 1
@@ -529,13 +487,14 @@ def check_k(k, d: int) -> None:
         raise ValueError(f"Top-K k={kv} for a vector of width D={d}: k must be in [1, {d}]")
 
 
-def topk_threshold(x: Array, k: int | Array) -> Array:
-    """Threshold pairs ``[..., 2]`` of exact per-row Top-K: the kernel on GPU, the jnp twin elsewhere."""
+def topk_threshold(x: Array, k: int | Array, *, kernel: bool = False, window: bool = False) -> Array:
+    """Threshold pairs ``[..., 2]`` of exact per-row Top-K: with ``kernel`` the selection kernel on bf16
+    rows (``window``: its search starts in a guessed window), the jnp twin otherwise."""
     check_k(k, x.shape[-1])
-    if not (enabled("select") and supported(x)):
+    if not (kernel and supported(x)):
         return topk_threshold_reference(x, k)
     lead = x.shape[:-1]
-    thr = topk_threshold_kernel(x.reshape(-1, x.shape[-1]), k, window=enabled("window"))
+    thr = topk_threshold_kernel(x.reshape(-1, x.shape[-1]), k, window=window)
     return thr.reshape(*lead, 2)
 
 
@@ -543,63 +502,62 @@ def _one_row(x: Array) -> bool:
     return x.ndim >= 1 and int(np.prod(x.shape[:-1])) == 1
 
 
-def _kernel_keep(thr: Array, outs: list[Array], compact: bool, width: int, side: bool, pro=None) -> KeepSet:
+def _kernel_keep(thr: Array, outs: list[Array], compact: bool, width: int, side: bool, norm: bool) -> KeepSet:
     i = 1 + int(compact)
     row = h = None
-    if pro is not None:
-        row, i = outs[i], i + 1
-        if isinstance(pro, Norm):
-            h, i = outs[i], i + 1
+    if norm:
+        row, h, i = outs[i], outs[i + 1], i + 2
     return KeepSet(thr, outs[0], outs[1] if compact else None, outs[i] if width else None,
                    outs[-1] if side else None, row, h)
 
 
 def select_topk(x: Array, k: int | Array, width: int = 0, side: Side | None = None,
-                prologue: Norm | Gated | None = None) -> KeepSet:
-    """Top-K keep set of each row. On GPU, for one bf16 row (batch-1 decode), one kernel also writes
-    what the sparse GEMV reads: the compacted kept indices (when the gather GEMV is on) and its
-    float32 accumulator, zeros of the GEMV's total output ``width`` (0: none), and, beside the search,
-    ``side``'s sum: zeros, or a residual product r·A added onto its ``acc`` (``KeepSet.side``; the jnp
-    twin where the kernel does not run).
+                prologue: Norm | Gated | None = None, *, kernel: bool = False, compact: bool = False,
+                window: bool = False, prologue_kernel: bool = False) -> KeepSet:
+    """Top-K keep set of each row. With ``kernel`` (the site plan's ``select``), for one bf16 row
+    (batch-1 decode), one selection kernel also writes what the sparse GEMV reads: the compacted kept
+    indices (``compact``: for the gather GEMV) and its float32 accumulator, zeros of the GEMV's total
+    output ``width`` (0: none), and, beside the search, ``side``'s sum: zeros, or a residual product
+    r·A added onto its ``acc`` (``KeepSet.side``; the jnp twin where the kernel does not run).
+    ``window``: the kernel's search starts in a window guessed from mean|x|.
 
     With a ``prologue`` x holds its inputs and the keep set is chosen on the row it makes (returned
-    as ``KeepSet.x``, a Norm's rounded residual as ``KeepSet.h``): inside the kernel with "norm" on
-    (Norm) or "gated" (Gated), else with its jnp twin before the selection."""
+    as ``KeepSet.x``, a Norm's rounded residual as ``KeepSet.h``): a Norm inside the kernel with
+    ``prologue_kernel``, else the prologue's jnp twin before the selection."""
     d = x.shape[-1] if prologue is None else prologue.width(x)
     check_k(k, d)
     if side is not None and side.acc is not None and side.r is None:
         raise ValueError("select_topk: a side that adds r·A onto its sum needs the residual r")
-    if prologue is not None:
-        if not _prologue_in_kernel(x, d, prologue):
-            row, h = prologue.reference(x)
-            return dataclasses.replace(select_topk(row, k, width, side), x=row, h=h)
-    elif not (enabled("select") and _one_row(x) and supported(x)):
-        return KeepSet(topk_threshold(x, k), side=None if side is None else side.reference(x.shape[:-1]))
-    compact = enabled("gather")
+    if prologue is not None and not (kernel and prologue_kernel and _norm_in_kernel(x, d, prologue)):
+        row, h = prologue.reference(x)
+        keep = select_topk(row, k, width, side, kernel=kernel, compact=compact, window=window)
+        return dataclasses.replace(keep, x=row, h=h)
+    if prologue is None and not (kernel and _one_row(x) and supported(x)):
+        return KeepSet(topk_threshold(x, k, kernel=kernel, window=window),
+                       side=None if side is None else side.reference(x.shape[:-1]))
     tiles = side is not None and side_unsupported(side, 1) is None
     outs = select_kernel(x.reshape(1, -1), k, compact=compact, zeros=width, side=side if tiles else None,
-                         prologue=prologue, window=enabled("window"))
-    keep = _kernel_keep(outs[0][:, :2].reshape(*x.shape[:-1], 2), outs, compact, width, tiles, prologue)
+                         prologue=prologue, window=window)
     lead = x.shape[:-1]
+    keep = _kernel_keep(outs[0][:, :2].reshape(*lead, 2), outs, compact, width, tiles, prologue is not None)
     if prologue is not None:
-        keep = dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
+        keep = dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=keep.h.reshape(*lead, d))
     if side is not None and not tiles:
         keep = dataclasses.replace(keep, side=side.reference(lead))
     return keep
 
 
 def select_threshold(x: Array, tau: Array, width: int = 0, prologue: Norm | Gated | None = None,
-                     pairs: Array | None = None) -> KeepSet:
-    """TEAL/CATS ``|x| > τ`` keep set; on GPU for one bf16 row like :func:`select_topk`.
+                     pairs: Array | None = None, *, kernel: bool = False) -> KeepSet:
+    """TEAL/CATS ``|x| > τ`` keep set.
 
-    With a ``prologue`` (TEAL in a decoder's fused path) the threshold applies to the row it makes.
-    A Norm prologue runs in the selection kernel without the search (the given pair, the row, the
-    residual and the GEMV's zeroed accumulator in one launch); a Gated one in its jnp twin unless
-    "gated" is on (on one SM SiLU·up costs more than XLA's fusion, eval/results/NOTES.md).
-    ``pairs``: τ's threshold pair ``[1, 2]`` for the row's dtype, made once ahead (state), so that no
-    XLA op turns τ into it at every decode step. The kept indices are never compacted here: the
-    masked-tile GEMV reads the pair in place, so the o and down sites need no selection launch at all
-    (TEAL's decode was measured so, eval/results/NOTES.md)."""
+    With a ``prologue`` (TEAL in the decoder) the threshold applies to the row it makes. With
+    ``kernel`` (the site plan's ``select`` and ``prologue``) a Norm prologue runs in the selection
+    kernel without the search: the given pair, the row, the residual and the GEMV's zeroed
+    accumulator in one launch; otherwise the prologue's jnp twin makes the row. ``pairs``: τ's
+    threshold pair ``[1, 2]`` for the row's dtype, made once ahead (state), so that no XLA op turns τ
+    into it at every decode step. The kept indices are never compacted here: the masked-tile GEMV
+    reads the pair in place, so the o and down sites need no selection launch at all."""
     lead = x.shape[:-1]
 
     def thr_of(row):
@@ -608,19 +566,18 @@ def select_threshold(x: Array, tau: Array, width: int = 0, prologue: Norm | Gate
     if prologue is None:
         return KeepSet(thr_of(x))
     d = prologue.width(x)
-    if not _prologue_in_kernel(x, d, prologue):
+    if not (kernel and _norm_in_kernel(x, d, prologue)):
         row, h = prologue.reference(x)
         return KeepSet(thr_of(row), x=row, h=h)
     thr = thr_of(jnp.zeros((*lead, 1), prologue.dtype))  # τ rounded as the row will be
     outs = select_kernel(x.reshape(1, -1), thr=thr.reshape(1, 2), compact=False, zeros=width, prologue=prologue)
-    keep = _kernel_keep(thr, outs, False, width, False, prologue)
-    return dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=None if keep.h is None else keep.h.reshape(*lead, d))
+    keep = _kernel_keep(thr, outs, False, width, False, True)
+    return dataclasses.replace(keep, x=keep.x.reshape(*lead, d), h=keep.h.reshape(*lead, d))
 
 
-def _prologue_in_kernel(x: Array, d: int, prologue: Norm | Gated) -> bool:
-    """Whether the selection kernel makes the prologue's row (one row, bf16, its option on)."""
-    return (enabled("select") and _one_row(x) and d <= MAX_D and prologue.dtype == jnp.bfloat16
-            and enabled("gated" if isinstance(prologue, Gated) else "norm"))
+def _norm_in_kernel(x: Array, d: int, prologue: Norm | Gated) -> bool:
+    """Whether the selection kernel can make the prologue's row: a Norm, one row, bf16, D <= MAX_D."""
+    return isinstance(prologue, Norm) and _one_row(x) and d <= MAX_D and prologue.dtype == jnp.bfloat16
 
 
 def topk(x: Array, k: int | Array) -> Array:

@@ -12,12 +12,12 @@ pipelining; a mask computed from loaded data defeats that pipelining, and a loop
 with row masks ran no faster than dense on an H200 (eval/results/NOTES.md). Weights sharing one
 input (q/k/v with Qwen2's biases, gate/up) share one launch and one keep set.
 
-* Gather (:func:`gather_sums`; the batch-1 decode path after a Top-K selection, option ``gather``):
+* Gather (:func:`gather_sums`; the batch-1 decode path after a Top-K selection, ``gemv=gather``):
   the selection kernel also compacts the kept indices (split over programs, 0.6-2.2 µs), and program
   (j, i) reads the ``GBM`` kept rows ``order[i·GBM : (i+1)·GBM]``, a dense tile of gathered rows. At
   Llama-2-7B's 50% sites it runs 1.4-4.2 µs per site faster than masked tiles (down at 73% with the
   adapter: 20.0 against 24.2 µs; run 12 in NOTES.md).
-* Masked tiles (:func:`sums`; TEAL's given thresholds, and Top-K with ``-gather``): program (j, i)
+* Masked tiles (:func:`sums`; TEAL's given thresholds, and Top-K with ``gemv=masked``): program (j, i)
   takes rows ``[i·BM, (i+1)·BM)`` of column block j and loads those the token keeps, masked-off rows
   issuing no memory traffic; the products are CUDA-core FMAs over the whole tile, kept or not. It
   needs only the threshold pair, so TEAL's o and down sites need no selection launch at all. For
@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .common import acc_dtype, enabled, interpret, triton_params
+from .common import acc_dtype, interpret, triton_params
 from .gemv import matvec
 from .select import KeepSet, adapter_tile, apply, magnitude_bits, pair_keeps, residual_product
 
@@ -237,16 +237,21 @@ def gather_sums(x: Array, order: Array, packed: Array, ws: tuple[Array, ...], *,
     return _split(y, ws) if split else [y]
 
 
-def sparse_matvec_reference(x: Array, thr: Array, ws, bs, residual=None, raw: bool = False) -> tuple[Array, ...]:
-    """The jnp twin: zero the dropped entries, then the dense product (plus ``r @ A``, summed in float32,
-    or float64 for float64 models); ``raw``: see :func:`sparse_matvec`."""
-    out = matvec(apply(x, thr), ws, bs)
+def combine_outputs(outs: Sequence[Array], residual: tuple[Array, Array] | None = None, raw: bool = False) -> tuple[Array, ...]:
+    """A projection's outputs as a site hands them on: plus ``r @ A`` for a ``residual = (r, A)`` (one
+    output; summed in float32, or float64 for float64 models), and with ``raw`` as one float32 buffer
+    of every output side by side (rounded values, for the jnp paths; see :func:`sparse_matvec`)."""
     if residual is not None:
-        y = out[0].astype(acc_dtype(out[0].dtype)) + residual_product(*residual)
-        return (y,) if raw else (y.astype(out[0].dtype),)
+        y = outs[0].astype(acc_dtype(outs[0].dtype)) + residual_product(*residual)
+        return (y,) if raw else (y.astype(outs[0].dtype),)
     if raw:
-        return (jnp.concatenate([o.astype(acc_dtype(o.dtype)) for o in out], axis=-1),)
-    return out
+        return (jnp.concatenate([o.astype(acc_dtype(o.dtype)) for o in outs], axis=-1),)
+    return tuple(outs)
+
+
+def sparse_matvec_reference(x: Array, thr: Array, ws, bs, residual=None, raw: bool = False) -> tuple[Array, ...]:
+    """The jnp twin: zero the dropped entries, then the dense product (and :func:`combine_outputs`)."""
+    return combine_outputs(matvec(apply(x, thr), ws, bs), residual, raw)
 
 
 def tail_supported(residual: tuple[Array, Array], w: Array) -> bool:
@@ -257,13 +262,16 @@ def tail_supported(residual: tuple[Array, Array], w: Array) -> bool:
 
 
 def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequence[Array | None],
-                  residual: tuple[Array, Array] | None = None, raw: bool = False) -> tuple[Array, ...]:
+                  residual: tuple[Array, Array] | None = None, raw: bool = False, *, gemv: str = "xla",
+                  tail: bool = False, tile: tuple[int, int, int] | None = None) -> tuple[Array, ...]:
     """``keep(x) @ w_i + b_i`` for every i, plus ``r @ A`` for a ``residual = (r, A)`` (one weight
-    only). On GPU for one token with bf16 weights: the gather kernel when ``keep`` carries compacted
-    indices, the masked-tile kernel otherwise (either with r·A as extra tiles of its launch: ``tail``),
-    accumulating into the buffer the selection kernel made (zeros, or r·A when it was handed the
-    residual); for several tokens (XLA's GEMM is faster there) or shapes the kernels cannot tile
-    (with one warning naming them) the jnp twin.
+    only). ``gemv`` (the site plan's): for one token with bf16 weights ``gather`` reads the kept rows
+    the selection kernel compacted into ``keep`` (masked tiles where it did not), ``masked`` reads
+    masked tiles on the threshold pair, accumulating into the buffer the selection kernel made (zeros,
+    or r·A made beside it: ``keep.side``); ``tail``: otherwise r·A rides in the GEMV's launch as extra
+    tiles where they fit, else XLA's dot; ``tile``: (rows, columns, warps) instead of the kernel's
+    default. ``xla``, several tokens (XLA's GEMM is faster there) or shapes the kernels cannot tile
+    (with one warning naming them): the jnp twin.
 
     ``raw``: one float32 output holding every weight's outputs side by side, not yet rounded to the
     weights' dtype (the kernel's accumulator itself: its consumer, a selection prologue or the
@@ -276,7 +284,9 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
     thr = keep.thr
     lead = x.shape[:-1]
     r = int(np.prod(lead))
-    if not enabled("sparse") or r > 1:  # several tokens: XLA's dense GEMM on the masked rows
+    if gemv not in ("gather", "masked", "xla"):
+        raise ValueError(f"sparse_matvec: gemv={gemv!r}; valid: gather, masked, xla")
+    if gemv == "xla" or r > 1:  # several tokens: XLA's dense GEMM on the masked rows
         return sparse_matvec_reference(x, thr, ws, bs, residual, raw)
     why = unsupported(x, ws)
     if why is not None:
@@ -285,20 +295,22 @@ def sparse_matvec(x: Array, keep: KeepSet | Array, ws: Sequence[Array], bs: Sequ
             warnings.warn(f"sparse GEMV kernel: {why}; using the jnp path", stacklevel=2)
         return sparse_matvec_reference(x, thr, ws, bs, residual, raw)
     x2 = x.reshape(r, x.shape[-1]).astype(jnp.bfloat16)
-    acc, tail = keep.zeros, None
+    acc, extra = keep.zeros, None
     if residual is not None:  # r·A: made beside the down selection (side), as tiles of this launch (tail), else XLA's dot
         if keep.side is not None:
             acc = keep.side
-        elif enabled("tail") and tail_supported(residual, ws[0]):
-            tail = residual
+        elif tail and tail_supported(residual, ws[0]):
+            extra = residual
         else:
             acc = residual_product(*residual).reshape(-1)
-    if keep.order is not None:
-        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, zeros=acc, tail=tail, split=not raw)]
+    if gemv == "gather" and keep.order is not None:
+        bm, bn, warps = tile or (GBM, GBN, GWARPS)
+        ys = [y[None] for y in gather_sums(x2[0], keep.order, keep.packed, ws, bm=bm, bn=bn, warps=warps, zeros=acc,
+                                           tail=extra, split=not raw)]
     else:  # the selection kernel's pairs, read in place, or the given ones
-        bm, bn, warps = NARROW_TILE if sum(w.shape[1] for w in ws) <= NARROW else WIDE_TILE
+        bm, bn, warps = tile or (NARROW_TILE if sum(w.shape[1] for w in ws) <= NARROW else WIDE_TILE)
         ys = sums(x2, keep.packed if keep.packed is not None else thr.reshape(r, 2), ws, bm=bm, bn=bn, warps=warps,
-                  zeros=acc, tail=tail, split=not raw)
+                  zeros=acc, tail=extra, split=not raw)
     if raw:
         (y,) = ys
         if any(b is not None for b in bs):
