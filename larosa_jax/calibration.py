@@ -3,8 +3,9 @@
 DESIGN.md §1 "Calibration". Windows stream through the dense model *layer by layer*: the residual
 stream of all windows waits on the host between layers, and one jitted block step (compiled once,
 shared by every layer) sees one window batch at a time, so the device never holds more than one
-layer's activations for one batch. Per window batch H is accumulated in float32 on the device and
-summed across batches with Kahan compensation.
+layer's activations for one batch. Each batch's XᵀX is made in float32 on the device and summed
+across batches in float64 on the host; the damped H_l's float64 eigendecomposition runs on the host
+(as the public code's does) in a worker thread, beside the next layer's device work.
 
 Flavours of X (they give different Q): ``faithful`` X = norm(h)·γ_attn (the official code);
 ``fused`` X = norm(h) (γ-free, what the folded model rotates).
@@ -12,6 +13,7 @@ Flavours of X (they give different Q): ``faithful`` X = norm(h)·γ_attn (the of
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -102,16 +104,19 @@ class CalibrationStats:
         return cls(rot, np.asarray(f["eigenvalues"]), q, dict(f.metadata))
 
 
-def _kahan(acc: tuple[jax.Array, jax.Array], x: jax.Array):
-    s, c = acc
-    y = x - c
-    t = s + y
-    return t, (t - s) - y
+def rotation_of(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues, Q) of the damped covariance H + DAMP·mean(diag H)·I: a float64 eigendecomposition
+    of the float64 H on the host, as the public code computes it (float32 ``eigh`` on a device moved
+    single layers' sparsification errors by several %)."""
+    h = np.array(h, np.float64)
+    h[np.diag_indices_from(h)] += DAMP * np.mean(np.diag(h))
+    w, q = np.linalg.eigh(h)
+    return w, q
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "flavour", "cfg"), donate_argnames=("acc",))
-def _block_step(graphdef, state, h, rope, start, key, acc, *, flavour: str, cfg: ModelConfig):
-    """One decoder layer on one window batch: new h, updated H accumulator, |x| quantiles per site."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "flavour", "cfg"))
+def _block_step(graphdef, state, h, rope, start, key, *, flavour: str, cfg: ModelConfig):
+    """One decoder layer on one window batch: new h, this batch's XᵀX (float32), |x| quantiles per site."""
     block = nnx.merge(graphdef, state)
     grid = jnp.asarray(QUANTILE_GRID, jnp.float32)
     stats: dict[str, jax.Array] = {}
@@ -139,8 +144,7 @@ def _block_step(graphdef, state, h, rope, start, key, acc, *, flavour: str, cfg:
     h_out, _ = block(h, 0, cfg, rope, None, slots, capture, DecodePlan.reference())
     h_out = residual(h_out, h.dtype)
     finite = jnp.all(jnp.isfinite(h_out.astype(jnp.float32)), axis=(1, 2))  # per window
-    acc = _kahan(acc, stats.pop("H"))
-    return h_out, acc, stats, finite
+    return h_out, stats.pop("H"), stats, finite
 
 
 def calibrate(
@@ -180,33 +184,41 @@ def calibrate(
     rotations = np.zeros((n_layers, d, d), np.float32)
     eigvals = np.zeros((n_layers, d), np.float32)
     quant = {s: np.zeros((n_layers, len(QUANTILE_GRID)), np.float64) for s in STAT_SITES}
-    t_eigh = 0.0
-    bar = tqdm(range(n_layers), desc="calibrate", unit="layer", disable=not progress)
-    for layer in bar:
-        graphdef, state = nnx.split(model.layers[layer])
-        state = parallel.replicate(state, mesh)
-        acc = parallel.replicate((jnp.zeros((d, d), jnp.float32), jnp.zeros((d, d), jnp.float32)), mesh)
-        for bi, b in enumerate(batches):
-            nb = b.stop - b.start
-            r = rope if nb == start.shape[0] else tuple(x[:nb] for x in rope)
-            key, sub = jax.random.split(key)
-            h_new, acc, stats, finite = _block_step(
-                graphdef, state, parallel.shard_batch(jnp.asarray(h_host[bi]), mesh), parallel.replicate(r, mesh),
-                parallel.replicate(start[:nb], mesh), parallel.replicate(sub, mesh), acc, flavour=flavour, cfg=cfg
-            )
-            finite = np.asarray(finite)
-            if not finite.all():
-                w = b.start + int(np.argmin(finite))
-                raise CalibrationError(f"non-finite activation (NaN or Inf) at layer {layer}, window {w}")
-            for s, q in stats.items():
-                quant[s][layer] += np.asarray(q, np.float64) * nb / n
-            h_host[bi] = np.asarray(h_new)
+    eighs = []
+
+    def timed_rotation(h):
         te = time.time()
-        hmat = acc[0]
-        hmat = hmat + DAMP * jnp.mean(jnp.diag(hmat)) * jnp.eye(d, dtype=jnp.float32)
-        w, q = jnp.linalg.eigh(hmat)
-        rotations[layer], eigvals[layer] = np.asarray(q), np.asarray(w)
-        t_eigh += time.time() - te
+        w, q = rotation_of(h)
+        return w, q, time.time() - te
+
+    bar = tqdm(range(n_layers), desc="calibrate", unit="layer", disable=not progress)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # LAPACK releases the GIL
+        for layer in bar:
+            graphdef, state = nnx.split(model.layers[layer])
+            state = parallel.replicate(state, mesh)
+            hsum = np.zeros((d, d), np.float64)
+            for bi, b in enumerate(batches):
+                nb = b.stop - b.start
+                r = rope if nb == start.shape[0] else tuple(x[:nb] for x in rope)
+                key, sub = jax.random.split(key)
+                h_new, hb, stats, finite = _block_step(
+                    graphdef, state, parallel.shard_batch(jnp.asarray(h_host[bi]), mesh), parallel.replicate(r, mesh),
+                    parallel.replicate(start[:nb], mesh), parallel.replicate(sub, mesh), flavour=flavour, cfg=cfg
+                )
+                finite = np.asarray(finite)
+                if not finite.all():
+                    w = b.start + int(np.argmin(finite))
+                    raise CalibrationError(f"non-finite activation (NaN or Inf) at layer {layer}, window {w}")
+                for s, q in stats.items():
+                    quant[s][layer] += np.asarray(q, np.float64) * nb / n
+                hsum += np.asarray(hb, np.float64)
+                h_host[bi] = np.asarray(h_new)
+            eighs.append(pool.submit(timed_rotation, hsum))
+        t_eigh = 0.0
+        for layer, fut in enumerate(eighs):
+            w, q, te = fut.result()
+            rotations[layer], eigvals[layer] = q, w
+            t_eigh += te
     meta = {
         "model_fingerprint": fingerprint(model), "model_source": model_source, "flavour": flavour,
         "data_source": data_source, "tokens": str(n * t), "samples": str(n), "seqlen": str(t), "seed": str(seed),

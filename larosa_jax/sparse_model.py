@@ -26,8 +26,9 @@ class SparseModel(nnx.Module):
         self.base = base
         self.proj = proj
         self.plan = (DecodePlan.default(sparse.method) if plan is None else plan).check(sparse.method)
-        # only the method and mode are static: other p or α reuse the compiled model
+        # only the method, mode and α rule are static: other p or α values reuse the compiled model
         self.method, self.mode = sparse.method, sparse.mode
+        self.alpha_rule = sparse.alpha if isinstance(sparse.alpha, str) else None
         self.numbers = Stat(jnp.asarray([sparse.sparsity, *sparse.alphas(), effective_sparsity_of(base.config, sparse)]))
 
     @property
@@ -41,7 +42,7 @@ class SparseModel(nnx.Module):
     @property
     def sparse(self) -> SparseConfig:
         p, a_rot, a_plain, _ = (float(v) for v in self.numbers[...])
-        return SparseConfig(self.method, self.mode, p, (a_rot, a_plain))
+        return SparseConfig(self.method, self.mode, p, self.alpha_rule or (a_rot, a_plain))
 
     @property
     def effective_sparsity(self) -> float:

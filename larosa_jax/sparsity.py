@@ -1,9 +1,10 @@
 """Activation sparsity: Top-K, α → k, effective sparsity, and the sparse projections of every method.
 
-DESIGN.md §1. Per token vector a of width D keep the k entries of largest |a|;
-k = round(α_type · (1 − p) · D) clipped to [1, D]. Activation types: ``rot`` (q/k/v input and
-gate/up input; rotated by La RoSA) and ``plain`` (o_proj and down_proj inputs). Effective sparsity
-is the parameter-weighted fraction of weight rows a decode step skips.
+Per token vector a of width D keep the k entries of largest |a|. Activation types: ``rot`` (q/k/v
+input and gate/up input; rotated by La RoSA) and ``plain`` (o_proj and down_proj inputs). With the
+official α (the paper's public code) a site of type t keeps k = int((1 − s_t)·D), s_rot = 0.8p and
+s_plain = 1.2p, computed as that code computes it; with explicit α, k = round(α_t·(1 − p)·D).
+Effective sparsity is the parameter-weighted fraction of weight rows a decode step skips.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class SparseConfig:
     """What to sparsify and how much.
 
     ``alpha``: ``(α_rot, α_plain)``, or ``"official"`` — the paper's public code, sparsity 0.8p on
-    rotated and 1.2p on plain inputs, i.e. α_rot = (1 − 0.8p)/(1 − p), α_plain = (1 − 1.2p)/(1 − p) —
-    or ``"uniform"`` (α = 1 everywhere). Used by ``larosa`` and ``topk``; ``teal``/``cats`` apply p
-    uniformly through calibrated thresholds.
+    rotated and 1.2p on plain inputs (k = int((1 − s)·D), as it computes it; α_rot = (1 − 0.8p)/(1 − p)
+    and α_plain = (1 − 1.2p)/(1 − p) up to that rounding) — or ``"uniform"`` (α = 1 everywhere). Used
+    by ``larosa`` and ``topk``; ``teal``/``cats`` apply p uniformly through calibrated thresholds.
     """
 
     method: str = "larosa"
@@ -77,8 +78,22 @@ def site_params(cfg: ModelConfig) -> dict[str, int]:
     return {"qkv": d * (cfg.q_dim + 2 * cfg.kv_dim), "o": cfg.q_dim * d, "gate_up": 2 * d * f, "down": f * d}
 
 
+OFFICIAL_SCALE = {"rot": 0.8, "plain": 1.2}  # the public code's per-type sparsity: config.sparse_level * 0.8 / 1.2
+
+
+def official_k(p: float, dim: int, kind: str, *, what: str = "") -> int:
+    """k of the public code: s = p * 0.8 (rot) or p * 1.2 (plain), k = int((1 - s) * D) (truncated),
+    in its float arithmetic; a p that leaves no entry is an error naming the allowed range."""
+    k = int((1 - p * OFFICIAL_SCALE[kind]) * dim)
+    if k < 1:
+        raise SparsityError(f"{what}the official α at p={p} keeps k={k} of D={dim} ({kind} sparsity "
+                            f"{OFFICIAL_SCALE[kind]}p); p must be below {1 / OFFICIAL_SCALE[kind]:.4g}")
+    return k
+
+
 def k_for(alpha: float, p: float, dim: int, *, what: str = "") -> int:
-    """k = round(α · (1 − p) · D); an α that leaves k outside [1, D] is an error naming the allowed α range."""
+    """k = round(α · (1 − p) · D) for explicit α (the searched α keep this rounding); an α that leaves k
+    outside [1, D] is an error naming the allowed α range."""
     k = int(round(alpha * (1.0 - p) * dim))
     if k < 1 or k > dim:
         lo, hi = 1.0 / ((1 - p) * dim), 1.0 / (1 - p)
@@ -90,8 +105,10 @@ def k_for(alpha: float, p: float, dim: int, *, what: str = "") -> int:
 
 def site_ks(cfg: ModelConfig, sc: SparseConfig) -> dict[str, int]:
     """k per site for the Top-K methods (larosa, topk)."""
-    a_rot, a_plain = sc.alphas()
     dims = site_dims(cfg)
+    if sc.alpha == "official":
+        return {s: official_k(sc.sparsity, dims[s], SITE_TYPE[s], what=f"{s}: ") for s in SITES}
+    a_rot, a_plain = sc.alphas()
     return {s: k_for(a_rot if SITE_TYPE[s] == "rot" else a_plain, sc.sparsity, dims[s], what=f"{s}: ") for s in SITES}
 
 

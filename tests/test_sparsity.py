@@ -1,7 +1,8 @@
 """Top-K, α → k, effective sparsity and the sparse projections (DESIGN.md §1 "Top-K", baselines).
 
-- k = round(α·(1 − p)·D) with the official α = (1 − 0.8p)/(1 − p) (rot) and (1 − 1.2p)/(1 − p) (plain),
-  checked against hand-computed values; α giving k < 1 and p outside [0, 1) are errors with the range;
+- the official α keeps what the public code keeps, k = int((1 − s)·D) with s = 0.8p (rot) or 1.2p (plain);
+  explicit α keeps k = round(α·(1 − p)·D), checked against hand-computed values; α giving k < 1 and p
+  outside [0, 1) are errors with the range;
 - Top-K keeps exactly k entries per token, ties included, for every dtype, every site and every
   Top-K method (topk, larosa faithful with γ and γ-free, larosa fused), on synthetic tied inputs and
   on the real activations of stories260K;
@@ -29,7 +30,7 @@ from larosa_jax.search import alpha_grid, alpha_plain_for, search_alpha
 from larosa_jax.sparse_model import SparseModel, sparsify
 from larosa_jax.sparsity import (
     METHODS, MODES, SITE_TYPE, SITES, CatsProjection, RotatedTopKProjection, SparseConfig, SparsityError,
-    TealProjection, TopKProjection, effective_sparsity, effective_sparsity_of, k_for, site_dims, site_ks,
+    TealProjection, TopKProjection, effective_sparsity, effective_sparsity_of, k_for, official_k, site_dims, site_ks,
     site_params, topk,
 )
 
@@ -80,10 +81,10 @@ def test_k_for_is_rounded_alpha_one_minus_p_d(alpha, p, dim, k):
 
 
 @pytest.mark.parametrize(
-    "p,expected",  # stories260K: qkv/gate_up/o inputs D = 64, down D = 172; official α
-    [(0.25, {"qkv": 51, "gate_up": 51, "o": 45, "down": 120}),   # 0.8·64 = 51.2, 0.7·64 = 44.8, 0.7·172 = 120.4
-     (0.4, {"qkv": 44, "gate_up": 44, "o": 33, "down": 89}),     # 0.68·64 = 43.52, 0.52·64 = 33.28, 0.52·172 = 89.44
-     (0.5, {"qkv": 38, "gate_up": 38, "o": 26, "down": 69})],    # 0.6·64 = 38.4, 0.4·64 = 25.6, 0.4·172 = 68.8
+    "p,expected",  # stories260K: qkv/gate_up/o inputs D = 64, down D = 172; official α, truncated as the public code
+    [(0.25, {"qkv": 51, "gate_up": 51, "o": 44, "down": 120}),   # 0.8·64 = 51.2, 0.7·64 = 44.8, 0.7·172 = 120.4
+     (0.4, {"qkv": 43, "gate_up": 43, "o": 33, "down": 89}),     # 0.68·64 = 43.52, 0.52·64 = 33.28, 0.52·172 = 89.44
+     (0.5, {"qkv": 38, "gate_up": 38, "o": 25, "down": 68})],    # 0.6·64 = 38.4, 0.4·64 = 25.6, 0.4·172 = 68.8
 )
 def test_site_ks_official_stories(p, expected):
     cfg = stories().config
@@ -92,6 +93,28 @@ def test_site_ks_official_stories(p, expected):
     # uniform α: every site keeps round((1 − p)·D)
     assert site_ks(cfg, SparseConfig("topk", "faithful", p, "uniform")) == {
         s: round((1 - p) * d) for s, d in site_dims(cfg).items()}
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.15, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8])
+def test_official_k_is_the_public_codes(p):
+    """``int((1 - s) * D)`` with ``s = p * 0.8`` / ``p * 1.2``, in the public code's float arithmetic, for
+    the dims of SmolLM2, Llama-2/3 and Qwen2 (products like (1 - 0.56)·D land just below integers)."""
+    for d in (64, 172, 576, 1536, 3584, 4096, 11008, 14336, 18944):
+        assert official_k(p, d, "rot") == int((1 - p * 0.8) * d)
+        if p * 1.2 < 1 and int((1 - p * 1.2) * d) >= 1:
+            assert official_k(p, d, "plain") == int((1 - p * 1.2) * d)
+    with pytest.raises(SparsityError, match="p must be below 0.8333"):
+        official_k(0.9, 4096, "plain")
+
+
+def test_official_effective_sparsity_of_smollm2():
+    """SmolLM2-135M at p = 0.25 with the public code's k: effective sparsity 0.2354 (round(α(1−p)D) gave 0.2342)."""
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+                               "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                               "vocab_size": 49152})
+    sc = SparseConfig("larosa", "faithful", 0.25)
+    assert site_ks(cfg, sc) == {"qkv": 460, "o": 403, "gate_up": 460, "down": 1075}
+    assert round(effective_sparsity_of(cfg, sc), 4) == 0.2354
 
 
 @pytest.mark.parametrize("p,dim", [(0.5, 64), (0.25, 172), (0.0, 96)])
@@ -345,12 +368,12 @@ def test_effective_sparsity_by_hand():
     total = 672
     assert effective_sparsity(cfg, {"qkv": 0.5, "o": 0.25, "gate_up": 0.1, "down": 0.0}) == pytest.approx(
         (64 + 16 + 32) / total)
-    # official α at p = 0.5: rot keeps round(0.6·8) = 5 of 8, o keeps round(0.4·8) = 3 of 8,
-    # down keeps round(0.4·20) = 8 of 20 → (128·3/8 + 320·3/8 + 64·5/8 + 160·12/20) / 672 = 304/672
+    # official α at p = 0.5: rot keeps int(0.6·8) = 4 of 8, o keeps int(0.4·8) = 3 of 8,
+    # down keeps int(0.4·20) = 8 of 20 → (128·4/8 + 320·4/8 + 64·5/8 + 160·12/20) / 672 = 360/672
     sc = SparseConfig("larosa", "faithful", 0.5)
-    assert site_ks(cfg, sc) == {"qkv": 5, "o": 3, "gate_up": 5, "down": 8}
-    assert effective_sparsity_of(cfg, sc) == pytest.approx(304 / total, abs=1e-12)
-    assert effective_sparsity_of(cfg, SparseConfig("topk", "faithful", 0.5)) == pytest.approx(304 / total, abs=1e-12)
+    assert site_ks(cfg, sc) == {"qkv": 4, "o": 3, "gate_up": 4, "down": 8}
+    assert effective_sparsity_of(cfg, sc) == pytest.approx(360 / total, abs=1e-12)
+    assert effective_sparsity_of(cfg, SparseConfig("topk", "faithful", 0.5)) == pytest.approx(360 / total, abs=1e-12)
     assert effective_sparsity_of(cfg, SparseConfig("topk", "faithful", 0.5, "uniform")) == pytest.approx(0.5)
     assert effective_sparsity_of(cfg, SparseConfig("teal", "faithful", 0.4)) == pytest.approx(0.4)
     # CATS skips the up columns and down rows of masked entries: 0.4 · (160 + 160) / 672
