@@ -110,15 +110,18 @@ def sweep(path: str | Path) -> list[str]:
 def _special(path: Path) -> str | None:
     """Why ``path`` may never be replaced, or None."""
     try:
-        r = path.resolve()
+        r, cwd = path.resolve(), Path.cwd().resolve()
     except OSError:
         return None
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if r == cwd:
         return "is the current directory"
     if r in cwd.parents:
         return "is a parent of the current directory"
-    if r == home or r in home.parents:
+    try:
+        home = Path.home().resolve()
+    except (OSError, RuntimeError):  # no home directory known
+        home = None
+    if home is not None and (r == home or r in home.parents):
         return "is the home directory or one of its parents"
     if r == Path(r.anchor):
         return "is the root directory"
