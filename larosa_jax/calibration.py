@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
+import struct
 import time
 from pathlib import Path
 
@@ -27,11 +29,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from . import __version__, parallel
+from . import __version__, outputs, parallel
 from .config import ModelConfig
 from .models.transformer import dense_projection, residual, rope_tables, site_row
 from .plan import DecodePlan
-from .safetensors_io import CheckpointError, SafeTensorsFile, save_tensors
+from .safetensors_io import CheckpointError, SafeTensorsFile, write_safetensors
 
 FLAVOURS = ("faithful", "fused")
 DAMP = 0.01  # H += 0.01 · mean(diag H) · I
@@ -42,6 +44,43 @@ STAT_SITES = ("qkv", "o", "gate_up", "down", "cats")  # "cats": |SiLU(gate)|
 
 class CalibrationError(ValueError):
     """Calibration refused: bad flavour, non-finite activations, mismatched model."""
+
+
+ROTATIONS_FILE = "rotations.safetensors"
+ALPHA_FILE = "alpha.json"  # the α search's winners, tied to the rotations file (larosa_jax.search)
+ROTATIONS = outputs.Kind("rotations directory", True, lambda p: (p / ROTATIONS_FILE).is_file(),
+                         frozenset({ROTATIONS_FILE, ALPHA_FILE}))
+ORTHO_TOL = 1e-3  # max |QᵀQv − v| / |v| over random v; float32 eigh gives ~1e-6
+REQUIRED_METADATA = ("model_fingerprint", "flavour")
+
+
+def rotations_path(path: str | Path) -> Path:
+    """``DIR`` (from larosa calibrate) or the rotations file itself → the file."""
+    p = Path(path)
+    return p / ROTATIONS_FILE if p.is_dir() or not p.suffix else p
+
+
+def rotations_dir(path: str | Path) -> Path:
+    return rotations_path(path).parent
+
+
+def rotations_fingerprint(path: str | Path) -> str:
+    """Identity of a rotations file: its header (names, shapes, metadata of that calibration run),
+    eigenvalues and quantiles in full, and the first and last 64 KiB of every Q (cheap for 70B)."""
+    p = rotations_path(path)
+    f = SafeTensorsFile(p)
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        h.update(fh.read(n))
+    for k in sorted(f.keys()):
+        a = np.ascontiguousarray(f[k]).reshape(-1).view(np.uint8) if not k.endswith(".Q") else None
+        if a is not None:
+            h.update(a.tobytes())
+        else:
+            raw = f[k].reshape(-1).view(np.uint8)
+            h.update(np.asarray(raw[: 1 << 16]).tobytes() + np.asarray(raw[-(1 << 16):]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(model) -> str:
@@ -81,27 +120,93 @@ class CalibrationStats:
                 f"{where}: calibrated on model {self.metadata.get('model_fingerprint')} "
                 f"({self.metadata.get('model_source', '?')}), but this model is {fp}; calibrate this model"
             )
+        cfg: ModelConfig = model.config
+        want = (cfg.num_layers, cfg.hidden_size, cfg.hidden_size)
+        if tuple(self.rotations.shape) != want:
+            raise CalibrationError(f"{where}: rotations of shape {tuple(self.rotations.shape)} (layers, d, d), "
+                                   f"the model needs {want}")
+        for site, q in self.quantiles.items():
+            if q.shape[0] != cfg.num_layers:
+                raise CalibrationError(f"{where}: quantiles.{site} has {q.shape[0]} layers, the model {cfg.num_layers}")
 
-    def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layers.{l}.Q": self.rotations[l] for l in range(len(self.rotations))}
-        tensors["eigenvalues"] = self.eigenvalues
-        tensors.update({f"quantiles.{s}": q.astype(np.float32) for s, q in self.quantiles.items()})
-        save_tensors(out / "rotations.safetensors", tensors, {k: str(v) for k, v in self.metadata.items()})
-        return out / "rotations.safetensors"
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``<out_dir>/rotations.safetensors`` as a new rotations directory (staged, then renamed:
+        :mod:`larosa_jax.outputs`). An existing one is replaced only with ``overwrite``, its alpha.json
+        going with it (those α were searched on the old rotations)."""
+        out = outputs.check_target(out_dir, ROTATIONS, overwrite=overwrite)
+        tensors = {f"layers.{l}.Q": np.asarray(self.rotations[l]) for l in range(len(self.rotations))}
+        tensors["eigenvalues"] = np.asarray(self.eigenvalues)
+        tensors.update({f"quantiles.{s}": np.asarray(q, np.float32) for s, q in self.quantiles.items()})
+        specs = [(k, a.shape, a.dtype) for k, a in tensors.items()]
+        with outputs.staged_dir(out) as tmp:
+            write_safetensors(tmp / ROTATIONS_FILE, specs, tensors.items(), {k: str(v) for k, v in self.metadata.items()})
+        return out / ROTATIONS_FILE
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStats":
-        p = Path(path)
-        p = p / "rotations.safetensors" if p.is_dir() else p
+        """Read and validate a rotations file: contiguous layers, shapes, finite values, orthogonal Q
+        (within :data:`ORTHO_TOL`), quantiles of every site (non-negative, non-decreasing) and the
+        metadata ``sparsify`` relies on. Anything else is a one-line :class:`CheckpointError`."""
+        p = rotations_path(path)
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file (expected the output of `larosa calibrate`)")
         f = SafeTensorsFile(p)
-        n = sum(1 for k in f.keys() if k.endswith(".Q"))
-        if n == 0 or "eigenvalues" not in f:
+        layers, unknown = {}, []
+        for k in f.keys():
+            m = re.fullmatch(r"layers\.(\d+)\.Q", k)
+            if m:
+                layers[int(m.group(1))] = k
+            elif k != "eigenvalues" and not (k.startswith("quantiles.") and k.split(".", 1)[1] in STAT_SITES):
+                unknown.append(k)
+        if not layers or "eigenvalues" not in f:
             raise CheckpointError(f"{p}: no layers.*.Q / eigenvalues tensors (not a rotations file from `larosa calibrate`)")
-        rot = np.stack([np.asarray(f[f"layers.{l}.Q"]) for l in range(n)])
-        q = {k.split(".", 1)[1]: np.asarray(f[k]) for k in f.keys() if k.startswith("quantiles.")}
-        return cls(rot, np.asarray(f["eigenvalues"]), q, dict(f.metadata))
+        if unknown:
+            raise CheckpointError(f"{p}: unexpected tensor{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, sorted(unknown)[:3]))}")
+        n = len(layers)
+        gap = next((l for l in range(n) if l not in layers), None)
+        if gap is not None:
+            raise CheckpointError(f"{p}: tensor 'layers.{gap}.Q' is missing (found {n} layers up to {max(layers)})")
+        missing_q = [s for s in STAT_SITES if f"quantiles.{s}" not in f]
+        if missing_q:
+            raise CheckpointError(f"{p}: tensor 'quantiles.{missing_q[0]}' is missing (every site needs its quantiles: "
+                                  f"{', '.join(STAT_SITES)})")
+        meta = dict(f.metadata)
+        for key in REQUIRED_METADATA:
+            if not meta.get(key):
+                raise CheckpointError(f"{p}: metadata key {key!r} is missing")
+        if meta["flavour"] not in FLAVOURS:
+            raise CheckpointError(f"{p}: metadata flavour={meta['flavour']!r}, expected one of {', '.join(FLAVOURS)}")
+
+        def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            if f.shape(name) != shape:
+                raise CheckpointError(f"{p}: tensor {name!r} has shape {f.shape(name)}, expected {shape}")
+            a = np.asarray(f[name])
+            if not np.issubdtype(a.dtype, np.floating) and a.dtype != np.dtype(ml_dtypes.bfloat16):
+                raise CheckpointError(f"{p}: tensor {name!r} has dtype {a.dtype}, expected floating point")
+            a = a.astype(np.float32)
+            if not np.isfinite(a).all():
+                raise CheckpointError(f"{p}: tensor {name!r} holds non-finite values (NaN or Inf)")
+            return a
+
+        shape0 = f.shape(layers[0])
+        if len(shape0) != 2 or shape0[0] != shape0[1] or shape0[0] < 1:
+            raise CheckpointError(f"{p}: tensor 'layers.0.Q' has shape {shape0}, expected a square matrix")
+        d = shape0[0]
+        rot = np.stack([tensor(f"layers.{l}.Q", (d, d)) for l in range(n)])
+        probe = np.random.default_rng(0).standard_normal((d, 8)).astype(np.float32)
+        for l in range(n):
+            err = float(np.abs(rot[l].T @ (rot[l] @ probe) - probe).max() / np.abs(probe).max())
+            if not err <= ORTHO_TOL:
+                raise CheckpointError(f"{p}: tensor 'layers.{l}.Q' is not orthogonal (|QᵀQv − v| / |v| = {err:.3g}, "
+                                      f"allowed {ORTHO_TOL:g})")
+        eig = tensor("eigenvalues", (n, d))
+        quant = {}
+        for site in STAT_SITES:
+            q = tensor(f"quantiles.{site}", (n, len(QUANTILE_GRID)))
+            if (q < 0).any() or (np.diff(q, axis=1) < 0).any():
+                raise CheckpointError(f"{p}: tensor 'quantiles.{site}' is not a non-negative, non-decreasing quantile table")
+            quant[site] = q
+        return cls(rot, eig, quant, meta)
 
 
 def rotation_of(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,10 +8,8 @@ A converted checkpoint directory holds ``config.json`` (the HF config plus a ``l
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +19,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from .config import ConfigError, ModelConfig
+from . import outputs
+from .config import ConfigError, ModelConfig, read_json
 from .models import Transformer
 from .safetensors_io import CheckpointError, SafeTensorsFile, write_safetensors
 
@@ -41,6 +40,34 @@ _HF_LAYER = {
 
 class ConversionError(ValueError):
     """Conversion refused, with the path, file or tensor at fault."""
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        return "larosa" in read_json(path / "config.json")
+    except (ConfigError, OSError):
+        return False
+
+
+CHECKPOINT = outputs.Kind("checkpoint directory", True, _is_checkpoint,
+                          frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES}))
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+
+
+def check_layers(names, cfg: ModelConfig, where: str, config_file: str) -> None:
+    """Stored tensors of layers the config does not have (a config with fewer layers than the
+    weights) are an error, before anything is allocated."""
+    found = {}
+    for n in names:
+        m = _LAYER.match(n)
+        if m:
+            found.setdefault(int(m.group(1)), n)
+    extra = sorted(i for i in found if i >= cfg.num_layers)
+    if extra:
+        raise CheckpointError(
+            f"{where}: holds tensors of layer {extra[0]}{f' to {extra[-1]}' if len(extra) > 1 else ''} "
+            f"(e.g. {found[extra[0]]!r}), but {config_file} says num_hidden_layers={cfg.num_layers}; "
+            "the config must describe every stored layer")
 
 
 # ----------------------------------------------------------------------------- names and shapes
@@ -99,9 +126,16 @@ def _safetensors_source(root: Path) -> TensorSource:
     index = root / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = read_json(index, what="safetensors index")["weight_map"]
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        except KeyError:
+            raise CheckpointError(f"{index}: not a valid safetensors index (no 'weight_map')") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map tensor names to file names)")
+        for fname in set(weight_map.values()):
+            if Path(fname).is_absolute() or ".." in Path(fname).parts:
+                raise CheckpointError(f"{index}: shard name {fname!r} points outside {root}")
         files = {}
         for fname in sorted(set(weight_map.values())):
             if not (root / fname).is_file():
@@ -196,7 +230,14 @@ def _config_from_gguf(meta: dict, shapes: dict, path: Path) -> dict:
     """An HF-style Llama config from GGUF metadata, for a bare .gguf with no config.json beside it."""
     if meta.get("general.architecture") != "llama":
         raise ConfigError(f"{path}: GGUF architecture {meta.get('general.architecture')!r} is not supported (expected 'llama')")
-    g = lambda k: meta[f"llama.{k}"]  # noqa: E731
+
+    def g(k):
+        if f"llama.{k}" not in meta:
+            raise ConfigError(f"{path}: GGUF metadata has no 'llama.{k}' (and there is no config.json beside the file)")
+        return meta[f"llama.{k}"]
+
+    if len(shapes.get("model.embed_tokens.weight", ())) != 2:
+        raise CheckpointError(f"{path}: no 2-d token_embd.weight tensor")
     vocab, d = shapes["model.embed_tokens.weight"]
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
@@ -228,29 +269,19 @@ def resolve_source(model: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- conversion
-def _tmp_dir(out: Path) -> Path:
-    """A sibling temporary directory (same filesystem, so the final rename is atomic), with the
-    permissions a plain mkdir would give (mkdtemp makes it private)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
 def convert(model: str, out: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False, progress: bool = True) -> Path:
     """Convert an HF checkpoint (dir, hub id or .gguf) into a larosa checkpoint directory.
 
     Streams tensor by tensor (peak memory ≈ the largest tensor) into a temporary directory next
-    to ``out`` and renames it at the end, so an interrupted run leaves nothing half-written.
+    to ``out`` and renames it at the end (:mod:`larosa_jax.outputs`), so an interrupted run leaves
+    nothing half-written and an existing checkpoint is replaced only once the new one is complete.
     """
     from tqdm.auto import tqdm
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: already exists (pass --overwrite to replace it)")
+    local = Path(model).expanduser()
+    out = outputs.check_target(out, CHECKPOINT, overwrite=overwrite, inputs=(local,) if local.exists() else ())
     src = resolve_source(model)
     root = src.parent if src.is_file() else src
     if src.is_file():
@@ -264,15 +295,17 @@ def convert(model: str, out: str | Path, *, dtype: str = "bfloat16", overwrite: 
             raise ConversionError(f"{gguf_file}: expected a checkpoint directory or a .gguf file")
         source, meta = _gguf_source(gguf_file)
         if (root / "config.json").exists():
-            hf_cfg = json.loads((root / "config.json").read_text())
+            hf_cfg, cfg_src = read_json(root / "config.json"), str(root / "config.json")
         else:
-            hf_cfg = _config_from_gguf(meta, source.shapes, gguf_file)
+            hf_cfg, cfg_src = _config_from_gguf(meta, source.shapes, gguf_file), f"{gguf_file} (metadata)"
     else:
         if not (root / "config.json").exists():
             raise ConversionError(f"{root}: no config.json")
-        hf_cfg = json.loads((root / "config.json").read_text())
+        hf_cfg, cfg_src = read_json(root / "config.json"), str(root / "config.json")
         source = _safetensors_source(root)
-    cfg = ModelConfig.from_hf(hf_cfg, source=str(root / "config.json"))
+    cfg = ModelConfig.from_hf(hf_cfg, source=cfg_src)
+    check_layers(source.shapes, cfg, str(gguf_file or root), cfg_src)
+    check_tokenizer_code(root, error=ConversionError)
 
     np_dtype = DTYPES[dtype]
     specs, plan = [], []
@@ -294,31 +327,23 @@ def convert(model: str, out: str | Path, *, dtype: str = "bfloat16", overwrite: 
             a = a.T if transpose else a
             yield ours, a.astype(np_dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_dir(out)
-    try:
+    with outputs.staged_dir(out) as tmp:
         bar = tqdm(total=len(specs), desc=f"convert {src.name}", unit="tensor", disable=not progress)
         write_safetensors(tmp / "model.safetensors", specs, tensors(), {"format": "larosa", "dtype": dtype}, bar)
         bar.close()
         hf_cfg = dict(hf_cfg)
         hf_cfg["larosa"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "source": str(model), "layout": "input-major"}
-        _finish(tmp, out, hf_cfg, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _finish(tmp, hf_cfg, root)
     return out
 
 
-def _finish(tmp: Path, out: Path, config: dict, tokenizer_from: str | Path | None) -> None:
-    """Write config.json and the tokenizer files into ``tmp``, then move it to ``out`` in one rename."""
+def _finish(tmp: Path, config: dict, tokenizer_from: str | Path | None) -> None:
+    """Write config.json and the tokenizer files into the staged directory ``tmp``."""
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer_from is not None:
         for fname in TOKENIZER_FILES:
-            if (Path(tokenizer_from) / fname).exists():
+            if (Path(tokenizer_from) / fname).is_file():
                 shutil.copyfile(Path(tokenizer_from) / fname, tmp / fname)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -326,12 +351,26 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, larosa block) of a converted checkpoint directory."""
     path = Path(path)
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no such directory)")
+    if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (is this a checkpoint directory from `larosa convert`?)")
-    raw = json.loads(cfg_file.read_text())
+    raw = read_json(cfg_file)
     if "larosa" not in raw:
         raise CheckpointError(f"{cfg_file}: no 'larosa' block; convert the HF checkpoint first: larosa convert --model {path} --out DIR")
-    return ModelConfig.from_hf(raw), raw["larosa"]
+    if not isinstance(raw["larosa"], dict):
+        raise ConfigError(f"{cfg_file}: 'larosa' must be an object, not {type(raw['larosa']).__name__}")
+    return ModelConfig.from_hf(raw, source=str(cfg_file)), raw["larosa"]
+
+
+def _float_dtype(dtype, where: str):
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise CheckpointError(f"{where}: dtype {dtype!r} is not a floating-point type (float32, bfloat16, float16)")
+    return dt
 
 
 def load(path: str | Path, dtype=None, mesh=None) -> Transformer:
@@ -340,8 +379,10 @@ def load(path: str | Path, dtype=None, mesh=None) -> Transformer:
     (:func:`larosa_jax.parallel.param_spec`) and each device reads only its block from the file."""
     path = Path(path)
     cfg, meta = read_config(path)
-    dtype = jnp.dtype(dtype or meta.get("dtype", "float32"))
+    dtype = _float_dtype(dtype, "load") if dtype is not None else _float_dtype(meta.get("dtype", "float32"),
+                                                                               str(path / "config.json"))
     st = SafeTensorsFile(path / "model.safetensors")
+    check_layers(st.keys(), cfg, str(st.path), str(path / "config.json"))
     fused = bool(meta.get("fused", False))
     if fused:
         from .fusion import FUSED_FORM
@@ -352,6 +393,12 @@ def load(path: str | Path, dtype=None, mesh=None) -> Transformer:
                 f"{FUSED_FORM} (down_proj folded with the next layer's rotation); fuse again from the converted "
                 "checkpoint: larosa fuse --ckpt DIR --rotations FILE --out NEW_DIR")
     model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=fused))
+    names = {".".join(str(p) for p in p_) for p_, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
+    extra = sorted(set(st.keys()) - names)
+    if extra:
+        raise CheckpointError(
+            f"{st.path}: holds {len(extra)} tensor{'s' if len(extra) > 1 else ''} the model described by config.json "
+            f"does not have ({', '.join(map(repr, extra[:3]))}{', ...' if len(extra) > 3 else ''})")
     if mesh is not None:
         from .parallel import check_model_axis, place
 
@@ -371,14 +418,11 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
     ``meta`` goes into the config's ``larosa`` block (a fused model sets ``fused: true`` and the
     rotations' metadata); tokenizer files are copied from ``tokenizer_from``.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: already exists (pass --overwrite to replace it)")
+    out = outputs.check_target(out, CHECKPOINT, overwrite=overwrite,
+                               inputs=(tokenizer_from,) if tokenizer_from is not None else ())
     params = {k: np.asarray(v) for k, v in params_of(model).items()}
     dtype = str(model.dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_dir(out)
-    try:
+    with outputs.staged_dir(out) as tmp:
         specs = [(k, a.shape, a.dtype) for k, a in params.items()]
         write_safetensors(tmp / "model.safetensors", specs, params.items(), {"format": "larosa", "dtype": dtype})
         hf = model.config.to_hf()
@@ -388,10 +432,7 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
             from .fusion import FUSED_FORM
 
             hf["larosa"]["fused_form"] = FUSED_FORM
-        _finish(tmp, out, hf, tokenizer_from)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _finish(tmp, hf, tokenizer_from)
     return out
 
 
@@ -418,10 +459,29 @@ def params_of(model: nnx.Module) -> dict[str, jax.Array]:
     return {".".join(str(p) for p in path): node.get_value() for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
 
 
+def check_tokenizer_code(path: str | Path, error=CheckpointError) -> None:
+    """Refuse a tokenizer that names custom code (``auto_map``): larosa never runs code from a checkpoint."""
+    for fname, key in (("tokenizer_config.json", None), ("config.json", "AutoTokenizer")):
+        f = Path(path) / fname
+        if not f.is_file():
+            continue
+        try:
+            raw = read_json(f)
+        except ConfigError as e:
+            raise error(str(e)) from None
+        amap = raw.get("auto_map")
+        if amap and (key is None or (isinstance(amap, dict) and key in amap)):
+            raise error(f"{f}: the tokenizer names custom code (auto_map: {json.dumps(amap)[:120]}); larosa never runs "
+                        "code from a checkpoint: use a standard transformers tokenizer (remove 'auto_map' if its class "
+                        "is a standard one)")
+
+
 def load_tokenizer(path: str | Path):
+    """The checkpoint's Hugging Face tokenizer, with remote code disabled (never prompts)."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_code(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise CheckpointError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from None

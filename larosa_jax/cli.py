@@ -1,13 +1,19 @@
 """``larosa`` command line: convert | generate | calibrate | search | fuse | ppl | zeroshot | demo.
 
-Errors the user can fix (bad paths, bad configs, bad values) print one line and exit 2.
+Errors the user can fix (bad paths, bad configs, bad values) print one line and exit 2. Every
+numeric flag is range-checked before any work, then each command checks what depends on the model's
+config (read from config.json alone), its outputs (:mod:`larosa_jax.outputs`) and its inputs before it
+loads the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +21,70 @@ import numpy as np
 ASSETS = Path(__file__).parent / "assets"
 
 
+class UsageError(ValueError):
+    """A flag value outside its range, with the flag, the value and the allowed range."""
+
+
 def _csv(kind):
     return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+# flag dest → (lowest, highest) for integer flags; checked for every command that has the flag
+INT_RANGES = {
+    "samples": (1, 1 << 20), "seqlen": (2, 1 << 24), "batch": (1, 1 << 16), "seed": (0, 2**32 - 1),
+    "max_new_tokens": (1, 1 << 20), "points": (1, 1000), "calib_samples": (1, 1 << 20), "limit": (1, 1 << 40),
+    "max_length": (2, 1 << 24),
+}
+DTYPE_NAMES = ("bfloat16", "float32", "float16")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Range checks of every numeric flag, before any work: one line naming flag, value and range."""
+    for dest, (lo, hi) in INT_RANGES.items():
+        v = getattr(args, dest, None)
+        if v is not None and not lo <= v <= hi:
+            extra = " (or leave it out for all)" if dest == "limit" else ""
+            raise UsageError(f"{_flag(dest)} {v}: must be an integer in [{lo}, {hi}]{extra}")
+    t = getattr(args, "temperature", None)
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise UsageError(f"--temperature {t}: must be a finite number >= 0 (0: greedy)")
+    tp = getattr(args, "top_p", None)
+    if tp is not None and not 0 < tp <= 1:
+        raise UsageError(f"--top-p {tp}: must be in (0, 1]")
+    sp = getattr(args, "sparsity", None)
+    for p in (sp if isinstance(sp, list) else [sp] if isinstance(sp, float) else []):
+        if not 0 <= p < 1:  # NaN fails too
+            raise UsageError(f"--sparsity {p}: must be in [0, 1)")
+    if isinstance(sp, list) and not sp:
+        raise UsageError("--sparsity is empty: give one or more values in [0, 1)")
+    dt = getattr(args, "dtype", None)
+    if dt is not None and dt not in DTYPE_NAMES:
+        raise UsageError(f"--dtype {dt}: expected one of {', '.join(DTYPE_NAMES)}")
+
+
+def checkpoint_config(ckpt):
+    """The ModelConfig of a checkpoint from its config.json alone (validated; nothing allocated)."""
+    from .checkpoint import read_config
+
+    return read_config(ckpt)[0]
+
+
+def _check_seqlen(args, cfg) -> None:
+    if args.seqlen > cfg.max_position_embeddings:
+        raise UsageError(f"--seqlen {args.seqlen}: must be in [2, {cfg.max_position_embeddings}] "
+                         f"(the model's max_position_embeddings)")
 
 
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (dir, hub id or .gguf) to a larosa checkpoint")
     p.add_argument("--model", required=True, help="local HF directory, hub id (owner/name) or .gguf file")
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dtype", default="bfloat16", help=f"one of {', '.join(DTYPE_NAMES)}")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     p.set_defaults(func=cmd_convert)
 
 
@@ -52,14 +112,18 @@ def _add_generate(sub):
 def cmd_generate(args) -> None:
     import jax
 
-    from .checkpoint import load, load_tokenizer, read_config
+    from .checkpoint import load, load_tokenizer
     from .generate import generate
     from .parallel import TensorParallel, make_mesh
 
+    cfg = checkpoint_config(args.ckpt)
+    if args.max_new_tokens >= cfg.max_position_embeddings:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be in [1, {cfg.max_position_embeddings - 1}] "
+                         "(the model's max_position_embeddings, less one prompt token)")
     spec = args.mesh or (f"model={len(jax.devices())}" if len(jax.devices()) > 1 else None)
-    mesh = make_mesh(spec, cfg=read_config(args.ckpt)[0]) if spec else None
-    model = load(args.ckpt, dtype=args.dtype, mesh=mesh)  # each device reads only its shard
+    mesh = make_mesh(spec, cfg=cfg) if spec else None
     tok = load_tokenizer(args.ckpt)
+    model = load(args.ckpt, dtype=args.dtype, mesh=mesh)  # each device reads only its shard
     if mesh is not None:
         model = TensorParallel(model, mesh)
     stream = _Streamer(tok, args.prompt) if len(args.prompt) == 1 else None
@@ -109,13 +173,12 @@ def _mesh(args, cfg):
     return make_mesh(args.mesh, cfg=cfg)
 
 
-def _windows(args, tok, split: str, *, skip: int = 0, samples: int | None = None):
+def _text_ids(args, tok, split: str):
+    """(token ids, source description) of ``--data`` / ``--data-file``."""
     from . import data
 
     text, source = data.load_text(args.data, args.data_file, split=split)
-    ids = data.tokenize(tok, text)
-    win = data.calibration_windows(ids, samples or args.samples, args.seqlen, args.seed, skip=skip, source=source)
-    return win, source
+    return data.tokenize(tok, text), source
 
 
 def _add_calibrate(sub):
@@ -123,20 +186,28 @@ def _add_calibrate(sub):
     p.add_argument("--ckpt", required=True)
     p.add_argument("--flavour", default="fused", choices=["faithful", "fused"])
     p.add_argument("--out", required=True, help="directory for rotations.safetensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing rotations directory (its alpha.json goes with it)")
     _add_data_args(p, 16, 2048)
     p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_calibrate(args) -> None:
-    from .calibration import calibrate
+    from . import data, outputs
+    from .calibration import ROTATIONS, calibrate
     from .checkpoint import load, load_tokenizer
 
+    cfg = checkpoint_config(args.ckpt)
+    _check_seqlen(args, cfg)
+    outputs.check_target(args.out, ROTATIONS, overwrite=args.overwrite, inputs=(args.ckpt,))
+    mesh = _mesh(args, cfg)
+    ids, source = _text_ids(args, load_tokenizer(args.ckpt), "train")
+    win = data.calibration_windows(ids, args.samples, args.seqlen, args.seed, source=source)
     model = load(args.ckpt)
-    mesh = _mesh(args, model.config)
-    win, source = _windows(args, load_tokenizer(args.ckpt), "train")
     stats = calibrate(model, win, flavour=args.flavour, batch_size=args.batch, data_source=source, seed=args.seed,
                       model_source=str(args.ckpt), mesh=mesh)
-    path = stats.save(args.out)
+    stats.metadata["data_fingerprint"] = data.fingerprint(ids)  # search keeps its held-out windows off this text
+    path = stats.save(args.out, overwrite=args.overwrite)
     ev = stats.eigenvalues
     print(f"wrote {path}: {len(ev)} layers, flavour {args.flavour}, {stats.metadata['tokens']} tokens from {source}, "
           f"{stats.metadata['seconds']} s; eigenvalue spread (max/median) per layer: "
@@ -151,24 +222,52 @@ def _add_search(sub):
     p.add_argument("--mode", default="faithful", choices=["faithful", "fused"])
     p.add_argument("--points", type=int, default=9, help="grid points over α_rot")
     _add_data_args(p, 4, 2048)
-    p.add_argument("--calib-samples", type=int, default=16, help="windows used by calibrate (held-out ones come after)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="windows used by calibrate (default: as recorded in the rotations file)")
     p.set_defaults(func=cmd_search)
 
 
+def _calibration_spans(stats, args, ids, source) -> list[tuple[int, int]]:
+    """Token ranges the rotations were calibrated on, if that was this text (else none)."""
+    from . import data
+
+    meta = stats.metadata
+    same = meta["data_fingerprint"] == data.fingerprint(ids) if "data_fingerprint" in meta else meta.get("data_source") == source
+    if not same:
+        return []
+    recorded = meta.get("samples")
+    if args.calib_samples is not None and recorded is not None and int(recorded) != args.calib_samples:
+        raise UsageError(f"--calib-samples {args.calib_samples}: the rotations file records {recorded} calibration "
+                         "windows; leave the flag out")
+    n = args.calib_samples if recorded is None else int(recorded)
+    if n is None or meta.get("seqlen") is None:
+        raise UsageError(f"{args.rotations}: calibrated on this text, but records no samples/seqlen to keep the "
+                         "held-out windows off; pass --calib-samples and calibrate again")
+    return data.window_spans(len(ids), n, int(meta["seqlen"]), int(meta.get("seed", 0)))
+
+
 def cmd_search(args) -> None:
+    from . import data
     from .calibration import CalibrationStats
     from .checkpoint import load, load_tokenizer
-    from .search import search_alpha, store_alpha
+    from .search import alpha_grid, check_alpha_file, search_alpha, store_alpha
     from .sparsity import SparseConfig
 
     for p in args.sparsity:  # refuse bad p before loading anything
         SparseConfig("larosa", args.mode, p)
-    model = load(args.ckpt)
-    mesh = _mesh(args, model.config)
+    cfg = checkpoint_config(args.ckpt)
+    _check_seqlen(args, cfg)
+    for p in args.sparsity:
+        alpha_grid(cfg, p, args.points)
     stats = CalibrationStats.load(args.rotations)
+    check_alpha_file(args.rotations)
+    mesh = _mesh(args, cfg)
+    ids, source = _text_ids(args, load_tokenizer(args.ckpt), "train")
+    # held-out windows, never the calibration text (nor test data)
+    win = data.heldout_windows(ids, args.samples, args.seqlen, args.seed,
+                               exclude=_calibration_spans(stats, args, ids, source), source=source)
+    model = load(args.ckpt)
     stats.check_model(model, where=args.rotations)
-    # the same seed and window order as calibration, skipping its windows: held-out, never test
-    win, source = _windows(args, load_tokenizer(args.ckpt), "train", skip=args.calib_samples)
     for p in args.sparsity:
         res = search_alpha(model, stats, p, win, mode=args.mode, points=args.points, batch_size=args.batch, mesh=mesh)
         print(f"α search, larosa {args.mode}, p = {p:g}, {len(win)} held-out windows of {args.seqlen} from {source}")
@@ -189,12 +288,16 @@ def _add_fuse(sub):
 
 
 def cmd_fuse(args) -> None:
-    from .calibration import CalibrationStats
-    from .checkpoint import load, save
+    from . import outputs
+    from .calibration import CalibrationStats, rotations_dir
+    from .checkpoint import CHECKPOINT, load, save
     from .fusion import fuse
 
-    model = load(args.ckpt)
+    checkpoint_config(args.ckpt)
+    outputs.check_target(args.out, CHECKPOINT, overwrite=args.overwrite,
+                         inputs=(args.ckpt, rotations_dir(args.rotations)))
     stats = CalibrationStats.load(args.rotations)
+    model = load(args.ckpt)
     stats.check_model(model, where=args.rotations)
     meta = {f"rotations_{k}": v for k, v in stats.metadata.items()}
     out = save(fuse(model, stats.rotations), args.out, meta=meta, tokenizer_from=args.ckpt, overwrite=args.overwrite)
@@ -218,56 +321,67 @@ def _add_ppl(sub):
     p.add_argument("--data-file", default=None, help="local text file (offline), e.g. wiki.test.raw")
     p.add_argument("--batch", type=int, default=1, help="windows per step (split over the mesh's data axis)")
     _add_mesh(p)
-    p.add_argument("--out", required=True, help="results path without extension, e.g. eval/results/smollm2_ppl")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue a partial grid in --out")
+    p.add_argument("--out", required=True, help="results path without extension, e.g. eval/results/smollm2_ppl "
+                   "(writes OUT.json, OUT.md, OUT.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results (kept until the new grid is done)")
+    p.add_argument("--resume", action="store_true", help="continue a partial grid in --out (same settings only)")
     p.set_defaults(func=cmd_ppl)
 
 
 def cmd_ppl(args) -> None:
     from . import data
-    from .calibration import CalibrationStats
+    from .calibration import CalibrationStats, fingerprint, rotations_fingerprint
     from .checkpoint import load, load_tokenizer
-    from .evaluate import eval_windows, run_grid, variants
+    from .evaluate import check_results, eval_windows, markdown, run_grid, uses_rotations, variants
     from .search import stored_alpha
+    from .sparsity import SparseConfig, effective_sparsity_of
 
     vs = variants(args.methods, args.mode, args.alpha)  # validate names before the slow parts
-    model, tok = load(args.ckpt), load_tokenizer(args.ckpt)
-    mesh = _mesh(args, model.config)
-    stats = None
-    if any(v.method in ("larosa", "teal", "cats") for v in vs):
-        if args.rotations is None:
-            raise ValueError("methods larosa, teal and cats need --rotations (from larosa calibrate)")
-        stats = CalibrationStats.load(args.rotations)
-        stats.check_model(model, where=args.rotations)
+    cfg = checkpoint_config(args.ckpt)
+    _check_seqlen(args, cfg)
+    files = check_results(args.out, overwrite=args.overwrite, resume=args.resume)
+    needs = any(uses_rotations(v.method) for v in vs)
+    if needs and args.rotations is None:
+        raise ValueError("methods larosa, teal and cats need --rotations (from larosa calibrate)")
+    stats = CalibrationStats.load(args.rotations) if needs else None
+    rot_id = rotations_fingerprint(args.rotations) if needs else None
+    grid = [(v, p) for p in args.sparsity for v in vs]
+    alphas = {}
+    for v, p in grid:  # every cell's p and α, before the first row (and before the model loads)
+        if v.alpha == "searched":
+            alphas[(p, v.mode)] = stored_alpha(args.rotations, p, v.mode, rot_id)
+        effective_sparsity_of(cfg, SparseConfig(v.method, v.mode, p, alphas.get((p, v.mode), v.alpha)))
+    mesh = _mesh(args, cfg)
+    tok = load_tokenizer(args.ckpt)
     text, source = data.load_text(args.data, args.data_file, split="test")
     ids = data.tokenize(tok, text)
     win = eval_windows(ids, args.protocol, args.seqlen, args.samples, args.seed, source)
-    if args.limit:
+    if args.limit is not None:
         win = win[: args.limit]
-    if args.seqlen > model.config.max_position_embeddings:
-        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
+    model = load(args.ckpt)
+    if stats is not None:
+        stats.check_model(model, where=args.rotations)
     meta = {"model": str(args.ckpt), "data": source, "protocol": args.protocol,
             "calibration": None if stats is None else f"{stats.metadata.get('data_source')} "
             f"({stats.metadata.get('samples')} x {stats.metadata.get('seqlen')}, flavour {stats.flavour})",
             "limit": args.limit}
-    grid = [(v, p) for p in args.sparsity for v in vs]
-    for v, p in grid:  # fail now, not an hour into the grid
-        if v.alpha == "searched":
-            stored_alpha(args.rotations, p, v.mode)
+    # what makes rows comparable: --resume refuses a file whose rows were measured otherwise
+    settings = {"model_fingerprint": fingerprint(model), "data_fingerprint": data.fingerprint(ids),
+                "protocol": args.protocol, "limit": args.limit,
+                "samples": args.samples if args.protocol == "random" else None,
+                "seed": args.seed if args.protocol == "random" else None}
     res = run_grid(model, stats, win, grid, out=args.out, meta=meta, batch_size=args.batch, resume=args.resume, mesh=mesh,
-                   overwrite=args.overwrite, alpha_lookup=lambda p, mode: stored_alpha(args.rotations, p, mode))
-    from .evaluate import markdown
-
+                   overwrite=args.overwrite, alpha_lookup=lambda p, mode: alphas[(p, mode)], settings=settings,
+                   rotations_id=rot_id)
     print(markdown(res))
-    print(f"wrote {args.out}.json, .md, .png")
+    print(f"wrote {', '.join(str(f) for f in files)}")
 
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the whole pipeline on the bundled stories260K model and TinyStories text (CPU, ~1 min)")
-    p.add_argument("--out", default="runs/demo", help="working directory (checkpoint, rotations)")
+    p.add_argument("--out", default="runs/demo", help="working directory (OUT/stories260K, OUT/rotations)")
     p.add_argument("--sparsity", type=float, default=0.4)
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint and rotations of an earlier demo")
     p.set_defaults(func=cmd_demo)
 
 
@@ -275,17 +389,25 @@ def cmd_demo(args) -> None:
     """convert → calibrate → perplexity of dense / larosa / teal → a short sparse generation."""
     import time
 
-    from . import data
-    from .calibration import calibrate
-    from .checkpoint import convert, load, load_tokenizer
+    from . import data, outputs
+    from .calibration import ROTATIONS, calibrate
+    from .checkpoint import CHECKPOINT, convert, load, load_tokenizer
+    from .config import ModelConfig
     from .generate import generate
     from .perplexity import perplexity
     from .sparse_model import sparsify
-    from .sparsity import SparseConfig
+    from .sparsity import SparseConfig, effective_sparsity_of
 
     t0 = time.time()
     out = Path(args.out)
-    ckpt = convert(str(ASSETS / "stories260K"), out / "stories260K", dtype="float32", overwrite=True)
+    cfg = ModelConfig.from_hf(ASSETS / "stories260K")
+    for method, mode in (("larosa", "fused"), ("topk", "faithful")):  # the α = 1 rows keep k in [1, D]
+        effective_sparsity_of(cfg, SparseConfig(method, mode, args.sparsity, "uniform"))
+    if out.exists() and not out.is_dir():
+        raise outputs.OutputError(f"--out {out}: is a file, not a directory")
+    for sub, kind in (("stories260K", CHECKPOINT), ("rotations", ROTATIONS)):  # both before any work
+        outputs.check_target(out / sub, kind, overwrite=args.overwrite)
+    ckpt = convert(str(ASSETS / "stories260K"), out / "stories260K", dtype="float32", overwrite=args.overwrite)
     model, tok = load(ckpt), load_tokenizer(ckpt)
     text_file = ASSETS / "tinystories-valid-head.txt"
     ids = data.tokenize(tok, text_file.read_text())
@@ -293,7 +415,7 @@ def cmd_demo(args) -> None:
     cal = data.calibration_windows(ids, n_cal, seqlen, seed=0, source=str(text_file))
     held = data.calibration_windows(ids, n_eval, seqlen, seed=0, skip=n_cal, source=str(text_file))
     stats = calibrate(model, cal, flavour="fused", batch_size=8, data_source=text_file.name, model_source=str(ckpt))
-    stats.save(out / "rotations")
+    stats.save(out / "rotations", overwrite=args.overwrite)
     p = args.sparsity
     rows = []
     for name, sc in (
@@ -322,18 +444,26 @@ def main(argv: list[str] | None = None) -> int:
     for add in _COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
-    from .checkpoint import ConversionError
-    from .config import ConfigError
-    from .safetensors_io import CheckpointError
-
+    # SIGTERM unwinds like ^C, so staged outputs are removed on the way out (SIGKILL: see outputs.sweep)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
     try:
+        check_args(args)
         args.func(args)
-    except (ConversionError, ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # ConfigError, CheckpointError, ... are ValueErrors
         if os.environ.get("LAROSA_DEBUG"):
             raise
-        print(f"larosa {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"larosa {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 from .zeroshot import add_parser as _add_zeroshot  # noqa: E402  (imports lm_eval only when run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,29 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 class ConfigError(ValueError):
     """A config.json that this library cannot serve, with the file and key at fault."""
+
+
+# Upper bounds on untrusted sizes, checked before anything is allocated; generous next to the
+# largest Llama / Qwen2 models (405B: 126 layers, hidden 16384, intermediate 53248, 128 heads).
+LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+    "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24,
+}
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; unreadable text, bad JSON or another type is a one-line :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); expected a {what}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e}); expected a {what}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a JSON object ({what}), found {type(raw).__name__}")
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +126,41 @@ class ModelConfig:
             src = str(p)
             if not p.exists():
                 raise ConfigError(f"{src}: no such file (expected a Hugging Face config.json)")
-            try:
-                hf = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{src}: not valid JSON ({e})") from None
+            hf = read_json(p, "Hugging Face config.json")
         return _parse_hf(hf, src)
 
 
+def _integer(src: str, key: str, v: Any, lo: int, hi: int | None = None) -> int:
+    """An integer size in [lo, hi]: bools, fractions, strings and out-of-range values are errors."""
+    ok = (isinstance(v, numbers.Integral) and not isinstance(v, bool)
+          or isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v == int(v))
+    if ok and lo <= int(v) and (hi is None or int(v) <= hi):
+        return int(v)
+    rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+    raise ConfigError(f"{src}: {key}={v!r}: expected an integer in {rng}")
+
+
+def _positive(src: str, key: str, v: Any, hi: float | None = None) -> float:
+    ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+          and (hi is None or v < hi))
+    if not ok:
+        raise ConfigError(f"{src}: {key}={v!r}: expected a finite number > 0{f' and < {hi:g}' if hi else ''}")
+    return float(v)
+
+
+def _token_ids(src: str, key: str, v: Any, vocab: int) -> tuple[int, ...]:
+    vals = v if isinstance(v, list) else [] if v is None else [v]
+    for t in vals:
+        _integer(src, key, t, 0, vocab - 1)
+    return tuple(int(t) for t in vals)
+
+
 def _parse_hf(hf: dict[str, Any], src: str) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{src}: expected a JSON object, found {type(hf).__name__}")
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{src}: architectures={archs!r}: expected a list of class names")
     arch_name = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
         hf.get("model_type", ""), hf.get("model_type", "<none>")
     )
@@ -126,16 +176,29 @@ def _parse_hf(hf: dict[str, Any], src: str) -> ModelConfig:
             raise ConfigError(f"{src}: missing key {key!r} required for {arch_name}")
         return hf[key]
 
-    d = int(need("hidden_size"))
-    n_heads = int(need("num_attention_heads"))
-    n_kv = int(hf.get("num_key_value_heads") or n_heads)
-    head_dim = int(hf.get("head_dim") or d // n_heads)
-    if n_heads % n_kv:
+    def size(key: str, value: Any, lo: int = 1) -> int:
+        return _integer(src, key, value, lo, LIMITS[key])
+
+    d = size("hidden_size", need("hidden_size"))
+    n_heads = size("num_attention_heads", need("num_attention_heads"))
+    n_kv = n_heads if hf.get("num_key_value_heads") is None else size("num_key_value_heads", hf["num_key_value_heads"])
+    if hf.get("head_dim") is not None:
+        head_dim = size("head_dim", hf["head_dim"], 2)
+    elif d % n_heads:
+        raise ConfigError(f"{src}: hidden_size={d} is not a multiple of num_attention_heads={n_heads} (and no head_dim)")
+    else:
+        head_dim = d // n_heads
+    if head_dim % 2:
+        raise ConfigError(f"{src}: head_dim={head_dim} is odd; rotary embeddings need an even head_dim")
+    if n_kv > n_heads or n_heads % n_kv:
         raise ConfigError(f"{src}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
     if arch == "qwen2" and hf.get("use_sliding_window"):
         raise ConfigError(f"{src}: use_sliding_window=true is not supported (set it to false)")
 
     # transformers 5.x moves rope_theta and rope_scaling into rope_parameters.
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ConfigError(f"{src}: {key}={hf[key]!r}: expected an object")
     rp = dict(hf.get("rope_parameters") or {})
     rs = dict(hf.get("rope_scaling") or {})
     theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -144,39 +207,47 @@ def _parse_hf(hf: dict[str, Any], src: str) -> ModelConfig:
     if rtype not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"{src}: rope type {rtype!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     rope = RopeConfig(
-        theta=float(theta),
+        theta=_positive(src, "rope_theta", theta),
         type=rtype,
-        factor=float(scaling.get("factor", 1.0)),
-        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+        factor=_positive(src, "rope factor", scaling.get("factor", 1.0)),
+        low_freq_factor=_positive(src, "low_freq_factor", scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=_positive(src, "high_freq_factor", scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=size("original_max_position_embeddings",
+                                              scaling.get("original_max_position_embeddings", 8192)),
     )
+    if rtype == "llama3" and not rope.low_freq_factor < rope.high_freq_factor:
+        raise ConfigError(f"{src}: llama3 rope needs low_freq_factor < high_freq_factor "
+                          f"(found {rope.low_freq_factor:g} and {rope.high_freq_factor:g})")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{src}: hidden_act={act!r} is not supported (expected 'silu')")
 
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    vocab = size("vocab_size", need("vocab_size"))
+    eos_ids = _token_ids(src, "eos_token_id", hf.get("eos_token_id"), vocab)
+    bos, pad = (hf.get(k) for k in ("bos_token_id", "pad_token_id"))
+    for key, v in (("bos_token_id", bos), ("pad_token_id", pad)):
+        if v is not None:
+            _integer(src, key, v, 0, vocab - 1)
     attn_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         arch=arch,
-        vocab_size=int(need("vocab_size")),
+        vocab_size=vocab,
         hidden_size=d,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
+        intermediate_size=size("intermediate_size", need("intermediate_size")),
+        num_layers=size("num_hidden_layers", need("num_hidden_layers")),
         num_heads=n_heads,
         num_kv_heads=n_kv,
         head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_positive(src, "rms_norm_eps", hf.get("rms_norm_eps", 1e-6), 1.0),
         rope=rope,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        max_position_embeddings=size("max_position_embeddings", hf.get("max_position_embeddings", 2048), 2),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=True if arch == "qwen2" else attn_bias,
         o_bias=False if arch == "qwen2" else attn_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
-        bos_token_id=hf.get("bos_token_id"),
+        bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos_ids,
-        pad_token_id=hf.get("pad_token_id"),
+        pad_token_id=None if pad is None else int(pad),
     )
 
 

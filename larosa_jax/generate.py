@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -28,8 +29,8 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 means greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
 
@@ -125,8 +126,8 @@ def generate(
     ``prompts`` are token id lists, or strings with ``tokenizer``. With ``on_tokens`` the loop
     returns to the host every ``chunk`` tokens and passes the ids so far (for streaming).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
     cfg = model.config
     if prompts and isinstance(prompts[0], str):
         if tokenizer is None:
@@ -135,17 +136,28 @@ def generate(
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    vocab = cfg.vocab_size
+    for i, p in enumerate(prompts):
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab - 1}]")
+    for what, ids in (("eos_token_ids", eos_token_ids), ("pad_token_id", None if pad_token_id is None else [pad_token_id])):
+        bad = next((int(t) for t in (ids or []) if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab - 1}]")
     eos = list(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids) or [-1]
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos[0] if eos[0] >= 0 else 0)
     sampling = SamplingConfig(temperature, top_p)
 
     b = len(prompts)
-    t = _bucket(max(len(p) for p in prompts), 8)  # bucketed shapes: fewer recompiles
-    max_len = _bucket(t + max_new_tokens, 64)
-    if max_len > cfg.max_position_embeddings and t + max_new_tokens > cfg.max_position_embeddings:
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:  # the real lengths: padding takes no position
         raise ValueError(
-            f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_position_embeddings="
+            f"{cfg.max_position_embeddings}"
         )
+    t = _bucket(longest, 8)  # bucketed shapes: fewer recompiles
+    max_len = _bucket(t + max_new_tokens, 64)
     tokens = np.full((b, t), pad, np.int32)
     start = np.zeros((b,), np.int32)
     for i, p in enumerate(prompts):

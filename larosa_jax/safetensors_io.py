@@ -56,6 +56,8 @@ class SafeTensorsFile:
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: not a safetensors file (header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ must map names to strings")
         self.header = header
         self._base = 8 + n
         for name, info in header.items():
@@ -129,10 +131,10 @@ def write_safetensors(
 
 
 def save_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write a small dict of arrays atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a small dict of arrays atomically (temporary sibling, then rename: :mod:`larosa_jax.outputs`)."""
+    from .outputs import staged_file
+
     arrays = {k: np.asarray(v) for k, v in tensors.items()}
     specs = [(k, a.shape, a.dtype) for k, a in arrays.items()]
-    write_safetensors(tmp, specs, arrays.items(), metadata)
-    os.replace(tmp, path)
+    with staged_file(path) as tmp:
+        write_safetensors(tmp, specs, arrays.items(), metadata)

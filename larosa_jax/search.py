@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import ALPHA_FILE, rotations_dir, rotations_fingerprint, rotations_path
 from .config import ModelConfig
 from .perplexity import perplexity
 from .sparse_model import sparsify
@@ -72,26 +73,67 @@ def search_alpha(model, stats, p: float, windows: np.ndarray, *, mode: str = "fa
     return SearchResult(p, mode, rows, (best["alpha_rot"], best["alpha_plain"]))
 
 
-ALPHA_FILE = "alpha.json"
+def _alpha_data(path: Path) -> dict:
+    from .config import ConfigError, read_json
+
+    try:
+        return read_json(path, "alpha.json from larosa search")
+    except ConfigError as e:
+        raise SparsityError(str(e)) from None
 
 
-def store_alpha(rotations_dir: str | Path, result: SearchResult) -> Path:
-    """Record the winner in ``<rotations_dir>/alpha.json`` under its sparsity and mode."""
-    path = Path(rotations_dir) / ALPHA_FILE
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault(f"{result.sparsity:g}", {})[result.mode] = result.to_dict()
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+def check_alpha_file(rotations: str | Path) -> Path:
+    """The alpha.json beside ``rotations`` must be readable before a search is spent on it."""
+    from .outputs import sweep
+
+    path = rotations_dir(rotations) / ALPHA_FILE
+    sweep(path)  # temporaries of a search killed while writing it
+    if path.exists():
+        _alpha_data(path)
     return path
 
 
-def stored_alpha(rotations_dir: str | Path, p: float, mode: str) -> tuple[float, float]:
-    path = Path(rotations_dir) / ALPHA_FILE
-    data = json.loads(path.read_text()) if path.exists() else {}
+def store_alpha(rotations_dir_: str | Path, result: SearchResult) -> Path:
+    """Record the winner in ``<rotations dir>/alpha.json`` under its sparsity and mode, tied to the
+    rotations it was searched on (their :func:`rotations_fingerprint`); entries searched on other
+    rotations are dropped. Written atomically."""
+    from .outputs import note, write_file
+
+    path = check_alpha_file(rotations_dir_)
+    fp = rotations_fingerprint(rotations_dir_)
+    data = _alpha_data(path) if path.exists() else {}
+    if data and data.get("rotations_fingerprint") != fp:
+        note(f"{path}: dropping α searched on other rotations (fingerprint {data.get('rotations_fingerprint')}, "
+             f"these are {fp})")
+        data = {}
+    data["rotations_fingerprint"] = fp
+    data.setdefault(f"{result.sparsity:g}", {})[result.mode] = result.to_dict()
+    write_file(path, json.dumps(data, indent=2))
+    return path
+
+
+def stored_alpha(rotations: str | Path, p: float, mode: str, fingerprint: str | None = None) -> tuple[float, float]:
+    """The searched (α_rot, α_plain) for ``p`` and ``mode``; refused unless alpha.json was searched on
+    exactly these rotations (``fingerprint``: theirs, if already known)."""
+    path = rotations_dir(rotations) / ALPHA_FILE
+    rerun = f"run larosa search --sparsity {p:g} --mode {mode} --rotations {rotations_dir(rotations)}"
+    if not path.exists():
+        raise SparsityError(f"{path}: no searched α for sparsity {p:g} mode {mode}; {rerun}")
+    data = _alpha_data(path)
+    fp = fingerprint or rotations_fingerprint(rotations)
+    have = data.get("rotations_fingerprint")
+    if have is None:
+        raise SparsityError(f"{path}: not tied to a rotations file (no rotations_fingerprint: copied in, or written "
+                            f"by an older larosa), so it may be stale for these rotations ({fp}); {rerun}")
+    if have != fp:
+        raise SparsityError(f"{path}: stale α, searched on other rotations (fingerprint {have}; "
+                            f"{rotations_path(rotations)} is {fp}); {rerun}")
     try:
-        return tuple(data[f"{p:g}"][mode]["best"])  # type: ignore[return-value]
-    except KeyError:
-        raise SparsityError(
-            f"{path}: no searched α for sparsity {p:g} mode {mode}; run larosa search --sparsity {p:g} --mode {mode}"
-        ) from None
+        best = data[f"{p:g}"][mode]["best"]
+    except (KeyError, TypeError):
+        raise SparsityError(f"{path}: no searched α for sparsity {p:g} mode {mode}; {rerun}") from None
+    ok = isinstance(best, list) and len(best) == 2 and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) and np.isfinite(a) and a > 0 for a in best)
+    if not ok:
+        raise SparsityError(f"{path}: entry {p:g}/{mode} has best={best!r}, expected two finite α > 0")
+    return float(best[0]), float(best[1])

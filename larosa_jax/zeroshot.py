@@ -19,6 +19,7 @@ so ``larosa`` commands other than ``zeroshot`` do not pay for it or need it inst
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -26,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+
+from . import outputs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = "LAROSA_ZEROSHOT_DIR"
@@ -500,79 +503,102 @@ def cmd_zeroshot(args) -> None:
     grid = []
     for m in methods:
         grid += [(m, 0.0)] if m == "dense" else [(m, p) for p in ps]
-    for m, p in grid:
-        if m != "dense":
-            SparseConfig(m, args.mode, p, "official" if alpha == "searched" else alpha)  # fail on bad values now
-    out = Path(args.out)
-    files = (out.with_suffix(".json"), out.with_suffix(".md"))
-    rows: list[dict] = []
-    if files[0].exists():
-        if args.resume:
-            rows = json.loads(files[0].read_text())["rows"]
-        elif not args.overwrite:
-            raise FileExistsError(f"{files[0]}: results exist (pass --overwrite to replace, or --resume to continue)")
+    if alpha == "searched" and "topk" in methods:
+        raise ZeroShotError("--alpha searched applies to larosa only (topk: official, uniform or a,b)")
+    from . import cli
+    from .calibration import CalibrationStats, rotations_fingerprint
+    from .evaluate import check_resumed_row, check_results, resume_rows
+
+    cfg = cli.checkpoint_config(args.ckpt)
+    if args.max_length is not None and args.max_length > cfg.max_position_embeddings:
+        raise ZeroShotError(f"--max-length {args.max_length}: must be in [2, {cfg.max_position_embeddings}] "
+                            "(the model's max_position_embeddings)")
+    needs_rot = any(m in ("larosa", "teal", "cats") for m, _ in grid)
+    if needs_rot and args.rotations is None:
+        raise ZeroShotError("methods larosa, teal and cats need --rotations (from larosa calibrate)")
+    stats = CalibrationStats.load(args.rotations) if needs_rot else None  # validated before any work
+    rot_id = rotations_fingerprint(args.rotations) if needs_rot else None
+    from .search import stored_alpha
+    from .sparsity import effective_sparsity_of
+
+    cells = []
+    for m, p in grid:  # every cell checked before the first run
+        a = stored_alpha(args.rotations, p, args.mode, rot_id) if alpha == "searched" and m == "larosa" else alpha
+        a = "official" if a == "searched" else a
+        sc = SparseConfig("dense") if m == "dense" else SparseConfig(m, args.mode, p, a)
+        effective_sparsity_of(cfg, sc)
+        cells.append((m, p, sc))
+    files = check_results(args.out, overwrite=args.overwrite, resume=args.resume, exts=(".json", ".md"))
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     include = local_tasks(data_dir, tasks=[t[: -len(SUFFIX)] for t in tasks])
 
     from lm_eval.utils import make_table
 
-    from .calibration import CalibrationStats
+    from .calibration import fingerprint
     from .checkpoint import load, load_tokenizer
     from .evaluate import _atomic_write, environment
-    from .search import stored_alpha
     from .parallel import make_mesh
     from .sparse_model import sparsify
 
+    mesh = make_mesh(args.mesh, cfg=cfg)
     model, tok = load(args.ckpt), load_tokenizer(args.ckpt)
-    mesh = make_mesh(args.mesh, cfg=model.config)
-    stats = None
-    if any(m in ("larosa", "teal", "cats") for m, _ in grid):
-        if args.rotations is None:
-            raise ZeroShotError("methods larosa, teal and cats need --rotations (from larosa calibrate)")
-        stats = CalibrationStats.load(args.rotations)
+    if stats is not None:
         stats.check_model(model, where=args.rotations)
-    if alpha == "searched":
-        for m, p in grid:
-            if m == "larosa":
-                stored_alpha(args.rotations, p, args.mode)
-            elif m == "topk":
-                raise ZeroShotError("--alpha searched applies to larosa only (topk: official, uniform or a,b)")
     lm_eval = _lm_eval()
     add_bos = None if args.add_bos_token is None else args.add_bos_token == "true"
+    max_length = args.max_length or model.config.max_position_embeddings
+    settings = {"model_fingerprint": fingerprint(model), "tasks": tasks, "limit": args.limit, "num_fewshot": 0,
+                "data_dir": str(data_dir.resolve()), "max_length": max_length, "add_bos_token": add_bos}
+    rows: list[dict] = resume_rows(files[0], settings) if args.resume and files[0].exists() else []
+    done = {(r["label"], r["sparsity"]): r for r in rows}
+    labelled = []
+    for m, p, sc in cells:
+        label = _run_label(m, args.mode, alpha if m in ("larosa", "topk") else None)
+        if (label, p) in done:
+            check_resumed_row(files[0], done[(label, p)], rot_id if m in ("larosa", "teal", "cats") else None,
+                              list(sc.alphas()) if m in ("larosa", "topk") else None)
+        labelled.append((m, p, sc, label))
     meta = {
         "model": str(args.ckpt), "tasks": tasks, "limit": args.limit, "num_fewshot": 0, "data_dir": str(data_dir),
-        "batch": args.batch, "max_length": args.max_length or model.config.max_position_embeddings, "add_bos_token": add_bos,
+        "batch": args.batch, "max_length": max_length, "add_bos_token": add_bos, "settings": settings,
         "lm_eval": lm_eval.__version__, "env": environment(),
         "calibration": None if stats is None else f"{stats.metadata.get('data_source')} "
         f"({stats.metadata.get('samples')} x {stats.metadata.get('seqlen')}, flavour {stats.flavour})",
     }
     result = {"meta": meta, "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["label"], r["sparsity"]) for r in rows}
-    for m, p in grid:
-        a = (stored_alpha(args.rotations, p, args.mode) if alpha == "searched" and m == "larosa" else alpha)
-        a = "official" if a == "searched" else a
-        label = _run_label(m, args.mode, alpha if m in ("larosa", "topk") else None)
-        if (label, p) in done:
-            continue
-        sc = SparseConfig("dense") if m == "dense" else SparseConfig(m, args.mode, p, a)
-        sm = sparsify(model, stats, sc)
-        lm = _lm_class()(sm, tok, batch_size=args.batch, max_length=args.max_length, add_bos_token=add_bos, mesh=mesh)
-        t0 = time.perf_counter()
-        res = run_zeroshot(sm, tok, tasks, args.limit, include, lm=lm)
-        secs = time.perf_counter() - t0
-        print(f"\n{label}, p = {p:g} (effective {sm.effective_sparsity:.3f}): {secs:.0f} s, "
-              f"{lm.stats['requests']} requests")
-        print(make_table(res))
-        rows.append({
-            "label": label, "method": m, "mode": args.mode if m == "larosa" else None,
-            "alpha": (alpha if isinstance(alpha, str) else list(alpha)) if m in ("larosa", "topk") else None,
-            "alpha_values": list(sc.alphas()) if m in ("larosa", "topk") else None,
-            "sparsity": p, "effective": sm.effective_sparsity, "seconds": secs, "stats": lm.stats,
-            "results": res["results"], "n_samples": res.get("n-samples"), "versions": res.get("versions"),
-            "rotations_flavour": None if stats is None or m in ("dense", "topk") else stats.flavour,
-        })
-        _atomic_write(files[0], json.dumps(result, indent=2, default=str))
-        _atomic_write(files[1], markdown(result))
+    staged = any(f.exists() for f in files) and not args.resume  # --overwrite: the old files stay until the end
+    targets = [outputs.tmp_sibling(f) for f in files] if staged else files
+    try:
+        for m, p, sc, label in labelled:
+            if (label, p) in done:
+                continue
+            sm = sparsify(model, stats, sc)
+            lm = _lm_class()(sm, tok, batch_size=args.batch, max_length=args.max_length, add_bos_token=add_bos, mesh=mesh)
+            t0 = time.perf_counter()
+            res = run_zeroshot(sm, tok, tasks, args.limit, include, lm=lm)
+            secs = time.perf_counter() - t0
+            print(f"\n{label}, p = {p:g} (effective {sm.effective_sparsity:.3f}): {secs:.0f} s, "
+                  f"{lm.stats['requests']} requests")
+            print(make_table(res))
+            rows.append({
+                "label": label, "method": m, "mode": args.mode if m == "larosa" else None,
+                "alpha": (alpha if isinstance(alpha, str) else list(alpha)) if m in ("larosa", "topk") else None,
+                "alpha_values": list(sc.alphas()) if m in ("larosa", "topk") else None,
+                "sparsity": p, "effective": sm.effective_sparsity, "seconds": secs, "stats": lm.stats,
+                "results": res["results"], "n_samples": res.get("n-samples"), "versions": res.get("versions"),
+                "rotations_flavour": None if stats is None or m in ("dense", "topk") else stats.flavour,
+                "rotations": rot_id if m in ("larosa", "teal", "cats") else None,
+            })
+            _atomic_write(targets[0], json.dumps(result, indent=2, default=str))
+            _atomic_write(targets[1], markdown(result))
+        if staged:
+            for t, f in zip(targets, files):
+                outputs.swap_in(t, f)
+    except BaseException:
+        if staged:
+            for t in targets:
+                with contextlib.suppress(OSError):
+                    t.unlink()
+        raise
     print(markdown(result))
     print(f"wrote {files[0]} and {files[1]}")

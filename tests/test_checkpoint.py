@@ -16,6 +16,7 @@ import torch
 import larosa_jax
 from larosa_jax.checkpoint import ConversionError
 from larosa_jax.config import ConfigError
+from larosa_jax.outputs import OutputError
 from larosa_jax.safetensors_io import CheckpointError, SafeTensorsFile
 
 from conftest import STORIES_DIR, assert_logits_close, forward, hf_logits
@@ -222,7 +223,7 @@ def test_missing_tensor(hf_dir, tmp_path):
     assert "model.layers.1.self_attn.v_proj.weight" in str(e.value) and "missing" in str(e.value)
 
 
-def test_failure_while_writing_cleans_up(hf_dir, tmp_path):
+def test_failure_while_writing_cleans_up(hf_dir, tmp_path, random_model):
     """A tensor that cannot be read (unsupported dtype) fails the conversion half-way through
     writing: no output directory, no temporary directory, and an existing output is kept."""
     from safetensors.torch import load_file, save_file
@@ -236,28 +237,38 @@ def test_failure_while_writing_cleans_up(hf_dir, tmp_path):
     msg = str(e.value)
     assert "model.norm.weight" in msg and "F8_E4M3" in msg and "model.safetensors" in msg
     assert leftovers(tmp_path) == ["hf"]
-    # with overwrite=True a failed conversion leaves the previous output untouched
-    out.mkdir()
-    (out / "keep.txt").write_text("previous")
+    # with overwrite=True a failed conversion leaves the previous checkpoint untouched
+    shutil.copytree(random_model(KIND).ckpt, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(CheckpointError):
         convert(hf_dir, out, overwrite=True)
-    assert (out / "keep.txt").read_text() == "previous"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert leftovers(tmp_path) == ["hf", "out"]
 
 
 def test_existing_output_refused_unless_overwrite(random_model, tmp_path, random_tokens):
+    """An existing checkpoint is replaced only with overwrite; a directory holding other files never."""
     rm = random_model(KIND)
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    with pytest.raises(ConversionError) as e:
+    for overwrite in (False, True):
+        with pytest.raises(OutputError) as e:
+            convert(rm.hf_dir, out, overwrite=overwrite)
+        assert str(out) in str(e.value) and ("overwrite" in str(e.value) or "stale.txt" in str(e.value))
+    assert (out / "stale.txt").read_text() == "old"
+    (out / "stale.txt").unlink()
+    for name in ("config.json", "model.safetensors"):  # an HF directory is no larosa checkpoint either
+        shutil.copyfile(STORIES_DIR / name, out / name)
+    with pytest.raises(OutputError, match="not a checkpoint directory"):
+        convert(rm.hf_dir, out, overwrite=True)
+    shutil.rmtree(out)
+    convert(STORIES_DIR, out)
+    with pytest.raises(OutputError, match="already exists"):
         convert(rm.hf_dir, out)
-    assert str(out) in str(e.value) and "overwrite" in str(e.value)
-    assert (out / "stale.txt").exists()
     convert(rm.hf_dir, out, overwrite=True)
-    assert not (out / "stale.txt").exists()
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors"} <= names and "stale.txt" not in names
+    assert {"config.json", "model.safetensors"} <= names
     tokens = random_tokens(1, 16)
     np.testing.assert_array_equal(forward(larosa_jax.load(out), tokens), forward(rm.model, tokens))
     assert leftovers(tmp_path) == ["out"]

@@ -81,7 +81,7 @@ def test_ppl_grid_files_resume_and_refusal(stories_ckpt, rotations, tmp_path, ca
 
 @pytest.mark.parametrize("bad,needle", [
     (["--data-file", "/nonexistent/text.txt"], "data file not found"),
-    (["--seqlen", "200000"], "shorter than one window"),
+    (["--seqlen", "200000"], "--seqlen 200000: must be in [2, 512]"),
     (["--seqlen", "1024"], "max_position_embeddings"),
     (["--methods", "dense,magic"], "unknown method 'magic'"),
     (["--mode", "sideways"], "unknown mode 'sideways'"),
