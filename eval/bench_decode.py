@@ -79,7 +79,7 @@ from larosa_jax.parallel import TensorParallel, make_mesh, shard_params  # noqa:
 from larosa_jax.plan import DecodePlan, PlanError  # noqa: E402
 from larosa_jax.search import alpha_plain_for  # noqa: E402
 from larosa_jax.models.transformer import dense_projection  # noqa: E402
-from larosa_jax.sparse_model import SparseModel, sparsify  # noqa: E402
+from larosa_jax.sparse_model import SparseModel, decode_kind, sparsify  # noqa: E402
 from kernel_trace import kernel_profile, print_profile  # noqa: E402  (eval/kernel_trace.py)
 from larosa_jax.sparsity import (SITES, SparseConfig, SparsityError, TealProjection, site_dims, site_ks,  # noqa: E402
                                  site_params)
@@ -212,8 +212,10 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> dict:
             jax.lax.bitcast_convert_type(x, jnp.bfloat16).reshape(-1, 4096).astype(jnp.float32), axis=-1),
         "XLA row max (uint32 rows of 8192)": lambda x: jnp.max(x.reshape(-1, 8192), axis=-1),
     }
-    for blk, warps in ((1 << 14, 8), (1 << 16, 16)):
-        candidates[f"Pallas block sums ({blk} words, {warps} warps)"] = functools.partial(_pallas_block_sum, blk=blk, warps=warps)
+    if jax.default_backend() == "gpu":  # (interpret mode elsewhere: no bandwidth to learn from)
+        for blk, warps in ((1 << 14, 8), (1 << 16, 16)):
+            candidates[f"Pallas block sums ({blk} words, {warps} warps)"] = functools.partial(_pallas_block_sum, blk=blk,
+                                                                                             warps=warps)
     got = {}
     for name, fn in candidates.items():
         try:
@@ -251,21 +253,31 @@ def parse_configs(text: str) -> list[tuple[str, float]]:
             pv = float(p)
         except ValueError:
             pv = -1.0
-        if m not in ("larosa", "larosa-a1", "topk", "teal") or not 0 < pv < 1:
-            raise SystemExit(f"--configs: {c!r} is not METHOD@P with METHOD larosa, larosa-a1, topk or teal and 0 < P < 1")
+        if m not in BENCH_METHODS or not 0 < pv < 1:
+            raise SystemExit(f"--configs: {c!r} is not METHOD@P with METHOD one of {', '.join(BENCH_METHODS)} and 0 < P < 1")
         out.append((m, pv))
     return out
 
 
+# each bench method and the decode it runs (plan.KINDS)
+KIND = {"dense": "dense", "topk": "topk", "teal": "teal", "larosa": "larosa", "larosa-a1": "larosa",
+        "larosa-thr": "larosa-threshold"}
+BENCH_METHODS = tuple(m for m in KIND if m != "dense")
+THRESHOLDS = ("teal", "larosa-thr")  # thresholds calibrated on the prompt (no k)
+
+
 def sparse_config(cfg: ModelConfig, method: str, p: float) -> SparseConfig:
     """larosa: the fused model, official α_rot, α_plain solved for effective = p; larosa-a1: the same
-    with α_rot = 1 (where the official α_rot leaves no valid α_plain, e.g. p = 0.75); topk: α = 1."""
+    with α_rot = 1 (where the official α_rot leaves no valid α_plain, e.g. p = 0.75); larosa-thr: the
+    fused model with calibrated thresholds on its rotated rows (p at every site, like TEAL); topk: α = 1."""
     if method == "dense":
         return SparseConfig("dense")
     if method == "topk":
         return SparseConfig("topk", "faithful", p, "uniform")
     if method == "teal":
         return SparseConfig("teal", "faithful", p)
+    if method == "larosa-thr":
+        return SparseConfig("larosa", "fused", p, "uniform", select="threshold")
     a_rot = 1.0 if method == "larosa-a1" else SparseConfig("larosa", "fused", p).alphas()[0]
     return SparseConfig("larosa", "fused", p, (a_rot, alpha_plain_for(cfg, a_rot)))
 
@@ -292,9 +304,9 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
     for method, p in configs:
         graphdef0, state0, specs = bases[method.startswith("larosa")]
         sc = sparse_config(cfg, method, p)
-        plan = plan_for(sc.method, args.plan)
+        plan = plan_for(KIND[method], args.plan)
         teal = None
-        if method == "teal":
+        if method in THRESHOLDS:
             base = nnx.merge(graphdef0, state0)
             thresholds, teal = teal_calibration(base, _prompt(cfg, 1, args.prompt), _prompt(cfg, 1, args.prompt, seed=1), p)
             m = SparseModel(base, sc, TealProjection(thresholds), plan)
@@ -366,11 +378,13 @@ def teal_calibration(model, tokens, held, p: float) -> tuple[dict[str, np.ndarra
     def quantiles(state, tokens, thresholds):
         got, frac = {s: [] for s in SITES}, {s: [] for s in SITES}
 
-        def capture(site, layer, x, linears, gain=None):
-            a = jnp.abs((x if gain is None else gain * x).astype(jnp.float32))
+        def capture(site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
+            out, keep = dense_projection(site, layer, x, linears, plan, gain=gain, prologue=prologue, residual=residual,
+                                         raw=raw)
+            a = jnp.abs(keep.x.astype(jnp.float32))  # the row the linears read (γ applied)
             got[site].append(jnp.quantile(a.reshape(-1), p))
             frac[site].append(jnp.mean(a <= thresholds[SITES.index(site), layer]))
-            return dense_projection(site, layer, x, linears, gain)
+            return out, keep
 
         nnx.merge(graphdef, state)(tokens, proj=capture)
         return {s: jnp.stack(v) for s, v in got.items()}, {s: jnp.stack(v) for s, v in frac.items()}
@@ -382,9 +396,10 @@ def teal_calibration(model, tokens, held, p: float) -> tuple[dict[str, np.ndarra
     return th, {s: np.asarray(v).round(4).tolist() for s, v in frac.items()}
 
 
-def plan_for(method: str, edits: str | None) -> DecodePlan:
-    """The decode plan a config runs: every kernel for ``method``, with ``--plan``'s edits."""
-    return DecodePlan.kernels(method).edit(edits or "").check(method)
+def plan_for(kind: str, edits: str | None) -> DecodePlan:
+    """The decode plan a config runs: every kernel for its decode ``kind`` (``plan.KINDS``) on a GPU (none
+    elsewhere: --tiny on a CPU times the jnp twins), with ``--plan``'s edits."""
+    return DecodePlan.default(kind).edit(edits or "").check(kind)
 
 
 def with_plan(m, plan: DecodePlan):
@@ -483,18 +498,18 @@ def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
 
 
 # ----------------------------------------------------------------------------- diagnostics
-def parse_variants(text: str | None, methods) -> list[str]:
-    """``--variants``: ``;``-separated plan edits (each checked for every method it will run with), or
-    ``nograph`` (the config's plan, XLA command buffers off)."""
+def parse_variants(text: str | None, kinds, edits: str | None) -> list[str]:
+    """``--variants``: ``;``-separated plan edits (each checked for every decode kind it will run with,
+    after ``--plan``'s), or ``nograph`` (the config's plan, XLA command buffers off)."""
     out = [v.strip() for v in (text or "").split(";") if v.strip()]
     for v in out:
         if v == "nograph":
             continue
-        for method in methods:
+        for kind in kinds:
             try:
-                plan_for(method, v)
+                plan_for(kind, edits).edit(v).check(kind)
             except PlanError as e:
-                raise SystemExit(f"--variants {v!r} for {method}: {e}") from None
+                raise SystemExit(f"--variants {v!r} for a {kind} decode: {e}") from None
     return out
 
 
@@ -507,8 +522,9 @@ def decode_variants(name, m, cfg, prompt_ids, max_len, dtype, args, variants) ->
     out = {}
     for v in variants:
         jax.clear_caches()
-        method = getattr(getattr(m, "inner", m), "method", "dense")
-        graphdef, state = with_plan(m, base if v == "nograph" else base.edit(v).check(method))
+        inner = getattr(m, "inner", m)
+        kind = decode_kind(inner.sparse, inner.base.adapters is not None)
+        graphdef, state = with_plan(m, base if v == "nograph" else base.edit(v).check(kind))
         try:
             ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
             kw = dict(sampling=SamplingConfig(), steps=args.new)
@@ -680,20 +696,22 @@ def main(argv=None):
     for n in names:  # every (model, config) must have valid k at every site before minutes of benchmarking
         cfg = ModelConfig.from_hf(tiny(HF_CONFIGS[n]) if args.tiny else HF_CONFIGS[n], source=n)
         for method, p in parse_configs(args.configs):
-            if method == "teal":  # thresholds, no k
+            if method in THRESHOLDS:  # thresholds, no k
                 continue
             try:
                 site_ks(cfg, sparse_config(cfg, method, p))
             except SparsityError as e:
                 ap.error(f"--configs {label(method, p)} on {n}: no α_plain gives effective sparsity {p:g} with "
                          f"{'α_rot = 1' if method == 'larosa-a1' else 'the official α_rot'} ({e}); try larosa-a1@{p:g}")
-    methods = {"larosa" if m.startswith("larosa") else m for m, _ in parse_configs(args.configs)}
+    configs = parse_configs(args.configs)
     try:
-        for method in methods:
-            plan_for(method, args.plan)
+        for m, _ in configs:
+            plan_for(KIND[m], args.plan)
     except PlanError as e:
         ap.error(f"--plan {args.plan!r}: {e}")
-    args.variants = parse_variants(args.variants, methods)
+    want_v = [t.split(":") for t in args.variants_model.split(",") if t]
+    args.variants = parse_variants(args.variants, {KIND[m] for m, p in configs if any(
+        (w[1:] or ["dense"])[0] == label(m, p) for w in want_v)}, args.plan)
     args.mesh = make_mesh(args.mesh) if args.mesh else None
 
     dev = jax.devices()[0]

@@ -1,14 +1,18 @@
 """Calibration: per-layer covariance H_l = Σ XᵀX, damping, eigh → Q_l; thresholds for the baselines.
 
-DESIGN.md §1 "Calibration". Windows stream through the dense model *layer by layer*: the residual
+Windows stream through the dense model *layer by layer*: the residual
 stream of all windows waits on the host between layers, and one jitted block step (compiled once,
 shared by every layer) sees one window batch at a time, so the device never holds more than one
 layer's activations for one batch. Each batch's XᵀX is made in float32 on the device and summed
 across batches in float64 on the host; the damped H_l's float64 eigendecomposition runs on the host
 (as the public code's does) in a worker thread, beside the next layer's device work.
 
-Flavours of X (they give different Q): ``faithful`` X = norm(h)·γ_attn (the official code);
-``fused`` X = norm(h) (γ-free, what the folded model rotates).
+Flavours (they give different Q): ``faithful`` H of X = norm(h)·γ_attn (the official code);
+``fused`` H of X = norm(h) (γ-free, what the folded model rotates); ``joint`` the eigenvectors of
+:func:`joint_metric` over both rotated sites (the attention and the MLP input), the Q the fused model
+is measured best with; ``global`` one Q for every layer, the eigenvectors of the layers' joint
+matrices summed (trace-normalised): the fused model then needs no adapters. Every flavour also records the quantiles of the γ-free rotated rows
+|norm(h)·Q_l| at both sites (from a sample of token rows), for La RoSA's calibrated thresholds.
 """
 
 from __future__ import annotations
@@ -35,11 +39,15 @@ from .models.transformer import dense_projection, residual, rope_tables, site_ro
 from .plan import DecodePlan
 from .safetensors_io import CheckpointError, SafeTensorsFile, write_safetensors
 
-FLAVOURS = ("faithful", "fused")
+FLAVOURS = ("faithful", "fused", "joint", "global")
+JOINT_EPS = 3.0  # joint flavour: weight of the γ-free covariances beside the γ-scaled ones (1-30 measured alike)
+ROT_SITES = ("qkv", "gate_up")  # the rotated sites: their |norm(h)·Q| quantiles serve La RoSA's thresholds
+ROT_SAMPLE_ROWS = 256  # token rows per site and window batch kept on the host for those quantiles
 DAMP = 0.01  # H += 0.01 · mean(diag H) · I
 QUANTILE_GRID = np.linspace(0.0, 1.0, 1001)
 SAMPLES_PER_BATCH = 1 << 16  # |x| values per site and window batch used for the quantiles
 STAT_SITES = ("qkv", "o", "gate_up", "down", "cats")  # "cats": |SiLU(gate)|
+QUANTILE_KEYS = (*STAT_SITES, "qkv_rot", "gate_up_rot")
 
 
 class CalibrationError(ValueError):
@@ -99,7 +107,8 @@ class CalibrationStats:
 
     rotations: np.ndarray  # [L, d, d] float32, columns = eigenvectors of H_l (damped)
     eigenvalues: np.ndarray  # [L, d]
-    quantiles: dict[str, np.ndarray]  # site → [L, len(QUANTILE_GRID)] quantiles of |x| (cats: |SiLU(g)|)
+    quantiles: dict[str, np.ndarray]  # site → [L, len(QUANTILE_GRID)] quantiles of |x| (cats: |SiLU(g)|;
+    #                                   "qkv_rot", "gate_up_rot": of |norm(h)·Q_l|, the fused model's rows)
     metadata: dict[str, str]
 
     @property
@@ -112,6 +121,15 @@ class CalibrationStats:
 
     def cats_threshold(self, p: float) -> np.ndarray:
         return self.teal_threshold("cats", p)
+
+    def rotated_threshold(self, site: str, p: float) -> np.ndarray:
+        """Per-layer threshold zeroing a fraction p of the rotated rows |norm(h)·Q_l| at q/k/v or gate/up
+        (La RoSA's calibrated thresholds; γ-free rows, as the fused model selects on)."""
+        key = f"{site}_rot"
+        if key not in self.quantiles:
+            raise CalibrationError(f"rotations from larosa {self.metadata.get('version', '?')} hold no quantiles of the "
+                                   f"rotated rows ({key}); recalibrate (larosa calibrate) for La RoSA's thresholds")
+        return self.teal_threshold(key, p)
 
     def check_model(self, model, where: str = "rotations") -> None:
         fp = fingerprint(model)
@@ -156,7 +174,7 @@ class CalibrationStats:
             m = re.fullmatch(r"layers\.(\d+)\.Q", k)
             if m:
                 layers[int(m.group(1))] = k
-            elif k != "eigenvalues" and not (k.startswith("quantiles.") and k.split(".", 1)[1] in STAT_SITES):
+            elif k != "eigenvalues" and not (k.startswith("quantiles.") and k.split(".", 1)[1] in QUANTILE_KEYS):
                 unknown.append(k)
         if not layers or "eigenvalues" not in f:
             raise CheckpointError(f"{p}: no layers.*.Q / eigenvalues tensors (not a rotations file from `larosa calibrate`)")
@@ -201,7 +219,7 @@ class CalibrationStats:
                                       f"allowed {ORTHO_TOL:g})")
         eig = tensor("eigenvalues", (n, d))
         quant = {}
-        for site in STAT_SITES:
+        for site in (*STAT_SITES, *(f"{s}_rot" for s in ROT_SITES if f"quantiles.{s}_rot" in f)):
             q = tensor(f"quantiles.{site}", (n, len(QUANTILE_GRID)))
             if (q < 0).any() or (np.diff(q, axis=1) < 0).any():
                 raise CheckpointError(f"{p}: tensor 'quantiles.{site}' is not a non-negative, non-decreasing quantile table")
@@ -209,23 +227,47 @@ class CalibrationStats:
         return cls(rot, eig, quant, meta)
 
 
-def rotation_of(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(eigenvalues, Q) of the damped covariance H + DAMP·mean(diag H)·I: a float64 eigendecomposition
-    of the float64 H on the host, as the public code computes it (float32 ``eigh`` on a device moved
-    single layers' sparsification errors by several %)."""
+def damped(h: np.ndarray) -> np.ndarray:
+    """H + DAMP·mean(diag H)·I in float64."""
     h = np.array(h, np.float64)
     h[np.diag_indices_from(h)] += DAMP * np.mean(np.diag(h))
-    w, q = np.linalg.eigh(h)
-    return w, q
+    return h
+
+
+def rotation_of(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues, Q) of the damped covariance: a float64 eigendecomposition of the float64 H on the
+    host, as the public code computes it (float32 ``eigh`` on a device moved single layers'
+    sparsification errors by several %)."""
+    return np.linalg.eigh(damped(h))
+
+
+def joint_metric(h_attn: np.ndarray, h_mlp: np.ndarray, g_attn: np.ndarray, g_mlp: np.ndarray,
+                 eps: float = JOINT_EPS) -> np.ndarray:
+    """The joint flavour's matrix for one layer, whose eigenvectors are its Q: over the two rotated sites
+    (attention input, MLP input; γ-free covariances H_s, RMSNorm gains γ_s), Σ_s Γ_s·H_s·Γ_s / tr + ε·H_s / tr
+    (each H_s damped). One Q serves both sites in the fused model, so both inputs count: the γ-scaled
+    covariance is what each site's weights see, the γ-free one what the selection sees."""
+    m = 0.0
+    for h, g in ((h_attn, g_attn), (h_mlp, g_mlp)):
+        hd = damped(h)
+        ghg = np.asarray(g, np.float64)[:, None] * hd * np.asarray(g, np.float64)[None, :]
+        m = m + ghg / np.trace(ghg) + eps * hd / np.trace(hd)
+    return m
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "flavour", "cfg"))
 def _block_step(graphdef, state, h, rope, start, key, *, flavour: str, cfg: ModelConfig):
-    """One decoder layer on one window batch: new h, this batch's XᵀX (float32), |x| quantiles per site."""
+    """One decoder layer on one window batch: new h, this batch's XᵀX per covariance (float32; the MLP
+    input's too for the joint flavour), |x| quantiles per site, and ``ROT_SAMPLE_ROWS`` random token rows
+    of the γ-free rotated-site inputs."""
     block = nnx.merge(graphdef, state)
     grid = jnp.asarray(QUANTILE_GRID, jnp.float32)
     stats: dict[str, jax.Array] = {}
-    keys = dict(zip(STAT_SITES, jax.random.split(key, len(STAT_SITES))))
+    covs: dict[str, jax.Array] = {}
+    rows: dict[str, jax.Array] = {}
+    keys = dict(zip((*STAT_SITES, "rows"), jax.random.split(key, len(STAT_SITES) + 1)))
+    n_tok = h.shape[0] * h.shape[1]
+    pick = jax.random.randint(keys["rows"], (min(ROT_SAMPLE_ROWS, n_tok),), 0, n_tok)
 
     def quantiles(site, v):
         flat = jnp.abs(v.astype(jnp.float32)).reshape(-1)
@@ -236,9 +278,12 @@ def _block_step(graphdef, state, h, rope, start, key, *, flavour: str, cfg: Mode
         row, _ = site_row(x, None, prologue)  # norm(h) at qkv / gate_up (γ-free), the plain input elsewhere
         xin = row if gain is None else gain * row
         quantiles(site, xin)
-        if site == "qkv":
-            xc = (xin if flavour == "faithful" else row).astype(jnp.float32).reshape(-1, row.shape[-1])
-            stats["H"] = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
+        if site in ROT_SITES:
+            free = row.astype(jnp.float32).reshape(-1, row.shape[-1])
+            rows[site] = free[pick]
+            if site == "qkv" or flavour in ("joint", "global"):
+                xc = xin.astype(jnp.float32).reshape(free.shape) if flavour == "faithful" else free
+                covs[site] = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
         out, keep = dense_projection(site, layer, x, linears, plan, gain=gain, prologue=prologue, raw=raw)
         if site == "gate_up":
             quantiles("cats", jax.nn.silu(out[0][..., : linears[0].kernel.shape[1]].astype(jnp.float32)))
@@ -249,7 +294,7 @@ def _block_step(graphdef, state, h, rope, start, key, *, flavour: str, cfg: Mode
     h_out, _ = block(h, 0, cfg, rope, None, slots, capture, DecodePlan.reference())
     h_out = residual(h_out, h.dtype)
     finite = jnp.all(jnp.isfinite(h_out.astype(jnp.float32)), axis=(1, 2))  # per window
-    return h_out, stats.pop("H"), stats, finite
+    return h_out, covs, stats, rows, finite
 
 
 def calibrate(
@@ -290,23 +335,37 @@ def calibrate(
     eigvals = np.zeros((n_layers, d), np.float32)
     quant = {s: np.zeros((n_layers, len(QUANTILE_GRID)), np.float64) for s in STAT_SITES}
     eighs = []
+    grid = np.asarray(QUANTILE_GRID)
 
-    def timed_rotation(h):
+    def metric(layer, covs):
+        blk = model.layers[layer]
+        gains = [np.asarray(n.scale[...], np.float64) for n in (blk.attn_norm, blk.mlp_norm)]
+        return joint_metric(covs["qkv"], covs["gate_up"], *gains)
+
+    def rotated_quantiles(q, rows):
+        return {f"{s}_rot": np.quantile(np.abs(np.concatenate(rows[s]) @ q), grid) for s in ROT_SITES}
+
+    def layer_rotation(layer, covs, rows):
+        """Q_l by the flavour (a float64 eigendecomposition), then the quantiles of |row·Q_l| at the rotated
+        sites; for ``global`` the layer's normalised joint matrix (Q comes after the last layer)."""
         te = time.time()
-        w, q = rotation_of(h)
-        return w, q, time.time() - te
+        if flavour == "global":
+            m = metric(layer, covs)
+            return m / np.trace(m), None, None, time.time() - te
+        w, q = np.linalg.eigh(metric(layer, covs)) if flavour == "joint" else rotation_of(covs["qkv"])
+        return w, q, rotated_quantiles(q, rows), time.time() - te
 
     bar = tqdm(range(n_layers), desc="calibrate", unit="layer", disable=not progress)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # LAPACK releases the GIL
         for layer in bar:
             graphdef, state = nnx.split(model.layers[layer])
             state = parallel.replicate(state, mesh)
-            hsum = np.zeros((d, d), np.float64)
+            covs, rows = {}, {s: [] for s in ROT_SITES}
             for bi, b in enumerate(batches):
                 nb = b.stop - b.start
                 r = rope if nb == start.shape[0] else tuple(x[:nb] for x in rope)
                 key, sub = jax.random.split(key)
-                h_new, hb, stats, finite = _block_step(
+                h_new, cb, stats, rb, finite = _block_step(
                     graphdef, state, parallel.shard_batch(jnp.asarray(h_host[bi]), mesh), parallel.replicate(r, mesh),
                     parallel.replicate(start[:nb], mesh), parallel.replicate(sub, mesh), flavour=flavour, cfg=cfg
                 )
@@ -316,14 +375,31 @@ def calibrate(
                     raise CalibrationError(f"non-finite activation (NaN or Inf) at layer {layer}, window {w}")
                 for s, q in stats.items():
                     quant[s][layer] += np.asarray(q, np.float64) * nb / n
-                hsum += np.asarray(hb, np.float64)
+                for c, v in cb.items():
+                    covs[c] = covs.get(c, 0.0) + np.asarray(v, np.float64)
+                for s, v in rb.items():
+                    rows[s].append(np.asarray(v, np.float32))
                 h_host[bi] = np.asarray(h_new)
-            eighs.append(pool.submit(timed_rotation, hsum))
+            eighs.append((pool.submit(layer_rotation, layer, covs, rows), rows))
         t_eigh = 0.0
-        for layer, fut in enumerate(eighs):
-            w, q, te = fut.result()
-            rotations[layer], eigvals[layer] = q, w
+        for s in ROT_SITES:
+            quant[f"{s}_rot"] = np.zeros((n_layers, len(QUANTILE_GRID)), np.float64)
+        if flavour == "global":  # one Q for every layer: the summed normalised joint matrices
+            te = time.time()
+            w, q = np.linalg.eigh(sum(fut.result()[0] for fut, _ in eighs))
+            for layer, (_, rows) in enumerate(eighs):
+                rotations[layer], eigvals[layer] = q, w
+                for k, v in rotated_quantiles(q, rows).items():
+                    quant[k][layer] = v
+            t_eigh += time.time() - te
+        for layer, (fut, _) in enumerate(eighs):
+            w, q, rq, te = fut.result()
             t_eigh += te
+            if q is None:
+                continue
+            rotations[layer], eigvals[layer] = q, w
+            for k, v in rq.items():
+                quant[k][layer] = v
     meta = {
         "model_fingerprint": fingerprint(model), "model_source": model_source, "flavour": flavour,
         "data_source": data_source, "tokens": str(n * t), "samples": str(n), "seqlen": str(t), "seed": str(seed),

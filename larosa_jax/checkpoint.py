@@ -392,7 +392,9 @@ def load(path: str | Path, dtype=None, mesh=None) -> Transformer:
                 f"{path / 'config.json'}: larosa.fused_form={meta.get('fused_form', 1)}, this version reads form "
                 f"{FUSED_FORM} (down_proj folded with the next layer's rotation); fuse again from the converted "
                 "checkpoint: larosa fuse --ckpt DIR --rotations FILE --out NEW_DIR")
-    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=fused))
+    adapters = bool(meta.get("adapters", fused))  # a fused model with one shared Q (flavour global) has none
+    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=adapters))
+    model.fused = fused
     names = {".".join(str(p) for p in p_) for p_, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
     extra = sorted(set(st.keys()) - names)
     if extra:
@@ -427,8 +429,8 @@ def save(model: Transformer, out: str | Path, *, meta: dict | None = None, token
         write_safetensors(tmp / "model.safetensors", specs, params.items(), {"format": "larosa", "dtype": dtype})
         hf = model.config.to_hf()
         hf["larosa"] = {"format_version": FORMAT_VERSION, "dtype": dtype, "layout": "input-major",
-                        "fused": model.adapters is not None, **(meta or {})}
-        if model.adapters is not None:
+                        "fused": model.fused, "adapters": model.adapters is not None, **(meta or {})}
+        if model.fused:
             from .fusion import FUSED_FORM
 
             hf["larosa"]["fused_form"] = FUSED_FORM

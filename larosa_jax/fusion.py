@@ -9,8 +9,9 @@ DESIGN.md §1 "Fused mode". The residual stream of layer l lives in its basis, r
   W_head ← Q_{L−1}ᵀ·diag(γ_final)·W_head  (tied embeddings are untied)
 All RMSNorm gains become 1, since norm(r) = norm(h)·Q_l (Q orthogonal). Folding runs in float64
 on the host and casts once to the model dtype. Applying the adapter to r_mid, not to r_mid + MLP,
-frees it from the MLP: at decode its product joins the down_proj sparse GEMV's launch as extra dense
-tiles, one launch and one sum for both (``pallas/sparse_gemv.py``).
+frees it from the MLP: at decode its product streams beside the down selection or in the down GEMV's
+launch (``pallas/sparse_gemv.py``). One Q for every layer (the ``global`` flavour) needs no adapters:
+the fused model is then a plain model in the rotated basis, decoding at Top-K's or TEAL's cost.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def fuse(model: Transformer, rotations: np.ndarray, dtype=None) -> Transformer:
     head = src["embed.embedding"].T if cfg.tie_word_embeddings else src["lm_head.kernel"]
     out["lm_head.kernel"] = q[-1].T @ (src["norm.scale"][:, None] * head)
     out["norm.scale"] = np.ones_like(src["norm.scale"])
-    out.update({f"adapters.{l}": q[l].T @ q[l + 1] for l in range(cfg.num_layers - 1)})
+    adapters = not all(np.array_equal(q[0], ql) for ql in q[1:])  # one shared Q: the adapters are identities
+    if adapters:
+        out.update({f"adapters.{l}": q[l].T @ q[l + 1] for l in range(cfg.num_layers - 1)})
 
     fused_cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
-    fused = nnx.eval_shape(lambda: Transformer(fused_cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=True))
+    fused = nnx.eval_shape(lambda: Transformer(fused_cfg, dtype=dtype, rngs=nnx.Rngs(0), adapters=adapters))
     assign_params(fused, out.get, where="fuse", dtype=dtype)
+    fused.fused = True
     return fused

@@ -22,6 +22,11 @@ import dataclasses
 import jax
 
 SITES = ("qkv", "o", "gate_up", "down")
+# what a decode needs, by sparse model: no selection (dense, CATS), per-token Top-K (topk, La RoSA's faithful
+# simulation), calibrated thresholds (TEAL), and La RoSA's fused model (adapters) with either selection
+KINDS = ("dense", "topk", "teal", "larosa", "larosa-threshold")
+THRESHOLD_KINDS = ("teal", "larosa-threshold")
+ADAPTER_KINDS = ("larosa", "larosa-threshold")
 NORM_SITES = ("qkv", "gate_up")  # sites whose input is RMSNorm(h): a norm prologue can make the row
 GEMVS = ("gather", "masked", "xla")
 ADAPTERS = ("side", "tail", "xla")
@@ -75,19 +80,20 @@ class DecodePlan:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def kernels(cls, method: str = "larosa") -> "DecodePlan":
-        """Every kernel that serves ``method``: exact Top-K methods select and gather at every site;
-        TEAL's thresholds need no search (a search-free norm launch before q/k/v and gate/up, masked
-        tiles reading the threshold in place at every site); dense and simulations use the dense GEMV
-        and attention kernels only."""
-        if method == "larosa":
+    def kernels(cls, kind: str = "larosa") -> "DecodePlan":
+        """Every kernel that serves a decode of ``kind`` (:data:`KINDS`): exact Top-K selects and gathers at
+        every site; thresholds need no search (a search-free norm launch before q/k/v and gate/up, masked
+        tiles reading the threshold in place at every site, La RoSA's adapter as tail tiles of the down
+        GEMV); ``dense`` uses the dense GEMV and attention kernels only."""
+        _check_kind(kind)
+        if kind == "larosa":
             return cls()
-        if method == "topk":  # no adapters
+        if kind == "topk":  # no adapters
             return cls(adapter="xla")
-        if method == "teal":
+        if kind in THRESHOLD_KINDS:
             norm = SitePlan(select=True, gemv="masked", prologue=True)
             plain = SitePlan(select=False, gemv="masked")
-            return cls(adapter="xla", sites=(norm, plain, norm, plain))
+            return cls(adapter="tail" if kind in ADAPTER_KINDS else "xla", sites=(norm, plain, norm, plain))
         return cls(adapter="xla", sites=(_JNP_SITE,) * len(SITES))
 
     @classmethod
@@ -96,9 +102,10 @@ class DecodePlan:
         return cls(gemv=False, attention=False, window=False, adapter="xla", sites=(_JNP_SITE,) * len(SITES))
 
     @classmethod
-    def default(cls, method: str = "dense") -> "DecodePlan":
+    def default(cls, kind: str = "dense") -> "DecodePlan":
         """:meth:`kernels` on a GPU, :meth:`reference` elsewhere."""
-        return cls.kernels(method) if jax.default_backend() == "gpu" else cls.reference()
+        _check_kind(kind)
+        return cls.kernels(kind) if jax.default_backend() == "gpu" else cls.reference()
 
     def site(self, name: str) -> SitePlan:
         return self.sites[SITES.index(name)]
@@ -109,9 +116,10 @@ class DecodePlan:
         return dataclasses.replace(self, adapter="xla")
 
     # ------------------------------------------------------------------ validation
-    def check(self, method: str = "larosa") -> "DecodePlan":
-        """``self`` if every option is known and the combination can run for ``method``; else PlanError.
-        The adapter route is checked for ``larosa`` only (the one method whose fused model has adapters)."""
+    def check(self, kind: str = "larosa") -> "DecodePlan":
+        """``self`` if every option is known and the combination can run a decode of ``kind``; else
+        PlanError. The adapter route is checked where the model has adapters (La RoSA's fused model)."""
+        _check_kind(kind)
         if len(self.sites) != len(SITES) or not all(isinstance(s, SitePlan) for s in self.sites):
             raise PlanError(f"a decode plan needs one SitePlan per site ({', '.join(SITES)}); got {self.sites!r}")
         if self.adapter not in ADAPTERS:
@@ -128,23 +136,23 @@ class DecodePlan:
                 raise PlanError(f"{name}.prologue=on needs {name}.select=on (the prologue runs in the selection kernel)")
             if sp.tile is not None:
                 _check_tile(name, sp.tile)
-        if method == "larosa" and self.adapter == "side":  # only La RoSA's fused model has adapters
+        if kind in ADAPTER_KINDS and self.adapter == "side":
             need = [f"{s}.select=on" for s in ("gate_up", "down") if not self.site(s).select]
             need += ["down.gemv=gather or masked"] if self.site("down").gemv == "xla" else []
             if need:
                 raise PlanError(f"adapter=side needs {', '.join(need)} (the gate/up selection zero-fills the sum, the "
                                 "down selection adds r·A onto it, its GEMV adds on); valid adapters here: tail, xla")
-        if method == "larosa" and self.adapter == "tail" and self.site("down").gemv == "xla":
+        if kind in ADAPTER_KINDS and self.adapter == "tail" and self.site("down").gemv == "xla":
             raise PlanError("adapter=tail needs down.gemv=gather or masked (r·A rides in the down GEMV's launch); "
                             "valid adapter here: xla")
-        if method == "teal":
+        if kind in THRESHOLD_KINDS:
             for name, sp in zip(SITES, self.sites):
                 if sp.gemv == "gather":
-                    raise PlanError(f"teal: {name}.gemv=gather needs compacted Top-K indices; TEAL's thresholds "
-                                    "take masked or xla")
+                    raise PlanError(f"{kind}: {name}.gemv=gather needs compacted Top-K indices; thresholds take masked "
+                                    "or xla")
                 if sp.select and name not in NORM_SITES:
-                    raise PlanError(f"teal: {name}.select=on has nothing to select (the GEMV reads TEAL's threshold "
-                                    "in place); set it off")
+                    raise PlanError(f"{kind}: {name}.select=on has nothing to select (the GEMV reads the threshold in "
+                                    "place); set it off")
         return self
 
     # ------------------------------------------------------------------ text form
@@ -193,6 +201,11 @@ class DecodePlan:
             if sp.tile is not None:
                 parts.append(f"{n}.tile={'x'.join(map(str, sp.tile))}")
         return ",".join(parts)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise PlanError(f"decode kind {kind!r}; valid: {', '.join(KINDS)}")
 
 
 def _flag(key: str, val: str) -> bool:

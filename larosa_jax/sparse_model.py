@@ -25,10 +25,12 @@ class SparseModel(nnx.Module):
     def __init__(self, base: Transformer, sparse: SparseConfig, proj, plan: DecodePlan | None = None):
         self.base = base
         self.proj = proj
-        self.plan = (DecodePlan.default(sparse.method) if plan is None else plan).check(sparse.method)
+        kind = decode_kind(sparse, base.adapters is not None)
+        self.plan = (DecodePlan.default(kind) if plan is None else plan).check(kind)
         # only the method, mode and α rule are static: other p or α values reuse the compiled model
         self.method, self.mode = sparse.method, sparse.mode
         self.alpha_rule = sparse.alpha if isinstance(sparse.alpha, str) else None
+        self.select = sparse.select
         self.numbers = Stat(jnp.asarray([sparse.sparsity, *sparse.alphas(), effective_sparsity_of(base.config, sparse)]))
 
     @property
@@ -42,7 +44,7 @@ class SparseModel(nnx.Module):
     @property
     def sparse(self) -> SparseConfig:
         p, a_rot, a_plain, _ = (float(v) for v in self.numbers[...])
-        return SparseConfig(self.method, self.mode, p, self.alpha_rule or (a_rot, a_plain))
+        return SparseConfig(self.method, self.mode, p, self.alpha_rule or (a_rot, a_plain), self.select)
 
     @property
     def effective_sparsity(self) -> float:
@@ -54,21 +56,32 @@ class SparseModel(nnx.Module):
         return self.base(tokens, cache, start=start, proj=self.proj, plan=self.plan)
 
 
+def decode_kind(sc: SparseConfig, adapters: bool = True) -> str:
+    """What a decode of ``sc`` needs (``plan.KINDS``): no selection, Top-K or thresholds, and whether the
+    model has La RoSA's adapters (the fused model of layerwise rotations does; one shared Q does not)."""
+    if sc.method in ("dense", "cats") or sc.sparsity == 0:
+        return "dense"
+    threshold = sc.method == "teal" or sc.select == "threshold"
+    if sc.method == "larosa" and sc.mode == "fused" and adapters:
+        return "larosa-threshold" if threshold else "larosa"
+    return "teal" if threshold else "topk"
+
+
 def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig,
              plan: DecodePlan | None = None) -> SparseModel:
     """Apply ``sc`` to a dense (or already fused) model. Checks that ``stats`` belong to ``model``;
     ``plan``: the decode's kernels (default: every kernel that serves the method on a GPU, none elsewhere)."""
     if isinstance(model, SparseModel):
         model = model.base
-    fused_already = model.adapters is not None
+    fused_already = model.fused
     if stats is not None and not fused_already:
         stats.check_model(model)
     if sc.method == "larosa" and sc.mode == "fused" and not fused_already:
         if stats is None:
-            raise ValueError("larosa fused mode needs rotations (larosa calibrate --flavour fused)")
-        if stats.flavour != "fused":
+            raise ValueError("larosa fused mode needs rotations (larosa calibrate --flavour joint)")
+        if stats.flavour == "faithful":
             warnings.warn("folding rotations of the 'faithful' flavour: fused mode rotates norm(h) without γ; "
-                          "calibrate with --flavour fused for the matching rotations", stacklevel=2)
+                          "calibrate with --flavour joint (or fused) for rotations made for it", stacklevel=2)
         model = fuse(model, stats.rotations)
     elif fused_already and sc.method not in ("dense", "larosa") or (fused_already and sc.mode != "fused" and sc.method == "larosa"):
         raise ValueError(f"a fused model only runs method 'larosa' mode 'fused' (or 'dense'), not {sc.method}/{sc.mode}")

@@ -23,6 +23,7 @@ from .plan import DecodePlan
 
 Array = jax.Array
 METHODS = ("dense", "topk", "teal", "cats", "larosa")
+SELECTS = ("topk", "threshold")
 MODES = ("faithful", "fused")
 SITES = ("qkv", "o", "gate_up", "down")
 SITE_TYPE = {"qkv": "rot", "gate_up": "rot", "o": "plain", "down": "plain"}
@@ -41,12 +42,17 @@ class SparseConfig:
     rotated and 1.2p on plain inputs (k = int((1 − s)·D), as it computes it; α_rot = (1 − 0.8p)/(1 − p)
     and α_plain = (1 − 1.2p)/(1 − p) up to that rounding) — or ``"uniform"`` (α = 1 everywhere). Used
     by ``larosa`` and ``topk``; ``teal``/``cats`` apply p uniformly through calibrated thresholds.
+
+    ``select``: how La RoSA's fused model keeps entries — ``topk`` (exactly k per token) or ``threshold``
+    (calibrated per layer and site like TEAL's, on the rotated rows at q/k/v and gate/up, at the sites'
+    sparsities as α gives them: no search at decode, and each token keeps what it needs).
     """
 
     method: str = "larosa"
     mode: str = "faithful"
     sparsity: float = 0.0
     alpha: tuple[float, float] | str = "official"
+    select: str = "topk"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -57,6 +63,11 @@ class SparseConfig:
             raise SparsityError(f"sparsity={self.sparsity}: must be in [0, 1)")
         if isinstance(self.alpha, str) and self.alpha not in ("official", "uniform"):
             raise SparsityError(f"alpha={self.alpha!r}: expected (α_rot, α_plain), 'official' or 'uniform'")
+        if self.select not in SELECTS:
+            raise SparsityError(f"unknown select {self.select!r}; valid: {', '.join(SELECTS)}")
+        if self.select == "threshold" and (self.method, self.mode) != ("larosa", "fused"):
+            raise SparsityError(f"select='threshold' is La RoSA's fused model (method larosa, mode fused), not "
+                                f"{self.method}/{self.mode}; TEAL is method teal")
 
     def alphas(self) -> tuple[float, float]:
         p = self.sparsity
@@ -118,6 +129,12 @@ def effective_sparsity(cfg: ModelConfig, site_sparsity: dict[str, float]) -> flo
     return sum(site_sparsity.get(s, 0.0) * w[s] for s in SITES) / sum(w.values())
 
 
+def site_sparsities(cfg: ModelConfig, sc: SparseConfig) -> dict[str, float]:
+    """The fraction of entries each site drops: 1 − k/D of the Top-K ks (what La RoSA's thresholds aim at too)."""
+    dims, ks = site_dims(cfg), site_ks(cfg, sc)
+    return {s: 1.0 - ks[s] / dims[s] for s in SITES}
+
+
 def effective_sparsity_of(cfg: ModelConfig, sc: SparseConfig) -> float:
     """Effective sparsity a config asks for (thresholds aim at p on their sites: teal all, cats gate/up→down)."""
     p = sc.sparsity
@@ -129,8 +146,7 @@ def effective_sparsity_of(cfg: ModelConfig, sc: SparseConfig) -> float:
         f, d = cfg.intermediate_size, cfg.hidden_size
         w = site_params(cfg)
         return p * 2 * f * d / sum(w.values())
-    dims, ks = site_dims(cfg), site_ks(cfg, sc)
-    return effective_sparsity(cfg, {s: 1.0 - ks[s] / dims[s] for s in SITES})
+    return effective_sparsity(cfg, site_sparsities(cfg, sc))
 
 
 # ----------------------------------------------------------------------------- Top-K
@@ -297,12 +313,17 @@ def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
         return None
     if sc.method == "topk":
         return TopKProjection(site_ks(cfg, sc))
-    if sc.method == "larosa" and sc.mode == "fused":  # on the folded model: gains are ones
+    if sc.method == "larosa" and sc.mode == "fused" and sc.select == "topk":  # on the folded model: gains are ones
         return TopKProjection(site_ks(cfg, sc), gains=False)
     if stats is None:
-        raise SparsityError(f"method {sc.method!r} needs calibration statistics (larosa calibrate)")
+        raise SparsityError(f"method {sc.method!r}{' with thresholds' if sc.select == 'threshold' else ''} needs "
+                            "calibration statistics (larosa calibrate)")
+    if sc.method == "larosa" and sc.select == "threshold":  # thresholds on the folded model's rows
+        sp = site_sparsities(cfg, sc)
+        return TealProjection({s: stats.rotated_threshold(s, sp[s]) if SITE_TYPE[s] == "rot"
+                               else stats.teal_threshold(s, sp[s]) for s in SITES})
     if sc.method == "larosa":
-        return RotatedTopKProjection(site_ks(cfg, sc), stats.rotations, gamma_free=stats.flavour == "fused")
+        return RotatedTopKProjection(site_ks(cfg, sc), stats.rotations, gamma_free=stats.flavour != "faithful")
     if sc.method == "teal":
         return TealProjection({s: stats.teal_threshold(s, sc.sparsity) for s in SITES})
     return CatsProjection(stats.cats_threshold(sc.sparsity))

@@ -558,7 +558,7 @@ def _kernels_traced(monkeypatch) -> set:
 
 
 SELECT, GATHER, MASKED, STEP = "select._select_kernel", "sparse_gemv._gather_kernel", "sparse_gemv._kernel", "attention._step_kernel"
-# (batch, plan edits on DecodePlan.kernels(method), method, kernels that must run, kernels that must not)
+# (batch, plan edits on DecodePlan.kernels(kind), decode kind, kernels that must run, kernels that must not)
 PLAN_CASES = [
     (1, "", "larosa", {(SELECT, "zeros"), (SELECT, "add"), (GATHER, False), (STEP, None), ("select.prologue", "norm+add")},
      {(MASKED, False), (MASKED, True), (GATHER, True)}),
@@ -569,6 +569,8 @@ PLAN_CASES = [
     (1, "o.gemv=xla,down.select=off,down.gemv=xla", "topk", {(GATHER, False), ("select.prologue", "norm+add+gain")},
      {(MASKED, False)}),
     (1, "", "teal", {(MASKED, False), ("select.prologue", "norm+add+gain")}, {(GATHER, False)}),
+    (1, "", "larosa-threshold", {(MASKED, True), (MASKED, False), ("select.prologue", "norm+add+gain")},
+     {(GATHER, False), (SELECT, "add")}),
     (4, "", "larosa", {(SELECT, None), (STEP, None)}, {(GATHER, False), (MASKED, False)}),
 ]
 
@@ -591,19 +593,21 @@ def test_decode_plans_reach_their_kernels_and_match_the_jnp_path(batch, edits, m
         "architectures": ["Qwen2ForCausalLM"], "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 256, "max_position_embeddings": 256,
         "tie_word_embeddings": False, "rms_norm_eps": 1e-6})
-    fused = method == "larosa"  # La RoSA fused (adapters, gains folded) or Top-K / TEAL on the plain model (γ applied)
+    fused = method.startswith("larosa")  # La RoSA fused (adapters, gains folded) or Top-K / TEAL on the plain model (γ applied)
     base = random_model(cfg, jnp.bfloat16, seed=3, adapters=fused)
     prompt = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, 6)), jnp.int32)
     plan = DecodePlan.kernels(method).edit(edits)
 
     def model(plan):
-        if method == "teal":  # thresholds at the quartile of the prompt's |x| (γ applied), per site and layer
-            from _helpers import capture
+        if method in ("teal", "larosa-threshold"):  # thresholds at the quartile of the prompt's |x| (γ applied; the
+            from _helpers import capture  # fused model's rotated rows), per site and layer
 
             rec = capture(base, prompt)
             th = {s: np.array([np.quantile(np.abs(rec[f"{s}.{l}"].astype(np.float32)), 0.25) for l in range(2)])
                   for s in SITES}
-            return SparseModel(base, SparseConfig("teal", "faithful", 0.25), TealProjection(th), plan)
+            sc = SparseConfig("teal", "faithful", 0.25) if method == "teal" else SparseConfig(
+                "larosa", "fused", 0.25, select="threshold")
+            return SparseModel(base, sc, TealProjection(th), plan)
         return sparsify(base, None, SparseConfig(method, "fused" if fused else "faithful", 0.25), plan)
 
     def run(sm, feed=None):

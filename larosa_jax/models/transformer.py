@@ -260,6 +260,7 @@ class Transformer(nnx.Module):
         # Pallas call is first copied out by XLA (~16 µs per layer and token at Llama-2-7B size on an H200)
         self.adapters = _List([nnx.Param(jnp.eye(d, dtype=dtype)) for _ in range(cfg.num_layers - 1)]) if adapters else None
         self.plan = DecodePlan.default("dense")  # static: which kernels the decode may use
+        self.fused = adapters  # La RoSA's folded model (fusion.py); with one shared Q it has no adapters
 
     @property
     def dtype(self):
