@@ -1,4 +1,4 @@
-"""``larosa`` command line: convert | generate | calibrate | search | fuse | ppl | zeroshot | demo.
+"""``larosa`` command line: convert | generate | calibrate | search | fuse | ppl | frontier | tune | zeroshot | demo.
 
 Errors the user can fix (bad paths, bad configs, bad values) print one line and exit 2. Every
 numeric flag is range-checked before any work, then each command checks what depends on the model's
@@ -380,6 +380,130 @@ def cmd_ppl(args) -> None:
     print(f"wrote {', '.join(str(f) for f in files)}")
 
 
+def _add_frontier(sub):
+    from .frontier import RECIPES
+
+    p = sub.add_parser("frontier", help="perplexity × decode speed of sparsity recipes: which gives the best text at a "
+                       "given speed (json + md + png)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--rotations", action="append", default=[], metavar="FLAVOUR=DIR",
+                   help="a calibration per flavour the recipes need (repeat), e.g. joint=rot/joint global=rot/global")
+    p.add_argument("--recipes", type=_csv(str), default=list(RECIPES),
+                   help=f"comma list of {', '.join(RECIPES)} (default: all)")
+    p.add_argument("--sparsity", type=_csv(float), default=[0.2, 0.3, 0.4, 0.5, 0.6], help="nominal p (default %(default)s)")
+    p.add_argument("--speeds", action="append", default=[], metavar="JSON",
+                   help="eval/bench_decode.py results of one device with every recipe's decode (repeat for several files)")
+    p.add_argument("--shape", default="llama2-7b", help="the model shape whose decode speed to read (default %(default)s)")
+    p.add_argument("--protocol", default="full", choices=["full", "random"])
+    p.add_argument("--samples", type=int, default=128, help="windows for --protocol random")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick runs; a full "
+                   "WikiText-2 test pass of SmolLM2 per row takes tens of minutes on a CPU, seconds on a GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--data-file", default=None, help="local text file (offline), e.g. wiki.test.raw")
+    p.add_argument("--batch", type=int, default=1, help="windows per step")
+    p.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
+                   help="skip the per-layer teacher-forced error on the first window")
+    p.add_argument("--out", required=True, help="results path without extension (writes OUT.json, OUT.md, OUT.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results (kept until the new run is done)")
+    p.add_argument("--resume", action="store_true", help="continue a partial run in --out (same settings only)")
+    p.set_defaults(func=cmd_frontier)
+
+
+def _rotation_args(items) -> dict:
+    from .calibration import FLAVOURS
+
+    out = {}
+    for item in items:
+        fl, eq, path = item.partition("=")
+        if not eq or fl not in FLAVOURS or not path:
+            raise UsageError(f"--rotations {item!r}: expected FLAVOUR=DIR with FLAVOUR one of {', '.join(FLAVOURS)}")
+        out[fl] = path
+    return out
+
+
+def cmd_frontier(args) -> None:
+    from . import data, frontier
+    from .calibration import CalibrationStats, fingerprint, rotations_fingerprint
+    from .checkpoint import load, load_tokenizer
+    from .evaluate import check_results, eval_windows
+
+    rot_paths = _rotation_args(args.rotations)
+    cfg = checkpoint_config(args.ckpt)
+    _check_seqlen(args, cfg)
+    speeds = frontier.load_speeds(args.speeds, args.shape)
+    cells = frontier.check_recipes(args.recipes, args.sparsity, cfg, rot_paths, speeds)
+    check_results(args.out, overwrite=args.overwrite, resume=args.resume)
+    stats = {fl: CalibrationStats.load(p) for fl, p in rot_paths.items()}
+    for fl, st in stats.items():
+        if st.flavour != fl:
+            raise UsageError(f"--rotations {fl}={rot_paths[fl]}: that calibration is of the {st.flavour} flavour")
+    tok = load_tokenizer(args.ckpt)
+    text, source = data.load_text(args.data, args.data_file, split="test")
+    ids = data.tokenize(tok, text)
+    win = eval_windows(ids, args.protocol, args.seqlen, args.samples, args.seed, source)
+    if args.limit is not None:
+        win = win[: args.limit]
+    model = load(args.ckpt)
+    for fl, st in stats.items():
+        st.check_model(model, where=rot_paths[fl])
+    settings = {"model_fingerprint": fingerprint(model), "data_fingerprint": data.fingerprint(ids),
+                "protocol": args.protocol, "limit": args.limit,
+                "rotations": {fl: rotations_fingerprint(p) for fl, p in sorted(rot_paths.items())}}
+    meta = {"model": str(args.ckpt), "data": source,
+            "calibration": {fl: f"{st.metadata.get('data_source')} ({st.metadata.get('samples')} x "
+                                f"{st.metadata.get('seqlen')})" for fl, st in stats.items()}}
+    res = frontier.run(model, stats, win, cells, speeds, out=args.out, meta=meta, settings=settings,
+                       batch_size=args.batch, resume=args.resume, overwrite=args.overwrite, layer_errors=args.layer_errors)
+    print(frontier.markdown(res))
+
+
+def _add_tune(sub):
+    p = sub.add_parser("tune", help="the best sparse config for a speed or quality target, from a frontier's results")
+    p.add_argument("--frontier", required=True, help="OUT.json of larosa frontier")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target-speedup", type=float, help="lowest perplexity at a decode speed-up of at least S")
+    g.add_argument("--max-ppl-increase", type=float, help="fastest within X perplexity of dense")
+    p.add_argument("--ckpt", default=None, help="check that the frontier was measured on this checkpoint")
+    p.add_argument("--out", default=None, help="save the pick as a sparse config JSON (sparsify and generate read it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> None:
+    import json
+
+    from . import frontier, outputs
+    from .config import read_json
+
+    for flag in ("target_speedup", "max_ppl_increase"):
+        v = getattr(args, flag)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{_flag(flag)} {v}: must be a finite number > 0")
+    res = read_json(Path(args.frontier), "larosa frontier results")
+    if not isinstance(res.get("rows"), list) or "speeds" not in res.get("meta", {}):
+        raise UsageError(f"{args.frontier}: not a larosa frontier results file (needs meta.speeds and rows)")
+    if args.ckpt is not None:
+        from .calibration import fingerprint
+        from .checkpoint import load
+
+        want = res["meta"].get("settings", {}).get("model_fingerprint")
+        if fingerprint(load(args.ckpt)) != want:
+            raise UsageError(f"{args.frontier}: measured on another model ({want}), not {args.ckpt}")
+    row = frontier.pick(res, target_speedup=args.target_speedup, max_ppl_increase=args.max_ppl_increase)
+    doc = frontier.tuned_config(row, str(args.frontier), res["meta"])
+    print(f"{row['recipe']} at p={row['sparsity']:g}: effective sparsity {row['effective']:.3f}, ppl {row['ppl']:.3f}, "
+          f"{row['ms_per_token']:.3f} ms/token ({row['speedup']:.2f}x dense) at {doc['speeds']['shape']} on "
+          f"{doc['speeds']['device']}")
+    print(json.dumps(doc["sparse_config"]) + (f" (rotations: the {doc['rotations_flavour']} flavour)"
+                                               if doc["rotations_flavour"] else ""))
+    if args.out:
+        target = outputs.check_target(args.out, frontier.TUNED, overwrite=args.overwrite)
+        outputs.write_file(target, json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {target}")
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the whole pipeline on the bundled stories260K model and TinyStories text (CPU, ~1 min)")
     p.add_argument("--out", default="runs/demo", help="working directory (OUT/stories260K, OUT/rotations)")
@@ -471,7 +595,8 @@ def _sigterm(signum, frame):
 
 from .zeroshot import add_parser as _add_zeroshot  # noqa: E402  (imports lm_eval only when run)
 
-_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse, _add_ppl, _add_demo, _add_zeroshot]
+_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse, _add_ppl, _add_frontier, _add_tune,
+             _add_demo, _add_zeroshot]
 
 if __name__ == "__main__":
     sys.exit(main())

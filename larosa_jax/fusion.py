@@ -63,3 +63,39 @@ def fuse(model: Transformer, rotations: np.ndarray, dtype=None) -> Transformer:
     assign_params(fused, out.get, where="fuse", dtype=dtype)
     fused.fused = True
     return fused
+
+
+def weight_aware(model: Transformer) -> Transformer:
+    """The same function with Top-K made weight-aware: entry i of a site's input is ranked by |a_i|·s_i,
+    s_i the norm of row i of the weights it multiplies (q/k/v together, gate/up together, down), so that
+    what a dropped entry would have added to the outputs counts, not its size alone (WINA's score; in
+    the fused model this is how γ re-enters a γ-free Q). Folded, so the decode is unchanged: the RMSNorm
+    gain γ becomes γ·s and those weight rows 1/s (q/k/v, gate/up), and the up columns s and the down
+    rows 1/s (SiLU(g)·u·s is the down input times s)."""
+    cfg = model.config
+    src = {k: np.asarray(jnp.asarray(v, jnp.float32), np.float64) for k, v in params_of(model).items()}
+    out = dict(src)
+    for l in range(cfg.num_layers):
+        p = f"layers.{l}."
+        for norm, names in (("attn_norm", ("attn.q", "attn.k", "attn.v")), ("mlp_norm", ("mlp.gate", "mlp.up"))):
+            w = np.concatenate([src[p + n + ".kernel"] for n in names], axis=1)
+            scale = _row_norms(w)
+            out[p + norm + ".scale"] = src[p + norm + ".scale"] * scale
+            for n in names:
+                out[p + n + ".kernel"] = src[p + n + ".kernel"] / scale[:, None]
+        scale = _row_norms(src[p + "mlp.down.kernel"])
+        out[p + "mlp.up.kernel"] = out[p + "mlp.up.kernel"] * scale[None, :]
+        if p + "mlp.up.bias" in src:
+            out[p + "mlp.up.bias"] = src[p + "mlp.up.bias"] * scale
+        out[p + "mlp.down.kernel"] = src[p + "mlp.down.kernel"] / scale[:, None]
+    new = nnx.eval_shape(lambda: Transformer(cfg, dtype=model.dtype, rngs=nnx.Rngs(0), adapters=model.adapters is not None))
+    assign_params(new, out.get, where="weight_aware", dtype=model.dtype)
+    new.fused, new.plan = model.fused, model.plan
+    return new
+
+
+def _row_norms(w: np.ndarray) -> np.ndarray:
+    """Row norms, floored so that an all-zero row (nothing to lose) keeps a finite, small scale."""
+    n = np.linalg.norm(w, axis=1)
+    return np.maximum(n, 1e-6 * max(float(n.max()), 1e-30))
+

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .calibration import CalibrationStats
-from .fusion import fuse
+from .fusion import fuse, weight_aware
 from .models import Transformer
 from .plan import DecodePlan
 from .sparsity import SparseConfig, Stat, effective_sparsity_of, make_projection
@@ -30,7 +30,7 @@ class SparseModel(nnx.Module):
         # only the method, mode and α rule are static: other p or α values reuse the compiled model
         self.method, self.mode = sparse.method, sparse.mode
         self.alpha_rule = sparse.alpha if isinstance(sparse.alpha, str) else None
-        self.select = sparse.select
+        self.select, self.weighted = sparse.select, sparse.weighted
         self.numbers = Stat(jnp.asarray([sparse.sparsity, *sparse.alphas(), effective_sparsity_of(base.config, sparse)]))
 
     @property
@@ -44,7 +44,7 @@ class SparseModel(nnx.Module):
     @property
     def sparse(self) -> SparseConfig:
         p, a_rot, a_plain, _ = (float(v) for v in self.numbers[...])
-        return SparseConfig(self.method, self.mode, p, self.alpha_rule or (a_rot, a_plain), self.select)
+        return SparseConfig(self.method, self.mode, p, self.alpha_rule or (a_rot, a_plain), self.select, self.weighted)
 
     @property
     def effective_sparsity(self) -> float:
@@ -67,10 +67,13 @@ def decode_kind(sc: SparseConfig, adapters: bool = True) -> str:
     return "teal" if threshold else "topk"
 
 
-def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig,
+def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig | str,
              plan: DecodePlan | None = None) -> SparseModel:
-    """Apply ``sc`` to a dense (or already fused) model. Checks that ``stats`` belong to ``model``;
-    ``plan``: the decode's kernels (default: every kernel that serves the method on a GPU, none elsewhere)."""
+    """Apply ``sc`` (a SparseConfig, or the path of one saved as JSON, e.g. by ``larosa tune``) to a dense
+    (or already fused) model. Checks that ``stats`` belong to ``model``; ``plan``: the decode's kernels
+    (default: every kernel that serves the method on a GPU, none elsewhere)."""
+    if not isinstance(sc, SparseConfig):
+        sc = SparseConfig.load(sc)
     if isinstance(model, SparseModel):
         model = model.base
     fused_already = model.fused
@@ -85,4 +88,6 @@ def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfi
         model = fuse(model, stats.rotations)
     elif fused_already and sc.method not in ("dense", "larosa") or (fused_already and sc.mode != "fused" and sc.method == "larosa"):
         raise ValueError(f"a fused model only runs method 'larosa' mode 'fused' (or 'dense'), not {sc.method}/{sc.mode}")
+    if sc.weighted:
+        model = weight_aware(model)
     return SparseModel(model, sc, make_projection(model.config, sc, stats), plan)

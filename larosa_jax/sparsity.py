@@ -46,6 +46,9 @@ class SparseConfig:
     ``select``: how La RoSA's fused model keeps entries — ``topk`` (exactly k per token) or ``threshold``
     (calibrated per layer and site like TEAL's, on the rotated rows at q/k/v and gate/up, at the sites'
     sparsities as α gives them: no search at decode, and each token keeps what it needs).
+
+    ``weighted``: Top-K ranks entry i by |a_i|·s_i, s_i the norm of the weight row it multiplies
+    (:func:`larosa_jax.fusion.weight_aware`, folded into the weights: the decode is unchanged).
     """
 
     method: str = "larosa"
@@ -53,6 +56,7 @@ class SparseConfig:
     sparsity: float = 0.0
     alpha: tuple[float, float] | str = "official"
     select: str = "topk"
+    weighted: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -65,9 +69,52 @@ class SparseConfig:
             raise SparsityError(f"alpha={self.alpha!r}: expected (α_rot, α_plain), 'official' or 'uniform'")
         if self.select not in SELECTS:
             raise SparsityError(f"unknown select {self.select!r}; valid: {', '.join(SELECTS)}")
+        if self.weighted and (self.select != "topk" or self.method not in ("topk", "larosa")
+                              or (self.method, self.mode) == ("larosa", "faithful")):
+            raise SparsityError("weighted=True is weight-aware Top-K of methods topk and larosa (mode fused); the "
+                                f"thresholds and simulations have no weighted form, not {self.method}/{self.mode}/"
+                                f"{self.select}")
         if self.select == "threshold" and (self.method, self.mode) != ("larosa", "fused"):
             raise SparsityError(f"select='threshold' is La RoSA's fused model (method larosa, mode fused), not "
                                 f"{self.method}/{self.mode}; TEAL is method teal")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "mode": self.mode, "sparsity": self.sparsity,
+                "alpha": self.alpha if isinstance(self.alpha, str) else list(self.alpha), "select": self.select,
+                "weighted": self.weighted}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "sparse config") -> "SparseConfig":
+        """The config ``to_dict`` wrote; unknown or missing keys are an error naming them."""
+        if not isinstance(d, dict):
+            raise SparsityError(f"{where}: expected an object with method, mode, sparsity, alpha, select")
+        keys = {"method", "mode", "sparsity", "alpha", "select", "weighted"}
+        if set(d) - keys or "method" not in d:
+            raise SparsityError(f"{where}: keys {sorted(d)}; expected method (required), mode, sparsity, alpha, select, "
+                                "weighted")
+        alpha = d.get("alpha", "official")
+        if isinstance(alpha, list):
+            if len(alpha) != 2 or not all(isinstance(a, (int, float)) for a in alpha):
+                raise SparsityError(f"{where}: alpha={alpha!r}; expected [α_rot, α_plain], 'official' or 'uniform'")
+            alpha = (float(alpha[0]), float(alpha[1]))
+        sp = d.get("sparsity", 0.0)
+        if not isinstance(sp, (int, float)):
+            raise SparsityError(f"{where}: sparsity={sp!r}; expected a number in [0, 1)")
+        return cls(d["method"], d.get("mode", "faithful"), float(sp), alpha, d.get("select", "topk"),
+                   bool(d.get("weighted", False)))
+
+    @classmethod
+    def load(cls, path) -> "SparseConfig":
+        """The config in a JSON file: ``larosa tune --out``'s (its ``sparse_config``) or a bare ``to_dict``."""
+        from pathlib import Path
+
+        from .config import ConfigError, read_json
+
+        try:
+            raw = read_json(Path(path), "sparse config")
+        except ConfigError as e:
+            raise SparsityError(str(e)) from None
+        return cls.from_dict(raw.get("sparse_config", raw), where=str(path))
 
     def alphas(self) -> tuple[float, float]:
         p = self.sparsity
@@ -314,7 +361,7 @@ def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
     if sc.method == "topk":
         return TopKProjection(site_ks(cfg, sc))
     if sc.method == "larosa" and sc.mode == "fused" and sc.select == "topk":  # on the folded model: gains are ones
-        return TopKProjection(site_ks(cfg, sc), gains=False)
+        return TopKProjection(site_ks(cfg, sc), gains=sc.weighted)  # (weight-aware: the scales s)
     if stats is None:
         raise SparsityError(f"method {sc.method!r}{' with thresholds' if sc.select == 'threshold' else ''} needs "
                             "calibration statistics (larosa calibrate)")

@@ -1,0 +1,327 @@
+"""The speed–quality frontier: for one real checkpoint, perplexity of each recipe × sparsity on the
+same windows, paired with its decode ms/token at a named model shape read from a committed GPU
+decode benchmark (``eval/bench_decode.py`` JSON; nothing is timed here), so that the question "at the
+speed I want, which method gives the best text?" has a table and a plot.
+
+A *recipe* is a deployable way to sparsify (plus reference lines): the method, its selection, the
+rotations flavour it needs and the benchmark config whose kernels it runs (``RECIPES``). A recipe
+whose decode has no kernel of its own borrows a benchmark's at equal effective sparsity and is marked
+``estimated`` (the faithful simulation, CATS); the Pareto set is taken over the others.
+
+Output: ``OUT.json`` (rows, speeds and their source), ``OUT.md`` (table, Pareto rows in bold),
+``OUT.png`` (perplexity against speed-up and against ms/token, one line per recipe), rewritten after
+every row; ``--resume`` continues a run with the same settings. :func:`pick` answers "the best
+recipe for this target" from such a file (``larosa tune``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import outputs
+from .config import ConfigError, read_json
+from .evaluate import check_results, environment, resume_rows
+from .sparsity import SparseConfig, SparsityError, effective_sparsity_of
+
+
+class FrontierError(ValueError):
+    """A frontier that cannot be made or read: a speed file without the needed entry, mixed devices, an
+    unreachable target."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One line of the frontier: how to build the SparseConfig at sparsity p, the rotations flavour it
+    needs (None: none; "any": the plain sites' quantiles of any calibration), and the benchmark method
+    whose decode it runs."""
+
+    method: str
+    mode: str = "faithful"
+    select: str = "topk"
+    flavour: str | None = None
+    speed: str = "dense"
+    estimated: bool = False  # no kernel of its own: the speed of ``speed`` at equal effective sparsity
+    weighted: bool = False
+    about: str = ""
+
+    def config(self, p: float) -> SparseConfig:
+        if self.method == "dense":
+            return SparseConfig("dense")
+        return SparseConfig(self.method, self.mode, p, "official", select=self.select, weighted=self.weighted)
+
+
+RECIPES = {
+    "dense": Recipe("dense", about="no sparsity"),
+    "teal": Recipe("teal", flavour="any", speed="teal", about="TEAL: calibrated magnitude thresholds, no rotation"),
+    "cats": Recipe("cats", flavour="any", speed="teal", estimated=True,
+                   about="CATS: |SiLU(gate)| threshold on the MLP (speed: TEAL's kernels at equal effective sparsity)"),
+    "topk": Recipe("topk", speed="topk", about="per-token Top-K without rotation (official α)"),
+    "larosa-faithful": Recipe("larosa", "faithful", flavour="faithful", speed="larosa", estimated=True,
+                              about="La RoSA's simulation, the paper's reference (not deployable; speed: the fused "
+                                    "model's at equal effective sparsity)"),
+    "larosa-fused": Recipe("larosa", "fused", flavour="fused", speed="larosa",
+                           about="deployable La RoSA: γ-free Q of the attention input, Top-K, adapters"),
+    "larosa-joint": Recipe("larosa", "fused", flavour="joint", speed="larosa",
+                           about="deployable La RoSA, Q of both rotated sites (joint flavour), Top-K, adapters"),
+    "larosa-joint-wa": Recipe("larosa", "fused", flavour="joint", speed="larosa", weighted=True,
+                              about="joint Q, weight-aware Top-K (|a_i|·‖W_i‖, folded), adapters"),
+    "larosa-joint-thr": Recipe("larosa", "fused", "threshold", flavour="joint", speed="larosa-thr",
+                               about="joint Q, calibrated thresholds on the rotated rows, adapters"),
+    "larosa-global": Recipe("larosa", "fused", flavour="global", speed="topk",
+                            about="one global Q (no adapters), Top-K: Top-K's cost"),
+    "larosa-global-thr": Recipe("larosa", "fused", "threshold", flavour="global", speed="teal",
+                                about="one global Q (no adapters), calibrated thresholds: TEAL's cost"),
+}
+
+
+# ----------------------------------------------------------------------------- speeds
+def load_speeds(paths: list[str | Path], shape: str) -> dict:
+    """Batch-1 decode speeds of ``shape`` from bench_decode JSON files of one device: ``{"dense": ms,
+    "curves": {bench method: [(effective sparsity, ms/token), ...]}, "device", "sources"}``."""
+    if not paths:
+        raise FrontierError("--speeds: name at least one bench_decode JSON (e.g. eval/results/decode_h100.json)")
+    devices, curves, dense, sources = set(), {}, [], []
+    for path in paths:
+        try:
+            doc = read_json(Path(path), "bench_decode results")
+        except ConfigError as e:
+            raise FrontierError(str(e)) from None
+        meta, rows = doc.get("meta"), doc.get("results")
+        if not isinstance(meta, dict) or not isinstance(rows, list) or "device" not in meta:
+            raise FrontierError(f"{path}: not a bench_decode results file (needs meta.device and results)")
+        devices.add(meta["device"])
+        sources.append({"file": str(path), "device": meta["device"], "jax": meta.get("jax"), "date": meta.get("date")})
+        for r in rows:
+            if r.get("model") != shape or r.get("batch", 1) != 1 or "ms_per_token" not in r:
+                continue
+            if r.get("method") == "dense":
+                dense.append(r["ms_per_token"])
+            else:
+                curves.setdefault(r["method"], []).append((float(r["effective_sparsity"]), float(r["ms_per_token"])))
+    if len(devices) > 1:
+        raise FrontierError(f"--speeds: files from several devices ({', '.join(sorted(devices))}); one frontier takes "
+                            "the timings of one device")
+    if not dense:
+        raise FrontierError(f"--speeds: no dense batch-1 row for shape {shape!r} in {', '.join(map(str, paths))}")
+    return {"dense": float(np.median(dense)), "curves": {m: sorted(set(v)) for m, v in curves.items()},
+            "device": devices.pop(), "sources": sources, "shape": shape}
+
+
+def ms_per_token(speeds: dict, method: str, effective: float) -> float:
+    """Decode ms/token of bench ``method`` at ``effective`` sparsity: linear between measured points, never
+    beyond them (an error naming the file's range)."""
+    if method == "dense" or effective == 0.0:
+        return speeds["dense"]
+    pts = speeds["curves"].get(method)
+    files = ", ".join(s["file"] for s in speeds["sources"])
+    if not pts:
+        raise FrontierError(f"{files}: no batch-1 {method!r} rows for shape {speeds['shape']!r} (bench_decode "
+                            f"--configs {method}@P); have {', '.join(sorted(speeds['curves'])) or 'none'}")
+    xs, ys = zip(*pts)
+    if not xs[0] - 1e-3 <= effective <= xs[-1] + 1e-3:
+        raise FrontierError(f"{files}: {method!r} measured at effective sparsity {xs[0]:.3f}-{xs[-1]:.3f} for "
+                            f"{speeds['shape']!r}; {effective:.3f} is outside (bench it there)")
+    return float(np.interp(effective, xs, ys))
+
+
+# ----------------------------------------------------------------------------- Pareto and pick
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows no other deployable row beats on both speed-up (≥) and perplexity (≤, one strictly better)."""
+    cand = [r for r in rows if not r.get("estimated")]
+    return [r for r in cand if not any(
+        o["speedup"] >= r["speedup"] and o["ppl"] <= r["ppl"] and (o["speedup"] > r["speedup"] or o["ppl"] < r["ppl"])
+        for o in cand)]
+
+
+def pick(result: dict, *, target_speedup: float | None = None, max_ppl_increase: float | None = None) -> dict:
+    """The deployable row that best meets one target: the lowest perplexity at speed-up ≥ ``target_speedup``,
+    or the fastest within ``max_ppl_increase`` of dense; a target no row reaches is an error naming the
+    best there is."""
+    if (target_speedup is None) == (max_ppl_increase is None):
+        raise FrontierError("give one target: --target-speedup S or --max-ppl-increase X")
+    rows = [r for r in result["rows"] if not r.get("estimated") and r["recipe"] != "dense"]
+    dense = next((r["ppl"] for r in result["rows"] if r["recipe"] == "dense"), None)
+    if not rows:
+        raise FrontierError("the frontier holds no deployable sparse rows")
+    if target_speedup is not None:
+        ok = [r for r in rows if r["speedup"] >= target_speedup]
+        if not ok:
+            best = max(rows, key=lambda r: r["speedup"])
+            raise FrontierError(f"no committed config reaches {target_speedup:g}x; the fastest is {best['recipe']} at "
+                                f"p={best['sparsity']:g}: {best['speedup']:.3f}x (ppl {best['ppl']:.3f})")
+        return min(ok, key=lambda r: (r["ppl"], -r["speedup"]))
+    if dense is None:
+        raise FrontierError("--max-ppl-increase needs the frontier's dense row")
+    ok = [r for r in rows if r["ppl"] - dense <= max_ppl_increase]
+    if not ok:
+        best = min(rows, key=lambda r: r["ppl"])
+        raise FrontierError(f"no committed config stays within +{max_ppl_increase:g} ppl of dense ({dense:.3f}); the "
+                            f"closest is {best['recipe']} at p={best['sparsity']:g}: {best['ppl']:.3f} "
+                            f"(+{best['ppl'] - dense:.3f})")
+    return max(ok, key=lambda r: (r["speedup"], -r["ppl"]))
+
+
+def tuned_config(row: dict, source: str, meta: dict) -> dict:
+    """What ``larosa tune`` saves for a frontier row: its SparseConfig (``SparseConfig.load`` reads it), the
+    rotations flavour it needs and what was measured."""
+    rec = RECIPES[row["recipe"]]
+    return {"sparse_config": rec.config(row["sparsity"]).to_dict(), "rotations_flavour": rec.flavour,
+            "frontier": source, "measured": {k: row[k] for k in ("recipe", "sparsity", "effective", "ppl",
+                                                                  "ms_per_token", "speedup")},
+            "speeds": {k: meta["speeds"][k] for k in ("device", "shape")}}
+
+
+def _is_tuned(path: Path) -> bool:
+    try:
+        return isinstance(read_json(path).get("sparse_config"), dict)
+    except (ConfigError, OSError):
+        return False
+
+
+TUNED = outputs.Kind("sparse config (json from larosa tune)", False, _is_tuned)
+
+
+# ----------------------------------------------------------------------------- the run
+def check_recipes(names: list[str], sparsities: list[float], cfg, rotations: dict, speeds: dict) -> list[tuple[str, float]]:
+    """Every (recipe, p) cell, checked before any work: known recipe, its rotations given, valid k, and its
+    speed inside the benchmark's measured range."""
+    cells = [("dense", 0.0)]
+    for name in names:
+        if name not in RECIPES:
+            raise FrontierError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+        rec = RECIPES[name]
+        if rec.flavour not in (None, "any") and rec.flavour not in rotations:
+            raise FrontierError(f"recipe {name} needs rotations of the {rec.flavour} flavour: --rotations "
+                                f"{rec.flavour}=DIR (larosa calibrate --flavour {rec.flavour}); given: "
+                                f"{', '.join(rotations) or 'none'}")
+        if rec.flavour == "any" and not rotations:
+            raise FrontierError(f"recipe {name} needs a calibration (--rotations FLAVOUR=DIR)")
+        if name == "dense":
+            continue
+        for p in sparsities:
+            try:
+                eff = effective_sparsity_of(cfg, rec.config(p))
+            except SparsityError as e:
+                raise FrontierError(f"recipe {name} at p={p:g}: {e}") from None
+            ms_per_token(speeds, rec.speed, eff)
+            cells.append((name, p))
+    return cells
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    sp = m["speeds"]
+    lines = [f"# Speed–quality frontier: {m['model']}", "",
+             f"Perplexity: {m['windows']} windows × {m['seqlen']} tokens of {m['data']} (the same windows for every row; "
+             f"device {m['env']['device']}, jax {m['env']['jax']}, {m['env']['date']}). Decode speed: batch 1 at the "
+             f"{sp['shape']} shape on {sp['device']} (" + "; ".join(f"`{s['file']}`, jax {s['jax']}, {s['date']}"
+                                                                    for s in sp["sources"])
+             + f"), dense {sp['dense']:.3f} ms/token, interpolated in effective sparsity between benchmarked points. "
+             "Rows marked * borrow another decode's speed (no kernel of their own); **bold**: the Pareto set of the "
+             "others.", "",
+             "| recipe | p | effective | ppl | Δ dense | ms/token | speed-up | layer error (mean) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    dense = next((r["ppl"] for r in result["rows"] if r["recipe"] == "dense"), None)
+    front = {(r["recipe"], r["sparsity"]) for r in pareto(result["rows"])}
+    for r in sorted(result["rows"], key=lambda r: (r["recipe"] != "dense", r["recipe"], r["sparsity"])):
+        name = r["recipe"] + ("*" if r.get("estimated") else "")
+        if (r["recipe"], r["sparsity"]) in front:
+            name = f"**{name}**"
+        le = r.get("layer_error_mean")
+        delta = "" if dense is None else f"{r['ppl'] - dense:+.3f}"
+        lines.append(f"| {name} | {r['sparsity']:.2f} | {r['effective']:.3f} | {r['ppl']:.3f} | {delta} | "
+                     f"{r['ms_per_token']:.3f} | {r['speedup']:.3f}x | {'' if le is None else f'{le:.4f}'} |")
+    lines += ["", "Recipes:", ""] + [f"- `{n}`: {RECIPES[n].about}" for n in dict.fromkeys(r["recipe"] for r in result["rows"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    dense = next((r for r in rows if r["recipe"] == "dense"), None)
+    front = pareto(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, xlabel in ((axes[0], "speedup", "decode speed-up over dense"), (axes[1], "ms_per_token", "ms/token")):
+        for name in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "dense"):
+            rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: r[key])
+            ax.plot([r[key] for r in rs], [r["ppl"] for r in rs], "o--" if RECIPES[name].estimated else "o-", ms=4,
+                    label=name + (" (speed estimated)" if RECIPES[name].estimated else ""))
+        if front:
+            ax.scatter([r[key] for r in front], [r["ppl"] for r in front], s=110, facecolors="none", edgecolors="k",
+                       label="Pareto set", zorder=5)
+        if dense is not None:
+            ax.scatter([dense[key]], [dense["ppl"]], marker="*", s=120, c="k", label="dense", zorder=6)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3)
+    axes[1].invert_xaxis()
+    axes[0].legend(fontsize=7)
+    sp = result["meta"]["speeds"]
+    fig.suptitle(f"{result['meta']['model']}: ppl on {result['meta']['data']}; speed at {sp['shape']} on {sp['device']}",
+                 fontsize=9)
+    fig.tight_layout()
+    with outputs.staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]], speeds: dict, *, out, meta: dict,
+        settings: dict, batch_size: int = 1, resume: bool = False, overwrite: bool = False, layer_errors: bool = True,
+        progress: bool = True, mesh=None) -> dict:
+    """Perplexity (and the per-layer teacher-forced error on the first window) of every (recipe, p) cell,
+    written after each row. ``stats``: CalibrationStats by flavour."""
+    from tqdm.auto import tqdm
+
+    from . import layer_error
+    from .perplexity import window_nll
+    from .sparse_model import sparsify
+
+    files = check_results(out, overwrite=overwrite, resume=resume)
+    settings = {**settings, "seqlen": int(windows.shape[1]), "windows": int(len(windows)),
+                "speeds": [s["file"] for s in speeds["sources"]], "shape": speeds["shape"]}
+    rows = resume_rows(files[0], settings) if resume and files[0].exists() else []
+    done = {(r["recipe"], r["sparsity"]) for r in rows}
+    staged = any(f.exists() for f in files) and not resume
+    targets = [outputs.tmp_sibling(f) for f in files] if staged else files
+    tokens = int(len(windows) * (windows.shape[1] - 1))
+    result = {"meta": {**meta, "settings": settings, "env": environment(), "windows": len(windows),
+                       "seqlen": int(windows.shape[1]), "tokens_scored": tokens, "speeds": speeds}, "rows": rows}
+    bar = tqdm(cells, desc="frontier", unit="run", disable=not progress)
+    try:
+        for name, p in bar:
+            if (name, p) in done:
+                continue
+            bar.set_postfix_str(f"{name} p={p:g}")
+            rec = RECIPES[name]
+            st = None if rec.flavour is None else stats[rec.flavour] if rec.flavour != "any" else next(iter(stats.values()))
+            m = sparsify(model, st, rec.config(p))
+            nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=name, mesh=mesh)
+            ms = ms_per_token(speeds, rec.speed, m.effective_sparsity)
+            le = layer_error.layer_errors(m, windows[:1]) if layer_errors else None
+            rows.append({"recipe": name, "sparsity": p, "effective": m.effective_sparsity,
+                         "ppl": float(np.exp(nll.sum() / tokens)), "ms_per_token": ms, "speedup": speeds["dense"] / ms,
+                         "speed_from": rec.speed, "estimated": rec.estimated,
+                         "layer_error_mean": None if le is None else float(le.mean()),
+                         "layer_error": None if le is None else [round(float(v), 6) for v in le]})
+            outputs.write_file(targets[0], json.dumps(result, indent=1))
+            outputs.write_file(targets[1], markdown(result))
+            plot(result, targets[2])
+        if staged:
+            for t, f in zip(targets, files):
+                outputs.swap_in(t, f)
+    except BaseException:
+        if staged:
+            for t in targets:
+                with contextlib.suppress(OSError):
+                    t.unlink()
+        raise
+    return result
