@@ -45,7 +45,7 @@ def _recognise_json(path: Path) -> bool:
 def _recognise_md(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(64).startswith((b"# Perplexity: ", b"# Zero-shot accuracy: "))
+            return f.read(64).startswith((b"# Perplexity: ", b"# Zero-shot accuracy: ", "# Speed–quality frontier: ".encode()))
     except OSError:
         return False
 

@@ -307,7 +307,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
             nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=name, mesh=mesh)
             ms = ms_per_token(speeds, rec.speed, m.effective_sparsity)
             le = layer_error.layer_errors(m, windows[:1]) if layer_errors else None
-            rows.append({"recipe": name, "sparsity": p, "effective": m.effective_sparsity,
+            rows.append({"label": name, "recipe": name, "sparsity": p, "effective": m.effective_sparsity,
                          "ppl": float(np.exp(nll.sum() / tokens)), "ms_per_token": ms, "speedup": speeds["dense"] / ms,
                          "speed_from": rec.speed, "estimated": rec.estimated,
                          "layer_error_mean": None if le is None else float(le.mean()),

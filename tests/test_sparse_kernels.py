@@ -202,7 +202,7 @@ def test_select_topk_side_sum_on_every_path():
         keep = ops.select_topk(x, 300, side=ops.Side(a, acc.reshape(-1) if rows == 1 else acc, r), kernel=True)
         want = np.asarray(acc, np.float64) + np.asarray(r, np.float64) @ np.asarray(a, np.float64)
         assert _rel(np.asarray(keep.side).reshape(want.shape), want) < 1e-6, (rows, dtype, k_in)
-        np.testing.assert_array_equal(np.asarray(keep.thr), np.asarray(ops.select_topk(x, 300).thr))
+        np.testing.assert_array_equal(np.asarray(keep.thr), np.asarray(ops.select_topk(x, 300, kernel=True).thr))
     with pytest.raises(ValueError, match="needs the residual r"):
         ops.select_topk(x, 300, side=ops.Side(a, acc.reshape(-1)))
 

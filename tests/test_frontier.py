@@ -1,0 +1,113 @@
+"""``larosa frontier`` and ``larosa tune``: speeds read from a bench file (never timed), the Pareto set,
+the pick for a target, and the refusals (a speed file without the entry, mixed devices, an unreachable
+target)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _helpers import TEXT_FILE, stories, stories_stats_dir
+from larosa_jax import frontier
+from larosa_jax.cli import main
+from larosa_jax.sparse_model import sparsify
+from larosa_jax.sparsity import SparseConfig
+
+
+def _speeds(path: Path, device="GPU X", methods=("teal", "topk", "larosa", "larosa-thr")) -> Path:
+    """A bench_decode-shaped file: dense 10 ms, each method 10·(1 − s) + 1 ms/token at s = 0.1 … 0.7."""
+    rows = [{"model": "llama2-7b", "batch": 1, "method": "dense", "effective_sparsity": 0.0, "ms_per_token": 10.0},
+            {"model": "llama2-7b", "batch": 4, "method": "teal", "effective_sparsity": 0.5, "ms_per_token": 1.0}]
+    for m in methods:
+        for s in (0.1, 0.3, 0.5, 0.7):
+            rows.append({"model": "llama2-7b", "batch": 1, "method": m, "effective_sparsity": s,
+                         "ms_per_token": 10 * (1 - s) + (2.0 if m.startswith("larosa") else 1.0)})
+    path.write_text(json.dumps({"meta": {"device": device, "jax": "0.0", "date": "today"}, "results": rows}))
+    return path
+
+
+def test_speeds_are_interpolated_never_extrapolated(tmp_path):
+    sp = frontier.load_speeds([_speeds(tmp_path / "a.json")], "llama2-7b")
+    assert sp["dense"] == 10.0 and sp["device"] == "GPU X"
+    assert frontier.ms_per_token(sp, "teal", 0.4) == pytest.approx(10 * 0.6 + 1)  # linear between 0.3 and 0.5
+    with pytest.raises(frontier.FrontierError, match=r"a\.json: 'teal' measured at effective sparsity 0\.100-0\.700"):
+        frontier.ms_per_token(sp, "teal", 0.8)
+    with pytest.raises(frontier.FrontierError, match=r"b\.json: no batch-1 'larosa-thr' rows for shape 'llama2-7b'"):
+        frontier.ms_per_token(frontier.load_speeds([_speeds(tmp_path / "b.json", methods=("teal",))], "llama2-7b"),
+                              "larosa-thr", 0.4)
+    with pytest.raises(frontier.FrontierError, match="several devices"):
+        frontier.load_speeds([_speeds(tmp_path / "a.json"), _speeds(tmp_path / "c.json", device="GPU Y")], "llama2-7b")
+    with pytest.raises(frontier.FrontierError, match="no dense batch-1 row for shape 'qwen2-7b'"):
+        frontier.load_speeds([tmp_path / "a.json"], "qwen2-7b")
+
+
+def test_frontier_end_to_end_then_tune(tmp_path):
+    """The CLI on the bundled stories260K: every row's perplexity and its speed from the bench file, the
+    Pareto set in bold, the plot, --resume with nothing left to do; then tune picks from the file and
+    sparsify takes what tune saved."""
+    s = stories()
+    speeds = _speeds(tmp_path / "speeds.json")
+    out = tmp_path / "front"
+    argv = ["frontier", "--ckpt", str(s.ckpt), "--rotations", f"fused={stories_stats_dir('fused')}",
+            "--rotations", f"faithful={stories_stats_dir('faithful')}", "--recipes", "teal,larosa-fused-thr,larosa-faithful",
+            "--sparsity", "0.3,0.5", "--data-file", str(TEXT_FILE), "--seqlen", "32", "--limit", "2",
+            "--speeds", str(speeds), "--out", str(out)]
+    assert main(argv) == 2  # larosa-fused-thr is not a recipe: refused before any work
+    argv[argv.index("teal,larosa-fused-thr,larosa-faithful")] = "teal,larosa-fused,larosa-faithful"
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "front.json").read_text())
+    rows = {(r["recipe"], r["sparsity"]): r for r in res["rows"]}
+    assert set(rows) == {("dense", 0.0)} | {(n, p) for n in ("teal", "larosa-fused", "larosa-faithful") for p in (0.3, 0.5)}
+    for (name, p), r in rows.items():
+        spd = "dense" if name == "dense" else frontier.RECIPES[name].speed
+        assert r["ms_per_token"] == pytest.approx(frontier.ms_per_token(frontier.load_speeds([speeds], "llama2-7b"),
+                                                                          spd, r["effective"]))
+        assert r["speedup"] == pytest.approx(10.0 / r["ms_per_token"]) and r["ppl"] > 1
+        assert r["estimated"] == (name == "larosa-faithful")
+        assert (r["layer_error"] is None) == (name == "dense") or len(r["layer_error"]) == s.config.num_layers
+    md = (tmp_path / "front.md").read_text()
+    for r in frontier.pareto(res["rows"]):
+        assert f"| **{r['recipe']}** | {r['sparsity']:.2f} |" in md
+    assert "larosa-faithful* |" in md and (tmp_path / "front.png").stat().st_size > 1000
+    assert main(argv + ["--resume"]) == 0  # everything measured: nothing recomputed, the same rows
+    assert json.loads((tmp_path / "front.json").read_text())["rows"] == res["rows"]
+    # tune: the pick, saved; sparsify reads it
+    saved = tmp_path / "tuned.json"
+    best = frontier.pick(res, target_speedup=1.2)
+    assert main(["tune", "--frontier", str(out) + ".json", "--target-speedup", "1.2", "--out", str(saved)]) == 0
+    doc = json.loads(saved.read_text())
+    assert doc["measured"]["recipe"] == best["recipe"] and doc["measured"]["sparsity"] == best["sparsity"]
+    from larosa_jax.calibration import CalibrationStats
+
+    flavour = {None: None, "any": "faithful"}.get(doc["rotations_flavour"], doc["rotations_flavour"])
+    sm = sparsify(s.model, flavour and CalibrationStats.load(stories_stats_dir(flavour)), str(saved))
+    assert sm.method == doc["sparse_config"]["method"] and sm.effective_sparsity == pytest.approx(best["effective"])
+    assert main(["tune", "--frontier", str(out) + ".json", "--target-speedup", "50"]) == 2
+
+
+def _row(recipe, p, ppl, speedup, estimated=False):
+    return {"recipe": recipe, "sparsity": p, "effective": p, "ppl": ppl, "ms_per_token": 10 / speedup,
+            "speedup": speedup, "estimated": estimated}
+
+
+def test_tune_picks_the_pareto_point_of_a_synthetic_frontier():
+    res = {"rows": [_row("dense", 0.0, 20.0, 1.0), _row("teal", 0.4, 26.0, 1.6), _row("teal", 0.5, 38.0, 1.8),
+                    _row("larosa-joint-thr", 0.4, 24.0, 1.5), _row("larosa-joint-thr", 0.5, 30.0, 1.7),
+                    _row("larosa-faithful", 0.5, 25.0, 1.9, estimated=True)]}
+    front = {(r["recipe"], r["sparsity"]) for r in frontier.pareto(res["rows"])}
+    assert front == {("dense", 0.0), ("larosa-joint-thr", 0.4), ("teal", 0.4), ("larosa-joint-thr", 0.5), ("teal", 0.5)}
+    assert frontier.pick(res, target_speedup=1.55)["recipe"] == "teal"  # 26.0 at 1.6x beats 30.0 at 1.7x
+    assert (frontier.pick(res, target_speedup=1.65)["recipe"], frontier.pick(res, target_speedup=1.65)["sparsity"]) == \
+        ("larosa-joint-thr", 0.5)
+    assert frontier.pick(res, max_ppl_increase=5.0)["sparsity"] == 0.4 and \
+        frontier.pick(res, max_ppl_increase=5.0)["recipe"] == "larosa-joint-thr"  # +4.0, the fastest within +5
+    with pytest.raises(frontier.FrontierError, match=r"no committed config reaches 2x; the fastest is teal at p=0.5: 1.800x"):
+        frontier.pick(res, target_speedup=2.0)  # the estimated 1.9x row is not deployable
+    with pytest.raises(frontier.FrontierError, match=r"closest is larosa-joint-thr at p=0.4: 24.000 \(\+4.000\)"):
+        frontier.pick(res, max_ppl_increase=1.0)
+    with pytest.raises(frontier.FrontierError, match="give one target"):
+        frontier.pick(res)
+    assert SparseConfig.from_dict(frontier.RECIPES["larosa-joint-thr"].config(0.4).to_dict()) == SparseConfig(
+        "larosa", "fused", 0.4, select="threshold")

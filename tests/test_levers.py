@@ -1,0 +1,224 @@
+"""The deployable La RoSA's levers, each against a plain reference, and the per-layer teacher-forced error.
+
+- the joint and global flavours: Q diagonalises the joint matrix of the float64 covariances of both
+  rotated sites; the global flavour gives one Q and a fused model without adapters;
+- rotated thresholds: the calibrated quantiles are those of |norm(h)·Q_l|, the projection keeps
+  |row| > τ of the folded model's rows (a jnp reference on random inputs);
+- weight-aware Top-K: with every weight-row norm equal it is plain Top-K, otherwise it keeps the
+  Top-K of |a_i|·‖W_i‖ of the unweighted model's rows;
+- p = 0 is the dense model for every variant;
+- ``layer_errors`` against an independent numpy Llama layer.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import larosa_jax
+
+from _helpers import cal_windows, capture, held_windows, logits, rel_err, stories, stories_stats
+from larosa_jax import calibration, pallas as ops
+from larosa_jax.fusion import weight_aware
+from larosa_jax.layer_error import layer_errors
+from larosa_jax.plan import DecodePlan
+from larosa_jax.sparse_model import sparsify
+from larosa_jax.sparsity import SITES, SparseConfig, SparsityError, TealProjection, site_dims, site_ks, site_sparsities
+
+
+def _norm_rows(x):  # γ-free RMSNorm rows, float64
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + stories().config.rms_norm_eps)
+
+
+def test_joint_and_global_rotations_diagonalise_the_joint_matrix():
+    s = stories()
+    cfg = s.config
+    acts = capture(s.model, cal_windows())
+    mets = []
+    for l in range(cfg.num_layers):
+        blk = s.model.layers[l]
+        hs = []
+        for site in ("qkv", "gate_up"):
+            x = acts[f"{site}.{l}.norm"].reshape(-1, cfg.hidden_size).astype(np.float64)
+            hs.append(x.T @ x)
+        gains = [np.asarray(n.scale[...], np.float64) for n in (blk.attn_norm, blk.mlp_norm)]
+        m = calibration.joint_metric(*hs, *gains)
+        # the formula itself: Σ_s Γ H_s Γ / tr + ε H_s / tr over the damped covariances
+        want = 0
+        for h, g in zip(hs, gains):
+            hd = h + calibration.DAMP * np.mean(np.diag(h)) * np.eye(len(h))
+            ghg = g[:, None] * hd * g[None]
+            want = want + ghg / np.trace(ghg) + calibration.JOINT_EPS * hd / np.trace(hd)
+        np.testing.assert_allclose(m, want, rtol=1e-12)
+        q = stories_stats("joint").rotations[l].astype(np.float64)
+        off = q.T @ m @ q
+        assert np.abs(off - np.diag(np.diag(off))).max() <= 1e-5 * np.abs(off).max(), f"layer {l}"
+        mets.append(m / np.trace(m))
+    qg = stories_stats("global").rotations.astype(np.float64)
+    assert all(np.array_equal(qg[0], ql) for ql in qg[1:])
+    off = qg[0].T @ sum(mets) @ qg[0]
+    assert np.abs(off - np.diag(np.diag(off))).max() <= 1e-5 * np.abs(off).max()
+
+
+@pytest.mark.parametrize("flavour", ["fused", "joint"])
+def test_rotated_quantiles_are_those_of_the_rotated_rows(flavour):
+    """quantiles.{qkv,gate_up}_rot: of |norm(h)·Q_l| over the calibration tokens (from a row sample)."""
+    s = stories()
+    st = stories_stats(flavour)
+    acts = capture(s.model, cal_windows())
+    for site in ("qkv", "gate_up"):
+        for l in range(s.config.num_layers):
+            a = np.abs(acts[f"{site}.{l}.norm"].reshape(-1, s.config.hidden_size).astype(np.float64)
+                       @ st.rotations[l].astype(np.float64))
+            for p in (0.3, 0.5, 0.7):
+                frac = float(np.mean(a <= st.rotated_threshold(site, p)[l]))
+                assert abs(frac - p) < 0.03, f"{site} layer {l} p={p}: {frac:.3f} of the rotated rows at or under τ"
+
+
+def test_threshold_projection_keeps_the_rows_above_the_rotated_thresholds():
+    """SparseConfig(select="threshold"): TEAL's projection on the folded model's rows with the rotated
+    thresholds at q/k/v and gate/up and the plain ones at o and down, at the sites' sparsities; on random
+    inputs it equals (|row| > τ)·row @ W."""
+    s = stories()
+    st = stories_stats("joint")
+    sc = SparseConfig("larosa", "fused", 0.5, select="threshold")
+    m = sparsify(s.model, st, sc)
+    assert isinstance(m.proj, TealProjection) and m.base.fused and m.base.adapters is not None
+    sp = site_sparsities(s.config, sc)
+    th = np.asarray(m.proj.thresholds[...])
+    for i, site in enumerate(SITES):
+        want = st.rotated_threshold(site, sp[site]) if site in ("qkv", "gate_up") else st.teal_threshold(site, sp[site])
+        np.testing.assert_array_equal(th[i], want)
+    rng = np.random.default_rng(0)
+    blk = m.base.layers[1]
+    linears = {"qkv": (blk.attn.q, blk.attn.k, blk.attn.v), "o": (blk.attn.o,), "gate_up": (blk.mlp.gate, blk.mlp.up),
+               "down": (blk.mlp.down,)}
+    for i, site in enumerate(SITES):
+        x = jnp.asarray(rng.standard_normal((2, 5, site_dims(s.config)[site])), jnp.float32)
+        got, _ = m.proj(site, 1, x, linears[site], DecodePlan.reference())
+        xs = np.where(np.abs(np.asarray(x)) > th[i, 1], np.asarray(x), 0.0)
+        for g, lin in zip(got, linears[site]):
+            want = xs @ np.asarray(lin.kernel[...]) + (0 if lin.bias is None else np.asarray(lin.bias[...]))
+            np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(SparsityError, match="La RoSA's fused model"):
+        SparseConfig("topk", "faithful", 0.5, select="threshold")
+
+
+def _unit_rows(model):
+    """Every weight row of q/k/v (together), gate/up (together) and down scaled to norm 1 (in place)."""
+    for blk in model.layers:
+        for lins in ((blk.attn.q, blk.attn.k, blk.attn.v), (blk.mlp.gate, blk.mlp.up), (blk.mlp.down,)):
+            n = np.linalg.norm(np.concatenate([np.asarray(l.kernel[...]) for l in lins], axis=1), axis=1)
+            for lin in lins:
+                lin.kernel.set_value(jnp.asarray(np.asarray(lin.kernel[...]) / n[:, None]))
+    return model
+
+
+def test_weight_aware_with_equal_row_norms_is_plain_topk():
+    from larosa_jax.fusion import fuse
+
+    s = stories()
+    tokens = held_windows(2, 64)
+    plain_model = _unit_rows(larosa_jax.load(s.ckpt))  # a copy: the shared model stays as it is
+    fused = _unit_rows(fuse(s.model, stories_stats("joint").rotations))  # the rows the fused model reads
+    for model, method, mode in ((plain_model, "topk", "faithful"), (fused, "larosa", "fused")):
+        plain = logits(sparsify(model, None, SparseConfig(method, mode, 0.5)), tokens)
+        weighted = logits(sparsify(model, None, SparseConfig(method, mode, 0.5, weighted=True)), tokens)
+        assert rel_err(weighted, plain) < 1e-4, method
+        # and unequal norms change it: the lever acts
+        other = logits(sparsify(s.model, stories_stats("joint") if method == "larosa" else None,
+                                SparseConfig(method, mode, 0.5, weighted=True)), tokens)
+        assert rel_err(other, logits(sparsify(s.model, stories_stats("joint") if method == "larosa" else None,
+                                              SparseConfig(method, mode, 0.5)), tokens)) > 1e-3
+
+
+def test_weight_aware_keeps_the_topk_of_the_weighted_magnitudes():
+    """Folded weight-aware Top-K: the same function at p = 0, and at the down site (plain model) it keeps the
+    entries of largest |a_i|·‖W_down,i‖ of the unweighted model's down input."""
+    s = stories()
+    tokens = held_windows(2, 64)
+    wa = weight_aware(s.model)
+    assert rel_err(logits(wa, tokens), logits(s.model, tokens)) < 1e-5
+    acts, acts_w = capture(s.model, tokens), capture(wa, tokens)
+    k = site_ks(s.config, SparseConfig("topk", "faithful", 0.5))["down"]
+    for l in range(s.config.num_layers):
+        a = acts[f"down.{l}"].astype(np.float64)
+        sw = np.linalg.norm(np.asarray(s.model.layers[l].mlp.down.kernel[...], np.float64), axis=1)
+        keep_w = np.asarray(ops.keep_mask(jnp.asarray(acts_w[f"down.{l}"]), ops.topk_threshold(jnp.asarray(acts_w[f"down.{l}"]), k)))
+        ref = np.argsort(-np.abs(a) * sw, axis=-1)[..., :k]
+        want = np.zeros_like(keep_w)
+        np.put_along_axis(want, ref, True, -1)
+        assert (keep_w == want).mean() > 0.999, f"layer {l}"  # up to float rounding of near-ties
+    with pytest.raises(SparsityError, match="weight-aware Top-K"):
+        SparseConfig("larosa", "fused", 0.5, select="threshold", weighted=True)
+
+
+@pytest.mark.parametrize("flavour,select,weighted", [("joint", "topk", False), ("joint", "threshold", False),
+                                                     ("global", "topk", True), ("global", "threshold", False)])
+def test_p_zero_is_dense_for_every_deployable_variant(flavour, select, weighted):
+    s = stories()
+    tokens = held_windows(2, 64)
+    m = sparsify(s.model, stories_stats(flavour), SparseConfig("larosa", "fused", 0.0, select=select, weighted=weighted))
+    assert (m.base.adapters is None) == (flavour == "global")
+    assert rel_err(logits(m, tokens), logits(s.model, tokens)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- per-layer teacher-forced error
+def _rope(x, pos, theta):
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+    ang = pos[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    rot = np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], -1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def _topk(x, k):
+    idx = np.argsort(-np.abs(x), axis=-1, kind="stable")[..., :k]
+    out = np.zeros_like(x)
+    np.put_along_axis(out, idx, np.take_along_axis(x, idx, -1), -1)
+    return out
+
+
+def _layer(blk, cfg, h, ks=None):
+    """One Llama layer in float64 numpy, written from the definition (no library code): h [T, d]."""
+    w = lambda lin: np.asarray(lin.kernel[...], np.float64)  # noqa: E731
+    sp = (lambda x, site: x) if ks is None else (lambda x, site: _topk(x, ks[site]))  # noqa: E731
+    t = h.shape[0]
+    x = sp(_norm_rows(h) * np.asarray(blk.attn_norm.scale[...], np.float64), "qkv")
+    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pos = np.arange(t, dtype=np.float64)
+    q = _rope((x @ w(blk.attn.q)).reshape(t, hq, hd), pos, cfg.rope.theta)
+    k = _rope((x @ w(blk.attn.k)).reshape(t, hkv, hd), pos, cfg.rope.theta)
+    v = (x @ w(blk.attn.v)).reshape(t, hkv, hd)
+    k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
+    sc = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + np.triu(np.full((t, t), -np.inf), 1)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    o = np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v).reshape(t, hq * hd)
+    h = h + sp(o, "o") @ w(blk.attn.o)
+    x = sp(_norm_rows(h) * np.asarray(blk.mlp_norm.scale[...], np.float64), "gate_up")
+    g, u = x @ w(blk.mlp.gate), x @ w(blk.mlp.up)
+    return h + sp(g / (1 + np.exp(-g)) * u, "down") @ w(blk.mlp.down)
+
+
+def test_layer_errors_match_an_independent_numpy_layer():
+    s = stories()
+    cfg = s.config
+    assert cfg.rope.type == "default" and not cfg.qkv_bias
+    sc = SparseConfig("topk", "faithful", 0.5)
+    ks = site_ks(cfg, sc)
+    tokens = held_windows(1, 64)
+    got = layer_errors(sparsify(s.model, None, sc), tokens)
+    h = np.asarray(s.model.embed.embedding[...], np.float64)[tokens[0]]
+    want = []
+    for blk in s.model.layers:
+        dense = _layer(blk, cfg, h)
+        sparse = _layer(blk, cfg, h, ks)
+        want.append(np.linalg.norm(sparse - dense) / np.linalg.norm(dense - h))
+        h = dense
+    assert got.shape == (cfg.num_layers,) and (got > 0.05).all()
+    np.testing.assert_allclose(got, want, rtol=2e-3)  # float32 against float64; Top-K ties: none on real rows
+    assert np.array_equal(layer_errors(sparsify(s.model, None, SparseConfig("topk", "faithful", 0.0)), tokens),
+                          np.zeros(cfg.num_layers))
