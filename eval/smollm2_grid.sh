@@ -12,9 +12,9 @@ if [ "$stage" != ppl ]; then
 $L convert --model "$src" --out "$work/ckpt" --dtype float32 --overwrite
 for fl in faithful fused; do
   $L calibrate --ckpt "$work/ckpt" --data-file "$wiki/wiki.valid.raw" --samples 16 --seqlen 2048 \
-    --flavour $fl --batch 4 --out "$work/rot_$fl"
+    --flavour $fl --batch 4 --out "$work/rot_$fl" --overwrite
   $L search --ckpt "$work/ckpt" --rotations "$work/rot_$fl" --data-file "$wiki/wiki.valid.raw" \
-    --samples 4 --seqlen 2048 --calib-samples 16 --sparsity $ps --mode $fl --batch 4
+    --samples 4 --seqlen 2048 --sparsity $ps --mode $fl --batch 4
 done
 fi
 [ "$stage" = prep ] && exit 0

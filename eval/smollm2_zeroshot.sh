@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # The committed SmolLM2-135M zero-shot table (lm-evaluation-harness 0.4.13, the 7 offline tasks), end to end:
 #   convert (float32) → calibrate the faithful flavour (16 × 2048 tokens of WikiText-2 raw *valid*, as
-#   eval/smollm2_grid.sh) → the committed searched α (eval/results/smollm2_alpha/alpha_faithful.json,
-#   searched on that same calibration) → one `larosa zeroshot`: dense, larosa faithful (searched α) and
+#   eval/smollm2_grid.sh) → the α search for p = 0.4, 0.5 on that calibration (a searched α is tied to
+#   the rotations it was searched on) → one `larosa zeroshot`: dense, larosa faithful (searched α) and
 #   teal at p = 0.4, 0.5, all 7 tasks, full splits.
 # Usage: eval/smollm2_zeroshot.sh GGUF_DIR WIKITEXT_RAW_DIR ZEROSHOT_DIR WORK_DIR RESULTS_STEM [LIMIT]
 #   LIMIT: only the first LIMIT examples of each task (quick checks); default: full splits.
 # Environment knobs: BATCH (rows per device call, default 64), CALIB_SAMPLES (default 16: anything else
-#   is for dry runs only, the stored α belong to the 16-window calibration), ALPHA=search (re-run the α
-#   search for p = 0.4, 0.5 instead of copying the committed winners), METHODS (default dense,larosa,teal:
-#   a subset splits the table over several machines; --resume merges the rows), PYTHON (default python).
+#   is for dry runs only), METHODS (default dense,larosa,teal: a subset splits the table over several
+#   machines; --resume merges the rows), PYTHON (default python).
 # Restartable: convert and calibrate are skipped when WORK_DIR already holds them, and the zero-shot runs
 #   continue RESULTS_STEM.json (--resume); delete RESULTS_STEM.json to start the table afresh.
 # (on a GPU, export JAX_DEFAULT_MATMUL_PRECISION=highest so float32 stays float32)
@@ -22,22 +21,17 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 L="${PYTHON:-python} -m larosa_jax.cli"
 cd "$repo"
 
-if [ ! -f "$work/ckpt/.done" ]; then
+if [ ! -f "$work/ckpt.done" ]; then
   $L convert --model "$src" --out "$work/ckpt" --dtype float32 --overwrite
-  touch "$work/ckpt/.done"
+  touch "$work/ckpt.done"
 fi
 rot=$work/rot_faithful
-if [ ! -f "$rot/.done" ] || [ "$(cat "$rot/.done")" != "$calib" ]; then
-  rm -rf "$rot"
+if [ ! -f "$rot.done" ] || [ "$(cat "$rot.done")" != "$calib" ]; then
   $L calibrate --ckpt "$work/ckpt" --data-file "$wiki/wiki.valid.raw" --samples "$calib" --seqlen 2048 \
-    --flavour faithful --batch 4 --out "$rot"
-  echo "$calib" > "$rot/.done"
-fi
-if [ "${ALPHA:-stored}" = search ]; then
+    --flavour faithful --batch 4 --out "$rot" --overwrite
   $L search --ckpt "$work/ckpt" --rotations "$rot" --data-file "$wiki/wiki.valid.raw" \
-    --samples 4 --seqlen 2048 --calib-samples "$calib" --sparsity $ps --mode faithful --batch 4
-else
-  cp eval/results/smollm2_alpha/alpha_faithful.json "$rot/alpha.json"  # what `--alpha searched` reads
+    --samples 4 --seqlen 2048 --sparsity $ps --mode faithful --batch 4
+  echo "$calib" > "$rot.done"
 fi
 
 $L zeroshot --ckpt "$work/ckpt" --rotations "$rot" --data-dir "$zs" \

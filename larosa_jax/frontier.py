@@ -66,6 +66,8 @@ RECIPES = {
                                     "model's at equal effective sparsity)"),
     "larosa-fused": Recipe("larosa", "fused", flavour="fused", speed="larosa",
                            about="deployable La RoSA: γ-free Q of the attention input, Top-K, adapters"),
+    "larosa-fused-faithfulq": Recipe("larosa", "fused", flavour="faithful", speed="larosa",
+                                     about="deployable La RoSA with the faithful Q (of norm(h)·γ) folded in, Top-K"),
     "larosa-joint": Recipe("larosa", "fused", flavour="joint", speed="larosa",
                            about="deployable La RoSA, Q of both rotated sites (joint flavour), Top-K, adapters"),
     "larosa-joint-wa": Recipe("larosa", "fused", flavour="joint", speed="larosa", weighted=True,
