@@ -106,36 +106,79 @@ def _add_generate(sub):
     p.add_argument("--dtype", default=None, help="cast weights on load (default: as stored)")
     p.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="tensor-parallel decode; default with several devices: all of them on model")
+    g = p.add_argument_group("sparse decoding (default: dense)")
+    g.add_argument("--sparse-config", default=None, metavar="JSON", help="a config saved by larosa tune --out")
+    g.add_argument("--method", default=None, help="dense, topk, teal, cats or larosa")
+    g.add_argument("--sparsity", type=float, default=None, help="nominal p in [0, 1)")
+    g.add_argument("--mode", default="fused", choices=["faithful", "fused"], help="larosa mode (default %(default)s)")
+    g.add_argument("--select", default="topk", choices=["topk", "threshold"],
+                   help="larosa fused: per-token Top-K or calibrated thresholds (default %(default)s)")
+    g.add_argument("--weighted", action="store_true", help="weight-aware Top-K (topk, larosa fused)")
+    g.add_argument("--rotations", default=None, help="directory from larosa calibrate (larosa, teal, cats need it)")
     p.set_defaults(func=cmd_generate)
+
+
+def _sparse_config(args):
+    """The SparseConfig the generate flags ask for (None: dense), checked before the model loads."""
+    from .sparsity import SparseConfig
+
+    if args.sparse_config and args.method:
+        raise UsageError("--sparse-config and --method exclude each other (the file holds the method)")
+    if args.sparse_config:
+        return SparseConfig.load(args.sparse_config)
+    if args.method is None:
+        if args.sparsity is not None:
+            raise UsageError("--sparsity needs --method (e.g. --method larosa --rotations DIR)")
+        return None
+    if args.sparsity is None and args.method != "dense":
+        raise UsageError(f"--method {args.method} needs --sparsity P")
+    return SparseConfig(args.method, args.mode if args.method == "larosa" else "faithful", args.sparsity or 0.0,
+                        select=args.select, weighted=args.weighted)
 
 
 def cmd_generate(args) -> None:
     import jax
 
-    from .checkpoint import load, load_tokenizer
+    from .calibration import CalibrationStats
+    from .checkpoint import load, load_tokenizer, read_config
     from .generate import generate
     from .parallel import TensorParallel, make_mesh
+    from .sparse_model import sparsify
 
     cfg = checkpoint_config(args.ckpt)
     if args.max_new_tokens >= cfg.max_position_embeddings:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be in [1, {cfg.max_position_embeddings - 1}] "
                          "(the model's max_position_embeddings, less one prompt token)")
+    sc = _sparse_config(args)
+    needs = sc is not None and sc.sparsity > 0 and (sc.method in ("teal", "cats") or sc.method == "larosa"
+                                                     and (sc.mode == "faithful" or sc.select == "threshold"
+                                                          or not read_config(args.ckpt)[1].get("fused")))
+    if needs and args.rotations is None:
+        raise UsageError(f"--method {sc.method} ({sc.mode}, {sc.select}) needs --rotations DIR (from larosa calibrate)")
+    stats = CalibrationStats.load(args.rotations) if args.rotations and sc is not None else None
     spec = args.mesh or (f"model={len(jax.devices())}" if len(jax.devices()) > 1 else None)
     mesh = make_mesh(spec, cfg=cfg) if spec else None
     tok = load_tokenizer(args.ckpt)
     model = load(args.ckpt, dtype=args.dtype, mesh=mesh)  # each device reads only its shard
+    if sc is not None:
+        model = sparsify(model, stats, sc)
     if mesh is not None:
         model = TensorParallel(model, mesh)
     stream = _Streamer(tok, args.prompt) if len(args.prompt) == 1 else None
+    t = {}
     out = generate(
         model, args.prompt, tokenizer=tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, on_tokens=stream,
+        top_p=args.top_p, seed=args.seed, on_tokens=stream, timings=t,
     )
     if stream is not None:
         print()
     else:
         for prompt, ids in zip(args.prompt, out):
             print(f"--- {prompt}{tok.decode(ids, skip_special_tokens=True)}")
+    eff = getattr(getattr(model, "inner", model), "effective_sparsity", 0.0)
+    print(f"[prompt {t['prompt_tokens']} tokens {t['prompt_tokens'] / t['prefill_s']:.1f} tok/s, decode {t['new_tokens']} "
+          f"tokens {t['new_tokens'] / t['decode_s']:.1f} tok/s (compiles included), effective sparsity {eff:.3f}, "
+          f"{jax.devices()[0].platform}]")
 
 
 class _Streamer:

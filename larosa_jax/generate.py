@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import math
 from typing import Callable, Sequence
 
@@ -120,11 +121,14 @@ def generate(
     on_tokens: Callable[[np.ndarray], None] | None = None,
     chunk: int = 16,
     cache_dtype=None,
+    timings: dict | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt; returns each row's new ids (EOS included, pad dropped).
 
     ``prompts`` are token id lists, or strings with ``tokenizer``. With ``on_tokens`` the loop
-    returns to the host every ``chunk`` tokens and passes the ids so far (for streaming).
+    returns to the host every ``chunk`` tokens and passes the ids so far (for streaming). A
+    ``timings`` dict is filled with the wall seconds of the prefill and of the decode loop (compiles
+    included) and the token counts of each.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
@@ -165,8 +169,11 @@ def generate(
         start[i] = t - len(p)
 
     graphdef, state = nnx.split(model)
+    t0 = time.perf_counter()
     cache = init_cache(cfg, b, max_len, cache_dtype or model.dtype, start=jnp.asarray(start))
     logits, cache = prefill(graphdef, state, jnp.asarray(tokens), cache)
+    jax.block_until_ready(logits)
+    t1 = time.perf_counter()
     ds = DecodeState(
         cache=cache, logits=logits, tokens=jnp.full((b, max_new_tokens), pad, jnp.int32),
         step=jnp.zeros((), jnp.int32), done=jnp.zeros((b,), bool), key=jax.random.key(seed),
@@ -181,6 +188,9 @@ def generate(
         if n >= max_new_tokens or all_done:
             break
     out = np.asarray(ds.tokens[:, :n])
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, prompt_tokens=sum(map(len, prompts)),
+                       new_tokens=b * n)
     result = []
     for row in out:
         ids = []
