@@ -43,7 +43,7 @@ def test_bench_decode_tiny_sparse_configs(tmp_path, monkeypatch):
 
 def test_bench_decode_rejects_bad_configs():
     bd = _script("bench_decode")
-    with pytest.raises(SystemExit, match="larosa, larosa-a1, topk or teal and 0 < P < 1"):
+    with pytest.raises(SystemExit, match="METHOD one of topk, teal, larosa, larosa-a1, larosa-thr and 0 < P < 1"):
         bd.parse_configs("cats@0.5")
     with pytest.raises(SystemExit, match="not METHOD@P"):
         bd.parse_configs("larosa@1.5")
