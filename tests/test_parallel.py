@@ -138,7 +138,11 @@ def test_bad_meshes_are_refused_with_the_reason():
     check_model_axis(cfg, 2)  # divides 6 heads, 2 kv heads, 256 and 96
 
 
-TP_SCRIPT = textwrap.dedent("""
+# meshes each method decodes on (a sparse decode compiles for ~40 s per mesh); topk and teal (the same
+# row-parallel projection as La RoSA's o/down) compare their model=2 logits only
+SPECS = {"dense": ("model=2", "model=4", "data=2,model=2"), "larosa": ("model=2", "model=4", "data=2,model=2"),
+         "topk": (), "teal": ()}
+TP_SCRIPT = f"SPECS = {SPECS!r}\n" + textwrap.dedent("""
     import json, os
     import jax, jax.numpy as jnp, numpy as np
     from larosa_jax.config import ModelConfig
@@ -158,15 +162,16 @@ TP_SCRIPT = textwrap.dedent("""
                       batch_size=4, progress=False)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]  # left padding, different lengths
     out = {}
+    probe = jnp.asarray([[3, 1, 4, 1, 5, 9]])
     for sc in (SparseConfig("dense"), SparseConfig("larosa", "fused", 0.5), SparseConfig("topk", "faithful", 0.5),
                SparseConfig("teal", "faithful", 0.4)):
         m = sparsify(model, stats, sc)
         out[sc.method + "_one"] = generate(m, prompts, max_new_tokens=8)
-        probe = jnp.asarray([[3, 1, 4, 1, 5, 9]])
         want = np.asarray(m(probe)[0])
-        for spec in ("model=2", "model=4", "data=2,model=2"):
+        for spec in SPECS[sc.method] or ("model=2",):
             tp = TensorParallel(m, make_mesh(spec))
-            out[f"{sc.method}_{spec}"] = generate(tp, prompts, max_new_tokens=8)
+            if spec in SPECS[sc.method]:
+                out[f"{sc.method}_{spec}"] = generate(tp, prompts, max_new_tokens=8)
             if not spec.startswith("data"):
                 out[f"{sc.method}_{spec}_logit_err"] = float(np.max(np.abs(np.asarray(tp(probe)[0]) - want)))
     # a checkpoint loaded onto the mesh: each device holds (and read) only its block of each weight
@@ -182,8 +187,8 @@ TP_SCRIPT = textwrap.dedent("""
                            list(loaded.adapters[0][...].addressable_shards[0].data.shape),
                            list(loaded.embed.embedding[...].addressable_shards[0].data.shape)]
     sc = SparseConfig("larosa", "fused", 0.5)
-    out["loaded_tp"] = generate(TensorParallel(sparsify(loaded, None, sc), mesh), prompts, max_new_tokens=8)
-    out["loaded_one"] = generate(sparsify(load(ckpt), None, sc), prompts, max_new_tokens=8)
+    one = np.asarray(sparsify(load(ckpt), None, sc)(probe)[0])
+    out["loaded_logit_err"] = float(np.max(np.abs(np.asarray(TensorParallel(sparsify(loaded, None, sc), mesh)(probe)[0]) - one)))
     try:
         TensorParallel(model, make_mesh("data=2,model=2"))(jnp.zeros((3, 4), jnp.int32))
     except MeshError as e:
@@ -220,18 +225,19 @@ def tensor_parallel():
 
 
 @pytest.mark.parametrize("method", ["dense", "larosa", "topk", "teal"])
-def test_tensor_parallel_decode_gives_the_same_tokens(tensor_parallel, method):
+def test_tensor_parallel_gives_the_same_tokens_and_logits(tensor_parallel, method):
+    """Greedy tokens of a decode on each mesh of SPECS and the logits of a prompt equal one device's."""
     o = tensor_parallel
-    for spec in ("model=2", "model=4", "data=2,model=2"):
+    for spec in SPECS[method]:
         assert o[f"{method}_{spec}"] == o[f"{method}_one"], f"{method} on {spec}"
-    for spec in ("model=2", "model=4"):
+    for spec in [s for s in SPECS[method] if not s.startswith("data")] or ["model=2"]:
         assert o[f"{method}_{spec}_logit_err"] < 1e-4
 
 
 def test_checkpoint_loads_onto_the_mesh_one_shard_per_device(tensor_parallel):
     o = tensor_parallel
     assert o["shard_shapes"] == [[64, 32], [96, 64], [64, 32], [128, 64]]  # q, adapter columns, down rows; embedding whole
-    assert o["loaded_tp"] == o["loaded_one"]
+    assert o["loaded_logit_err"] < 1e-4  # the same logits as the checkpoint loaded on one device
 
 
 def test_tensor_parallel_kernels_and_refusals(tensor_parallel):
