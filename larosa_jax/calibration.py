@@ -115,14 +115,17 @@ class CalibrationStats:
     def flavour(self) -> str:
         return self.metadata["flavour"]
 
-    def teal_threshold(self, site: str, p: float) -> np.ndarray:
-        """Per-layer threshold zeroing a fraction p of the calibration activations at ``site``."""
-        return np.array([np.interp(p, QUANTILE_GRID, q) for q in self.quantiles[site]], np.float32)
+    def teal_threshold(self, site: str, p) -> np.ndarray:
+        """Per-layer threshold zeroing a fraction p of the calibration activations at ``site`` (p: one for
+        every layer, or one per layer)."""
+        q = self.quantiles[site]
+        ps = np.broadcast_to(np.asarray(p, np.float64), (len(q),))
+        return np.array([np.interp(pl, QUANTILE_GRID, ql) for pl, ql in zip(ps, q)], np.float32)
 
     def cats_threshold(self, p: float) -> np.ndarray:
         return self.teal_threshold("cats", p)
 
-    def rotated_threshold(self, site: str, p: float) -> np.ndarray:
+    def rotated_threshold(self, site: str, p) -> np.ndarray:
         """Per-layer threshold zeroing a fraction p of the rotated rows |norm(h)·Q_l| at q/k/v or gate/up
         (La RoSA's calibrated thresholds; γ-free rows, as the fused model selects on)."""
         key = f"{site}_rot"

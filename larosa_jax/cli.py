@@ -324,6 +324,58 @@ def cmd_search(args) -> None:
         print(f"best α = ({res.best[0]:.3f}, {res.best[1]:.3f}) stored in {store_alpha(args.rotations, res)}")
 
 
+def _add_allocate(sub):
+    p = sub.add_parser("allocate", help="per-layer sparsity of a threshold method (teal, larosa thresholds) at the "
+                       "same effective sparsity, from held-out calibration windows; saves a sparse config")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--rotations", required=True, help="directory written by larosa calibrate")
+    p.add_argument("--method", default="larosa", choices=["larosa", "teal"],
+                   help="larosa: the fused model with thresholds on the rotated rows; teal")
+    p.add_argument("--sparsity", type=float, required=True)
+    _add_data_args(p, 2, 2048)
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="windows used by calibrate (default: as recorded in the rotations file)")
+    p.add_argument("--out", required=True, help="sparse config JSON (sparsify, larosa generate --sparse-config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_allocate)
+
+
+def cmd_allocate(args) -> None:
+    import json
+
+    from . import data, outputs
+    from .allocation import allocate
+    from .calibration import CalibrationStats
+    from .checkpoint import load, load_tokenizer
+    from .frontier import TUNED
+    from .sparsity import SparseConfig
+
+    sc = SparseConfig("teal", "faithful", args.sparsity) if args.method == "teal" else SparseConfig(
+        "larosa", "fused", args.sparsity, select="threshold")
+    if args.sparsity == 0:
+        raise UsageError("--sparsity 0: nothing to allocate")
+    cfg = checkpoint_config(args.ckpt)
+    _check_seqlen(args, cfg)
+    target = outputs.check_target(args.out, TUNED, overwrite=args.overwrite)
+    stats = CalibrationStats.load(args.rotations)
+    ids, source = _text_ids(args, load_tokenizer(args.ckpt), "train")
+    win = data.heldout_windows(ids, args.samples, args.seqlen, args.seed,
+                               exclude=_calibration_spans(stats, args, ids, source), source=source)
+    model = load(args.ckpt)
+    stats.check_model(model, where=args.rotations)
+    sc, rep = allocate(model, stats, sc, win, batch_size=args.batch)
+    r = np.asarray(rep["layers"])
+    print(f"allocation, {sc.method}{' (thresholds)' if sc.method == 'larosa' else ''}, p = {sc.sparsity:g}, "
+          f"{len(win)} held-out windows of {args.seqlen} from {source}")
+    print("per-layer scale: " + " ".join(f"{v:.2f}" for v in r))
+    print(f"stream perturbation Σ‖Δ‖²/‖h‖²: uniform {rep['uniform_cost']:.5f}, allocated {rep['allocated_cost']:.5f}")
+    doc = {"sparse_config": sc.to_dict(), "rotations_flavour": stats.flavour,
+           "allocation": {k: rep[k] for k in ("scales", "uniform_cost", "allocated_cost")},
+           "data": {"source": source, "windows": len(win), "seqlen": args.seqlen}}
+    outputs.write_file(target, json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {target}")
+
+
 def _add_fuse(sub):
     p = sub.add_parser("fuse", help="fold rotations into the weights and save the fused (deployable) model")
     p.add_argument("--ckpt", required=True)
@@ -435,7 +487,8 @@ def _add_frontier(sub):
                    help=f"comma list of {', '.join(RECIPES)} (default: all)")
     p.add_argument("--sparsity", type=_csv(float), default=[0.2, 0.3, 0.4, 0.5, 0.6], help="nominal p (default %(default)s)")
     p.add_argument("--speeds", action="append", default=[], metavar="JSON",
-                   help="eval/bench_decode.py results of one device with every recipe's decode (repeat for several files)")
+                   help="eval/bench_decode.py results of one device with every recipe's decode (repeat for several "
+                   "files); without it, perplexity and layer error against effective sparsity only")
     p.add_argument("--shape", default="llama2-7b", help="the model shape whose decode speed to read (default %(default)s)")
     p.add_argument("--protocol", default="full", choices=["full", "random"])
     p.add_argument("--samples", type=int, default=128, help="windows for --protocol random")
@@ -446,6 +499,9 @@ def _add_frontier(sub):
     p.add_argument("--data", default="wikitext2")
     p.add_argument("--data-file", default=None, help="local text file (offline), e.g. wiki.test.raw")
     p.add_argument("--batch", type=int, default=1, help="windows per step")
+    p.add_argument("--alloc-data-file", default=None, help="calibration text for the recipes that allocate (*-alloc): "
+                   "held-out windows of it, off the rotations' own calibration windows (e.g. wiki.valid.raw)")
+    p.add_argument("--alloc-samples", type=int, default=2, help="held-out windows for the allocation (default %(default)s)")
     p.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
                    help="skip the per-layer teacher-forced error on the first window")
     p.add_argument("--out", required=True, help="results path without extension (writes OUT.json, OUT.md, OUT.png)")
@@ -475,8 +531,16 @@ def cmd_frontier(args) -> None:
     rot_paths = _rotation_args(args.rotations)
     cfg = checkpoint_config(args.ckpt)
     _check_seqlen(args, cfg)
-    speeds = frontier.load_speeds(args.speeds, args.shape)
+    speeds = frontier.load_speeds(args.speeds, args.shape) if args.speeds else None
     cells = frontier.check_recipes(args.recipes, args.sparsity, cfg, rot_paths, speeds)
+    alloc = [n for n in args.recipes if frontier.RECIPES[n].allocate]
+    if alloc and args.alloc_data_file is None:
+        raise UsageError(f"--recipes {','.join(alloc)}: allocating recipes need --alloc-data-file (calibration text, "
+                         "e.g. wiki.valid.raw)")
+    if args.alloc_samples < 1:
+        raise UsageError(f"--alloc-samples {args.alloc_samples}: must be >= 1")
+    if alloc and not Path(args.alloc_data_file).is_file():
+        raise UsageError(f"--alloc-data-file {args.alloc_data_file}: file not found")
     check_results(args.out, overwrite=args.overwrite, resume=args.resume)
     stats = {fl: CalibrationStats.load(p) for fl, p in rot_paths.items()}
     for fl, st in stats.items():
@@ -497,8 +561,18 @@ def cmd_frontier(args) -> None:
     meta = {"model": str(args.ckpt), "data": source,
             "calibration": {fl: f"{st.metadata.get('data_source')} ({st.metadata.get('samples')} x "
                                 f"{st.metadata.get('seqlen')})" for fl, st in stats.items()}}
+    alloc_win = None
+    if alloc:
+        st0 = next(iter(stats.values()))
+        a_text, a_source = data.load_text("wikitext2", args.alloc_data_file, split="train")
+        a_ids = data.tokenize(tok, a_text)
+        a_args = argparse.Namespace(calib_samples=None, rotations=next(iter(rot_paths.values())))
+        alloc_win = data.heldout_windows(a_ids, args.alloc_samples, args.seqlen, args.seed, source=a_source,
+                                         exclude=_calibration_spans(st0, a_args, a_ids, a_source))
+        settings["allocation"] = {"data_fingerprint": data.fingerprint(a_ids), "samples": args.alloc_samples}
     res = frontier.run(model, stats, win, cells, speeds, out=args.out, meta=meta, settings=settings,
-                       batch_size=args.batch, resume=args.resume, overwrite=args.overwrite, layer_errors=args.layer_errors)
+                       batch_size=args.batch, resume=args.resume, overwrite=args.overwrite, layer_errors=args.layer_errors,
+                       alloc_windows=alloc_win)
     print(frontier.markdown(res))
 
 
@@ -527,6 +601,9 @@ def cmd_tune(args) -> None:
     res = read_json(Path(args.frontier), "larosa frontier results")
     if not isinstance(res.get("rows"), list) or "speeds" not in res.get("meta", {}):
         raise UsageError(f"{args.frontier}: not a larosa frontier results file (needs meta.speeds and rows)")
+    if res["meta"]["speeds"] is None:
+        raise UsageError(f"{args.frontier}: measured without --speeds (quality only); larosa tune picks by speed, so "
+                         "rerun larosa frontier with a bench_decode JSON")
     if args.ckpt is not None:
         from .calibration import fingerprint
         from .checkpoint import load
@@ -539,8 +616,9 @@ def cmd_tune(args) -> None:
     print(f"{row['recipe']} at p={row['sparsity']:g}: effective sparsity {row['effective']:.3f}, ppl {row['ppl']:.3f}, "
           f"{row['ms_per_token']:.3f} ms/token ({row['speedup']:.2f}x dense) at {doc['speeds']['shape']} on "
           f"{doc['speeds']['device']}")
-    print(json.dumps(doc["sparse_config"]) + (f" (rotations: the {doc['rotations_flavour']} flavour)"
-                                               if doc["rotations_flavour"] else ""))
+    fl = doc["rotations_flavour"]
+    print(json.dumps(doc["sparse_config"]) + ("" if not fl else " (rotations: any calibration, for its quantiles)"
+                                               if fl == "any" else f" (rotations: the {fl} flavour)"))
     if args.out:
         target = outputs.check_target(args.out, frontier.TUNED, overwrite=args.overwrite)
         outputs.write_file(target, json.dumps(doc, indent=1) + "\n")
@@ -638,7 +716,7 @@ def _sigterm(signum, frame):
 
 from .zeroshot import add_parser as _add_zeroshot  # noqa: E402  (imports lm_eval only when run)
 
-_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_fuse, _add_ppl, _add_frontier, _add_tune,
+_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_allocate, _add_fuse, _add_ppl, _add_frontier, _add_tune,
              _add_demo, _add_zeroshot]
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The speed–quality frontier: for one real checkpoint, perplexity of each recipe × sparsity on the
 same windows, paired with its decode ms/token at a named model shape read from a committed GPU
 decode benchmark (``eval/bench_decode.py`` JSON; nothing is timed here), so that the question "at the
-speed I want, which method gives the best text?" has a table and a plot.
+speed I want, which method gives the best text?" has a table and a plot. Without a benchmark file the
+run is the quality half alone: perplexity and per-layer error against effective sparsity.
 
 A *recipe* is a deployable way to sparsify (plus reference lines): the method, its selection, the
 rotations flavour it needs and the benchmark config whose kernels it runs (``RECIPES``). A recipe
@@ -47,6 +48,7 @@ class Recipe:
     speed: str = "dense"
     estimated: bool = False  # no kernel of its own: the speed of ``speed`` at equal effective sparsity
     weighted: bool = False
+    allocate: bool = False  # per-layer scales from larosa_jax.allocation on held-out calibration windows
     about: str = ""
 
     def config(self, p: float) -> SparseConfig:
@@ -74,6 +76,10 @@ RECIPES = {
                               about="joint Q, weight-aware Top-K (|a_i|·‖W_i‖, folded), adapters"),
     "larosa-joint-thr": Recipe("larosa", "fused", "threshold", flavour="joint", speed="larosa-thr",
                                about="joint Q, calibrated thresholds on the rotated rows, adapters"),
+    "teal-alloc": Recipe("teal", flavour="any", speed="teal", allocate=True,
+                         about="TEAL with per-layer sparsities (stream perturbation minimised on calibration text)"),
+    "larosa-joint-thr-alloc": Recipe("larosa", "fused", "threshold", flavour="joint", speed="larosa-thr", allocate=True,
+                                     about="joint Q, rotated thresholds, per-layer sparsities (as teal-alloc), adapters"),
     "larosa-global": Recipe("larosa", "fused", flavour="global", speed="topk",
                             about="one global Q (no adapters), Top-K: Top-K's cost"),
     "larosa-global-thr": Recipe("larosa", "fused", "threshold", flavour="global", speed="teal",
@@ -114,9 +120,11 @@ def load_speeds(paths: list[str | Path], shape: str) -> dict:
             "device": devices.pop(), "sources": sources, "shape": shape}
 
 
-def ms_per_token(speeds: dict, method: str, effective: float) -> float:
+def ms_per_token(speeds: dict | None, method: str, effective: float) -> float | None:
     """Decode ms/token of bench ``method`` at ``effective`` sparsity: linear between measured points, never
     beyond them (an error naming the file's range)."""
+    if speeds is None:
+        return None
     if method == "dense" or effective == 0.0:
         return speeds["dense"]
     pts = speeds["curves"].get(method)
@@ -133,8 +141,9 @@ def ms_per_token(speeds: dict, method: str, effective: float) -> float:
 
 # ----------------------------------------------------------------------------- Pareto and pick
 def pareto(rows: list[dict]) -> list[dict]:
-    """Rows no other deployable row beats on both speed-up (≥) and perplexity (≤, one strictly better)."""
-    cand = [r for r in rows if not r.get("estimated")]
+    """Rows no other deployable row beats on both speed-up (≥) and perplexity (≤, one strictly better); none
+    without speeds."""
+    cand = [r for r in rows if not r.get("estimated") and r.get("speedup") is not None]
     return [r for r in cand if not any(
         o["speedup"] >= r["speedup"] and o["ppl"] <= r["ppl"] and (o["speedup"] > r["speedup"] or o["ppl"] < r["ppl"])
         for o in cand)]
@@ -146,6 +155,9 @@ def pick(result: dict, *, target_speedup: float | None = None, max_ppl_increase:
     best there is."""
     if (target_speedup is None) == (max_ppl_increase is None):
         raise FrontierError("give one target: --target-speedup S or --max-ppl-increase X")
+    if any(r.get("speedup") is None for r in result["rows"]):
+        raise FrontierError("that frontier was measured without --speeds (quality only): rerun larosa frontier with a "
+                            "bench_decode JSON to pick by speed")
     rows = [r for r in result["rows"] if not r.get("estimated") and r["recipe"] != "dense"]
     dense = next((r["ppl"] for r in result["rows"] if r["recipe"] == "dense"), None)
     if not rows:
@@ -189,7 +201,8 @@ TUNED = outputs.Kind("sparse config (json from larosa tune)", False, _is_tuned)
 
 
 # ----------------------------------------------------------------------------- the run
-def check_recipes(names: list[str], sparsities: list[float], cfg, rotations: dict, speeds: dict) -> list[tuple[str, float]]:
+def check_recipes(names: list[str], sparsities: list[float], cfg, rotations: dict,
+                  speeds: dict | None) -> list[tuple[str, float]]:
     """Every (recipe, p) cell, checked before any work: known recipe, its rotations given, valid k, and its
     speed inside the benchmark's measured range."""
     cells = [("dense", 0.0)]
@@ -218,16 +231,21 @@ def check_recipes(names: list[str], sparsities: list[float], cfg, rotations: dic
 def markdown(result: dict) -> str:
     m = result["meta"]
     sp = m["speeds"]
-    lines = [f"# Speed–quality frontier: {m['model']}", "",
-             f"Perplexity: {m['windows']} windows × {m['seqlen']} tokens of {m['data']} (the same windows for every row; "
-             f"device {m['env']['device']}, jax {m['env']['jax']}, {m['env']['date']}). Decode speed: batch 1 at the "
-             f"{sp['shape']} shape on {sp['device']} (" + "; ".join(f"`{s['file']}`, jax {s['jax']}, {s['date']}"
-                                                                    for s in sp["sources"])
-             + f"), dense {sp['dense']:.3f} ms/token, interpolated in effective sparsity between benchmarked points. "
-             "Rows marked * borrow another decode's speed (no kernel of their own); **bold**: the Pareto set of the "
-             "others.", "",
-             "| recipe | p | effective | ppl | Δ dense | ms/token | speed-up | layer error (mean) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = (f"Perplexity: {m['windows']} windows × {m['seqlen']} tokens of {m['data']} (the same windows for every row; "
+            f"device {m['env']['device']}, jax {m['env']['jax']}, {m['env']['date']}); layer error: the mean over layers "
+            "of the per-layer teacher-forced error on the first window.")
+    if sp is None:
+        lines = [f"# Quality against sparsity: {m['model']}", "", head + " No decode speeds (run without --speeds).", "",
+                 "| recipe | p | effective | ppl | Δ dense | layer error (mean) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    else:
+        lines = [f"# Speed–quality frontier: {m['model']}", "",
+                 head + f" Decode speed: batch 1 at the {sp['shape']} shape on {sp['device']} ("
+                 + "; ".join(f"`{s['file']}`, jax {s['jax']}, {s['date']}" for s in sp["sources"])
+                 + f"), dense {sp['dense']:.3f} ms/token, interpolated in effective sparsity between benchmarked points. "
+                 "Rows marked * borrow another decode's speed (no kernel of their own); **bold**: the Pareto set of the "
+                 "others.", "",
+                 "| recipe | p | effective | ppl | Δ dense | ms/token | speed-up | layer error (mean) |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     dense = next((r["ppl"] for r in result["rows"] if r["recipe"] == "dense"), None)
     front = {(r["recipe"], r["sparsity"]) for r in pareto(result["rows"])}
     for r in sorted(result["rows"], key=lambda r: (r["recipe"] != "dense", r["recipe"], r["sparsity"])):
@@ -236,8 +254,9 @@ def markdown(result: dict) -> str:
             name = f"**{name}**"
         le = r.get("layer_error_mean")
         delta = "" if dense is None else f"{r['ppl'] - dense:+.3f}"
-        lines.append(f"| {name} | {r['sparsity']:.2f} | {r['effective']:.3f} | {r['ppl']:.3f} | {delta} | "
-                     f"{r['ms_per_token']:.3f} | {r['speedup']:.3f}x | {'' if le is None else f'{le:.4f}'} |")
+        speed = "" if sp is None else f"{r['ms_per_token']:.3f} | {r['speedup']:.3f}x | "
+        lines.append(f"| {name} | {r['sparsity']:.2f} | {r['effective']:.3f} | {r['ppl']:.3f} | {delta} | {speed}"
+                     f"{'' if le is None else f'{le:.4f}'} |")
     lines += ["", "Recipes:", ""] + [f"- `{n}`: {RECIPES[n].about}" for n in dict.fromkeys(r["recipe"] for r in result["rows"])]
     return "\n".join(lines) + "\n"
 
@@ -249,47 +268,55 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    sp = result["meta"]["speeds"]
     dense = next((r for r in rows if r["recipe"] == "dense"), None)
     front = pareto(rows)
+    panels = ((("speedup", "decode speed-up over dense", "ppl", "perplexity"), ("ms_per_token", "ms/token", "ppl", "perplexity"))
+              if sp is not None else (("effective", "effective sparsity", "ppl", "perplexity"),
+                                      ("effective", "effective sparsity", "layer_error_mean", "mean per-layer error")))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, key, xlabel in ((axes[0], "speedup", "decode speed-up over dense"), (axes[1], "ms_per_token", "ms/token")):
+    for ax, (key, xlabel, ykey, ylabel) in zip(axes, panels):
         for name in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] != "dense"):
-            rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: r[key])
-            ax.plot([r[key] for r in rs], [r["ppl"] for r in rs], "o--" if RECIPES[name].estimated else "o-", ms=4,
-                    label=name + (" (speed estimated)" if RECIPES[name].estimated else ""))
+            rs = sorted((r for r in rows if r["recipe"] == name and r.get(ykey) is not None), key=lambda r: r[key])
+            est = RECIPES[name].estimated and sp is not None
+            ax.plot([r[key] for r in rs], [r[ykey] for r in rs], "o--" if est else "o-", ms=4,
+                    label=name + (" (speed estimated)" if est else ""))
         if front:
             ax.scatter([r[key] for r in front], [r["ppl"] for r in front], s=110, facecolors="none", edgecolors="k",
                        label="Pareto set", zorder=5)
-        if dense is not None:
+        if dense is not None and ykey == "ppl":
             ax.scatter([dense[key]], [dense["ppl"]], marker="*", s=120, c="k", label="dense", zorder=6)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("perplexity")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[1].invert_xaxis()
+    if sp is not None:
+        axes[1].invert_xaxis()
     axes[0].legend(fontsize=7)
-    sp = result["meta"]["speeds"]
-    fig.suptitle(f"{result['meta']['model']}: ppl on {result['meta']['data']}; speed at {sp['shape']} on {sp['device']}",
-                 fontsize=9)
+    where = "no decode speeds" if sp is None else f"speed at {sp['shape']} on {sp['device']}"
+    fig.suptitle(f"{result['meta']['model']}: ppl on {result['meta']['data']}; {where}", fontsize=9)
     fig.tight_layout()
     with outputs.staged_file(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
-def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]], speeds: dict, *, out, meta: dict,
+def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]], speeds: dict | None, *, out, meta: dict,
         settings: dict, batch_size: int = 1, resume: bool = False, overwrite: bool = False, layer_errors: bool = True,
-        progress: bool = True, mesh=None) -> dict:
+        progress: bool = True, mesh=None, alloc_windows: np.ndarray | None = None) -> dict:
     """Perplexity (and the per-layer teacher-forced error on the first window) of every (recipe, p) cell,
-    written after each row. ``stats``: CalibrationStats by flavour."""
+    written after each row. ``stats``: CalibrationStats by flavour; ``speeds``: :func:`load_speeds`, or None
+    for the quality half alone; ``alloc_windows``: held-out calibration windows for the recipes that allocate."""
     from tqdm.auto import tqdm
 
     from . import layer_error
+    from .allocation import allocate
     from .perplexity import window_nll
     from .sparse_model import sparsify
 
     files = check_results(out, overwrite=overwrite, resume=resume)
     settings = {**settings, "seqlen": int(windows.shape[1]), "windows": int(len(windows)),
-                "speeds": [s["file"] for s in speeds["sources"]], "shape": speeds["shape"]}
+                "speeds": None if speeds is None else [s["file"] for s in speeds["sources"]],
+                "shape": None if speeds is None else speeds["shape"]}
     rows = resume_rows(files[0], settings) if resume and files[0].exists() else []
     done = {(r["recipe"], r["sparsity"]) for r in rows}
     staged = any(f.exists() for f in files) and not resume
@@ -305,13 +332,19 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
             bar.set_postfix_str(f"{name} p={p:g}")
             rec = RECIPES[name]
             st = None if rec.flavour is None else stats[rec.flavour] if rec.flavour != "any" else next(iter(stats.values()))
-            m = sparsify(model, st, rec.config(p))
+            sc = rec.config(p)
+            if rec.allocate:
+                if alloc_windows is None:
+                    raise FrontierError(f"recipe {name} allocates: it needs held-out calibration windows (--alloc-data-file)")
+                sc, _ = allocate(model, st, sc, alloc_windows, batch_size=batch_size, progress=progress)
+            m = sparsify(model, st, sc)
             nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=name, mesh=mesh)
             ms = ms_per_token(speeds, rec.speed, m.effective_sparsity)
             le = layer_error.layer_errors(m, windows[:1]) if layer_errors else None
             rows.append({"label": name, "recipe": name, "sparsity": p, "effective": m.effective_sparsity,
-                         "ppl": float(np.exp(nll.sum() / tokens)), "ms_per_token": ms, "speedup": speeds["dense"] / ms,
-                         "speed_from": rec.speed, "estimated": rec.estimated,
+                         "ppl": float(np.exp(nll.sum() / tokens)), "ms_per_token": ms,
+                         "speedup": None if ms is None else speeds["dense"] / ms,
+                         "speed_from": rec.speed, "estimated": rec.estimated, "layers": sc.layers and list(sc.layers),
                          "layer_error_mean": None if le is None else float(le.mean()),
                          "layer_error": None if le is None else [round(float(v), 6) for v in le]})
             outputs.write_file(targets[0], json.dumps(result, indent=1))

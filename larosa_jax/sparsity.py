@@ -49,6 +49,11 @@ class SparseConfig:
 
     ``weighted``: Top-K ranks entry i by |a_i|·s_i, s_i the norm of the weight row it multiplies
     (:func:`larosa_jax.fusion.weight_aware`, folded into the weights: the decode is unchanged).
+
+    ``layers``: an allocation, one scale r_l per layer (mean 1): layer l's sites drop r_l times their
+    uniform sparsity, so the effective sparsity is unchanged (:func:`larosa_jax.allocation.allocate` finds
+    it). Threshold selections only (teal; larosa fused with select='threshold'): their thresholds are per
+    layer already, so the decode is unchanged.
     """
 
     method: str = "larosa"
@@ -57,6 +62,7 @@ class SparseConfig:
     alpha: tuple[float, float] | str = "official"
     select: str = "topk"
     weighted: bool = False
+    layers: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -77,21 +83,33 @@ class SparseConfig:
         if self.select == "threshold" and (self.method, self.mode) != ("larosa", "fused"):
             raise SparsityError(f"select='threshold' is La RoSA's fused model (method larosa, mode fused), not "
                                 f"{self.method}/{self.mode}; TEAL is method teal")
+        if self.layers is not None:
+            r = tuple(float(v) for v in self.layers)
+            object.__setattr__(self, "layers", r)
+            if self.method != "teal" and self.select != "threshold":
+                raise SparsityError(f"layers (a per-layer allocation) needs thresholds: method teal, or larosa fused "
+                                    f"with select='threshold', not {self.method}/{self.mode}/{self.select}")
+            if not r or min(r) < 0 or abs(sum(r) / len(r) - 1.0) > 1e-6:
+                raise SparsityError(f"layers={list(r)[:4]}{'…' if len(r) > 4 else ''}: per-layer scales must be ≥ 0 "
+                                    f"with mean 1 (mean {sum(r) / max(len(r), 1):.6g})")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "mode": self.mode, "sparsity": self.sparsity,
-                "alpha": self.alpha if isinstance(self.alpha, str) else list(self.alpha), "select": self.select,
-                "weighted": self.weighted}
+        d = {"method": self.method, "mode": self.mode, "sparsity": self.sparsity,
+             "alpha": self.alpha if isinstance(self.alpha, str) else list(self.alpha), "select": self.select,
+             "weighted": self.weighted}
+        if self.layers is not None:
+            d["layers"] = list(self.layers)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "sparse config") -> "SparseConfig":
         """The config ``to_dict`` wrote; unknown or missing keys are an error naming them."""
         if not isinstance(d, dict):
             raise SparsityError(f"{where}: expected an object with method, mode, sparsity, alpha, select")
-        keys = {"method", "mode", "sparsity", "alpha", "select", "weighted"}
+        keys = {"method", "mode", "sparsity", "alpha", "select", "weighted", "layers"}
         if set(d) - keys or "method" not in d:
             raise SparsityError(f"{where}: keys {sorted(d)}; expected method (required), mode, sparsity, alpha, select, "
-                                "weighted")
+                                "weighted, layers")
         alpha = d.get("alpha", "official")
         if isinstance(alpha, list):
             if len(alpha) != 2 or not all(isinstance(a, (int, float)) for a in alpha):
@@ -100,8 +118,11 @@ class SparseConfig:
         sp = d.get("sparsity", 0.0)
         if not isinstance(sp, (int, float)):
             raise SparsityError(f"{where}: sparsity={sp!r}; expected a number in [0, 1)")
+        layers = d.get("layers")
+        if layers is not None and not (isinstance(layers, list) and all(isinstance(v, (int, float)) for v in layers)):
+            raise SparsityError(f"{where}: layers={layers!r}; expected a list of per-layer scales (mean 1)")
         return cls(d["method"], d.get("mode", "faithful"), float(sp), alpha, d.get("select", "topk"),
-                   bool(d.get("weighted", False)))
+                   bool(d.get("weighted", False)), None if layers is None else tuple(layers))
 
     @classmethod
     def load(cls, path) -> "SparseConfig":
@@ -354,6 +375,23 @@ class CatsProjection(nnx.Module):
         return ops.combine_outputs(outs, residual, raw), ops.KeepSet(None, x=row, h=h)
 
 
+def layer_scales(cfg: ModelConfig, sc: SparseConfig):
+    """``sc.layers`` as an array of the model's layer count (ones without an allocation); a wrong length, or a
+    scale that would drop every entry of a site, is an error naming them."""
+    import numpy as np
+
+    if sc.layers is None:
+        return np.ones(cfg.num_layers)
+    r = np.asarray(sc.layers, np.float64)
+    if len(r) != cfg.num_layers:
+        raise SparsityError(f"layers: {len(r)} scales for a model of {cfg.num_layers} layers")
+    top = max(site_sparsities(cfg, sc).values()) if sc.method == "larosa" else sc.sparsity
+    if r.max() * top >= 1.0:
+        raise SparsityError(f"layers: scale {r.max():.4g} at layer {int(r.argmax())} drops every entry of a site "
+                            f"(its sparsity {top:.4g}); scales must stay below {1 / top:.4g}")
+    return r
+
+
 def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
     """The projection hook for ``sc`` (None for dense / p = 0)."""
     if sc.method == "dense" or sc.sparsity == 0.0:
@@ -365,12 +403,13 @@ def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
     if stats is None:
         raise SparsityError(f"method {sc.method!r}{' with thresholds' if sc.select == 'threshold' else ''} needs "
                             "calibration statistics (larosa calibrate)")
+    r = layer_scales(cfg, sc)
     if sc.method == "larosa" and sc.select == "threshold":  # thresholds on the folded model's rows
         sp = site_sparsities(cfg, sc)
-        return TealProjection({s: stats.rotated_threshold(s, sp[s]) if SITE_TYPE[s] == "rot"
-                               else stats.teal_threshold(s, sp[s]) for s in SITES})
+        return TealProjection({s: stats.rotated_threshold(s, sp[s] * r) if SITE_TYPE[s] == "rot"
+                               else stats.teal_threshold(s, sp[s] * r) for s in SITES})
     if sc.method == "larosa":
         return RotatedTopKProjection(site_ks(cfg, sc), stats.rotations, gamma_free=stats.flavour != "faithful")
     if sc.method == "teal":
-        return TealProjection({s: stats.teal_threshold(s, sc.sparsity) for s in SITES})
+        return TealProjection({s: stats.teal_threshold(s, sc.sparsity * r) for s in SITES})
     return CatsProjection(stats.cats_threshold(sc.sparsity))

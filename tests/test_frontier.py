@@ -1,6 +1,6 @@
 """``larosa frontier`` and ``larosa tune``: speeds read from a bench file (never timed), the Pareto set,
-the pick for a target, and the refusals (a speed file without the entry, mixed devices, an unreachable
-target)."""
+the pick for a target, the quality half without speeds, and the refusals (a speed file without the
+entry, mixed devices, an unreachable target)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,22 @@ def test_frontier_end_to_end_then_tune(tmp_path):
     sm = sparsify(s.model, flavour and CalibrationStats.load(stories_stats_dir(flavour)), str(saved))
     assert sm.method == doc["sparse_config"]["method"] and sm.effective_sparsity == pytest.approx(best["effective"])
     assert main(["tune", "--frontier", str(out) + ".json", "--target-speedup", "50"]) == 2
+    # without --speeds: the quality half (perplexity, layer error against effective sparsity); tune refuses it
+    q = tmp_path / "quality"
+    argv_q = argv[: argv.index("--speeds")] + ["--out", str(q)]
+    argv_q[argv_q.index("teal,larosa-fused,larosa-faithful")] = "teal,teal-alloc"
+    assert main(argv_q) == 2  # an allocating recipe without --alloc-data-file: refused before any work
+    assert main(argv_q + ["--alloc-data-file", str(TEXT_FILE), "--alloc-samples", "1"]) == 0
+    resq = json.loads((tmp_path / "quality.json").read_text())
+    assert resq["meta"]["speeds"] is None and frontier.pareto(resq["rows"]) == []
+    plain = [r for r in resq["rows"] if r["recipe"] != "teal-alloc"]
+    assert [r["ppl"] for r in plain] == [rows[r["recipe"], r["sparsity"]]["ppl"] for r in plain]
+    alloc = [r for r in resq["rows"] if r["recipe"] == "teal-alloc"]
+    assert len(alloc) == 2 and all(len(r["layers"]) == s.config.num_layers and abs(sum(r["layers"]) /
+                                   len(r["layers"]) - 1) < 1e-9 for r in alloc)
+    assert all(r["speedup"] is None for r in resq["rows"]) and "ms/token" not in (tmp_path / "quality.md").read_text()
+    assert (tmp_path / "quality.png").stat().st_size > 1000
+    assert main(["tune", "--frontier", str(q) + ".json", "--target-speedup", "1.2"]) == 2
 
 
 def _row(recipe, p, ppl, speedup, estimated=False):

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -222,3 +224,79 @@ def test_layer_errors_match_an_independent_numpy_layer():
     np.testing.assert_allclose(got, want, rtol=2e-3)  # float32 against float64; Top-K ties: none on real rows
     assert np.array_equal(layer_errors(sparsify(s.model, None, SparseConfig("topk", "faithful", 0.0)), tokens),
                           np.zeros(cfg.num_layers))
+
+
+# ----------------------------------------------------------------------------- allocation
+def test_allocation_solve_is_the_exact_optimum_with_mean_one():
+    """The dynamic programme against brute force over every choice of scales on random cost tables."""
+    import itertools
+
+    from larosa_jax.allocation import solve
+
+    scales = np.round(np.arange(10, 31) * 0.05, 2)
+    rng = np.random.default_rng(0)
+    for n_layers in (1, 2, 3):
+        cost = np.cumsum(rng.random((n_layers, len(scales))) ** 2, axis=1) * rng.random((n_layers, 1))
+        r = solve(cost, scales)
+        assert abs(r.mean() - 1.0) < 1e-9
+        got = sum(cost[l, np.searchsorted(scales, r[l] - 1e-9)] for l in range(n_layers))
+        best = min(sum(cost[l, j] for l, j in enumerate(js)) for js in itertools.product(range(len(scales)), repeat=n_layers)
+                   if abs(sum(scales[j] for j in js) - n_layers) < 1e-9)
+        assert got == pytest.approx(best, rel=1e-12)
+
+
+def test_allocated_thresholds_are_per_layer_quantiles_and_keep_the_effective_sparsity():
+    """layers=(r_l): layer l's thresholds are the calibration quantiles at r_l times the site's sparsity (TEAL
+    and La RoSA's rotated thresholds), the effective sparsity is the uniform one; the config round-trips and
+    bad allocations are refused with the reason."""
+    from larosa_jax.sparsity import effective_sparsity_of
+
+    s = stories()
+    st = stories_stats("joint")
+    n = s.config.num_layers
+    r = tuple(np.linspace(0.6, 1.4, n))
+    for sc in (SparseConfig("teal", "faithful", 0.4, layers=r), SparseConfig("larosa", "fused", 0.4, select="threshold", layers=r)):
+        th = np.asarray(sparsify(s.model, st, sc).proj.thresholds[...])
+        sp = {site: 0.4 for site in SITES} if sc.method == "teal" else site_sparsities(s.config, sc)
+        for i, site in enumerate(SITES):
+            rot = sc.method == "larosa" and site in ("qkv", "gate_up")
+            for l in range(n):
+                want = (st.rotated_threshold if rot else st.teal_threshold)(site, sp[site] * r[l])[l]
+                assert th[i, l] == pytest.approx(want, rel=1e-6)
+        assert th[0, 0] < th[0, -1]  # the scales reach the thresholds
+        assert effective_sparsity_of(s.config, sc) == effective_sparsity_of(s.config, SparseConfig(
+            sc.method, sc.mode, 0.4, select=sc.select))
+        assert SparseConfig.from_dict(sc.to_dict()) == sc
+    with pytest.raises(SparsityError, match="mean 1"):
+        SparseConfig("teal", "faithful", 0.4, layers=(1.0, 1.2))
+    with pytest.raises(SparsityError, match="needs thresholds"):
+        SparseConfig("larosa", "fused", 0.4, layers=(1.0, 1.0))
+    with pytest.raises(SparsityError, match=f"layers: 2 scales for a model of {n} layers"):
+        sparsify(s.model, st, SparseConfig("teal", "faithful", 0.4, layers=(0.9, 1.1)))
+
+
+def test_allocate_lowers_the_stream_perturbation_and_the_cli_saves_it(tmp_path):
+    """On stories260K: the allocation's cost is at most the uniform one (uniform is a candidate), its
+    scales have mean 1; larosa allocate writes a config that sparsify and generate read."""
+    from larosa_jax.allocation import allocate
+    from larosa_jax.cli import main
+
+    from _helpers import TEXT_FILE, stories_stats_dir
+
+    s = stories()
+    st = stories_stats("joint")
+    sc, rep = allocate(s.model, st, SparseConfig("larosa", "fused", 0.5, select="threshold"), held_windows(1, 64),
+                       progress=False)
+    assert len(sc.layers) == s.config.num_layers and abs(np.mean(sc.layers) - 1) < 1e-9
+    assert rep["allocated_cost"] <= rep["uniform_cost"] + 1e-12 and len(rep["cost"][0]) == len(rep["scales"])
+    out = tmp_path / "alloc.json"
+    argv = ["allocate", "--ckpt", str(s.ckpt), "--rotations", str(stories_stats_dir("joint")), "--method", "teal",
+            "--sparsity", "0.4", "--data-file", str(TEXT_FILE), "--samples", "1", "--seqlen", "64", "--out", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())["sparse_config"]["layers"]
+    m = sparsify(s.model, st, str(out))
+    assert m.method == "teal" and len(r) == s.config.num_layers and abs(np.mean(r) - 1) < 1e-9
+    np.testing.assert_allclose(np.asarray(m.proj.thresholds[...])[0], st.teal_threshold("qkv", 0.4 * np.asarray(r)),
+                               rtol=1e-6)
+    assert main(argv) == 2  # exists: refused without --overwrite
+    assert main(argv[:-2] + ["--out", str(tmp_path / "b.json"), "--sparsity", "0"]) == 2
