@@ -2,8 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import convert, load, load_tokenizer  # noqa: E402
+from .calibration import CalibrationStats  # noqa: E402
+from .checkpoint import convert, load, load_tokenizer, save  # noqa: E402
 from .config import ModelConfig  # noqa: E402
 from .generate import generate  # noqa: E402
+from .sparse_model import sparsify  # noqa: E402
+from .sparsity import SparseConfig  # noqa: E402
 
-__all__ = ["ModelConfig", "convert", "generate", "load", "load_tokenizer", "__version__"]
+__all__ = ["CalibrationStats", "ModelConfig", "SparseConfig", "convert", "generate", "load", "load_tokenizer", "save",
+           "sparsify", "__version__"]

@@ -686,12 +686,17 @@ def cmd_demo(args) -> None:
     print(f"\ndone in {time.time() - t0:.0f} s; checkpoint and rotations in {out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="larosa", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The ``larosa`` command line: one sub-command per step."""
+    p = argparse.ArgumentParser(prog="larosa", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     # SIGTERM unwinds like ^C, so staged outputs are removed on the way out (SIGKILL: see outputs.sweep)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
