@@ -33,7 +33,7 @@ def _csv(kind):
 INT_RANGES = {
     "samples": (1, 1 << 20), "seqlen": (2, 1 << 24), "batch": (1, 1 << 16), "seed": (0, 2**32 - 1),
     "max_new_tokens": (1, 1 << 20), "points": (1, 1000), "calib_samples": (1, 1 << 20), "limit": (1, 1 << 40),
-    "max_length": (2, 1 << 24),
+    "max_length": (2, 1 << 24), "prompt_len": (1, 1 << 20), "new": (1, 1 << 20), "repeats": (1, 1000),
 }
 DTYPE_NAMES = ("bfloat16", "float32", "float16")
 
@@ -106,7 +106,7 @@ def _add_generate(sub):
     p.add_argument("--dtype", default=None, help="cast weights on load (default: as stored)")
     p.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="tensor-parallel decode; default with several devices: all of them on model")
-    g = p.add_argument_group("sparse decoding (default: dense)")
+    g = p.add_argument_group("sparse decoding (default: the config a fused checkpoint records, else dense)")
     g.add_argument("--sparse-config", default=None, metavar="JSON", help="a config saved by larosa tune --out")
     g.add_argument("--method", default=None, help="dense, topk, teal, cats or larosa")
     g.add_argument("--sparsity", type=float, default=None, help="nominal p in [0, 1)")
@@ -150,6 +150,11 @@ def cmd_generate(args) -> None:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be in [1, {cfg.max_position_embeddings - 1}] "
                          "(the model's max_position_embeddings, less one prompt token)")
     sc = _sparse_config(args)
+    block = read_config(args.ckpt)[1].get("sparse") if sc is None else None
+    if block is not None:
+        from .sparse_model import read_record
+
+        read_record(block, args.ckpt)  # a stale record fails before the weights load
     needs = sc is not None and sc.sparsity > 0 and (sc.method in ("teal", "cats") or sc.method == "larosa"
                                                      and (sc.mode == "faithful" or sc.select == "threshold"
                                                           or not read_config(args.ckpt)[1].get("fused")))
@@ -162,6 +167,11 @@ def cmd_generate(args) -> None:
     model = load(args.ckpt, dtype=args.dtype, mesh=mesh)  # each device reads only its shard
     if sc is not None:
         model = sparsify(model, stats, sc)
+    elif block is not None:
+        from .sparse_model import from_record
+
+        model = from_record(model, block, args.ckpt)
+        print(f"[the checkpoint's sparse config: {block['config']}]", flush=True)
     if mesh is not None:
         model = TensorParallel(model, mesh)
     stream = _Streamer(tok, args.prompt) if len(args.prompt) == 1 else None
@@ -376,12 +386,131 @@ def cmd_allocate(args) -> None:
     print(f"wrote {target}")
 
 
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="decode tokens/s of a checkpoint on this machine: dense against sparse configs "
+                       "of that checkpoint, in one run (json + md)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--configs", type=_csv(str), default=[], help="METHOD@P list besides dense (and the config a fused "
+                   "checkpoint records), e.g. larosa@0.4,teal@0.5; a fused checkpoint takes larosa only")
+    p.add_argument("--rotations", default=None, help="directory from larosa calibrate (teal, cats, larosa on a dense "
+                   "checkpoint need it)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default %(default)s)")
+    p.add_argument("--new", type=int, default=128, help="decoded tokens per run (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the compile run; the median counts")
+    p.add_argument("--out", default=None, help="results path without extension (writes OUT.json, OUT.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results")
+    p.set_defaults(func=cmd_bench)
+
+
+def _bench_configs(items: list[str], fused: bool, has_rotations: bool) -> list[tuple[str, object]]:
+    """(label, SparseConfig) per --configs item, checked before the model loads."""
+    from .sparsity import METHODS, SparseConfig
+
+    out = []
+    for item in items:
+        m, _, p = item.partition("@")
+        try:
+            pv = float(p)
+        except ValueError:
+            pv = -1.0
+        if m not in METHODS or m == "dense" or not 0 < pv < 1:
+            raise UsageError(f"--configs {item!r}: expected METHOD@P with METHOD one of "
+                             f"{', '.join(x for x in METHODS if x != 'dense')} and 0 < P < 1")
+        if fused and m != "larosa":
+            raise UsageError(f"--configs {item}: a fused checkpoint decodes larosa (or dense) only")
+        if m in ("teal", "cats") or (m == "larosa" and not fused):
+            if not has_rotations:
+                raise UsageError(f"--configs {item}: needs --rotations DIR (from larosa calibrate)")
+        out.append((item, SparseConfig(m, "fused" if m == "larosa" else "faithful", pv)))
+    return out
+
+
+def cmd_bench(args) -> None:
+    import json
+    import statistics
+
+    import jax
+
+    from . import outputs
+    from .calibration import CalibrationStats
+    from .checkpoint import load, load_tokenizer, read_config
+    from .evaluate import check_results
+    from .generate import generate
+    from .sparse_model import from_record, read_record, sparsify
+
+    cfg, meta = read_config(args.ckpt)
+    block = meta.get("sparse")
+    if block is not None:
+        read_record(block, args.ckpt)
+    configs = _bench_configs(args.configs, bool(meta.get("fused")), args.rotations is not None)
+    if args.prompt_len + args.new > cfg.max_position_embeddings:
+        raise UsageError(f"--prompt-len {args.prompt_len} + --new {args.new}: at most the model's "
+                         f"max_position_embeddings ({cfg.max_position_embeddings})")
+    files = check_results(args.out, overwrite=args.overwrite, resume=False, exts=(".json", ".md")) if args.out else []
+    stats = CalibrationStats.load(args.rotations) if args.rotations else None
+    tok = load_tokenizer(args.ckpt)
+    base = load(args.ckpt)
+    if stats is not None and not meta.get("fused"):
+        stats.check_model(base, where=args.rotations)
+    ids = tok("Once upon a time, " * (args.prompt_len // 2 + 1))["input_ids"]
+    prompt = [(ids * (args.prompt_len // max(len(ids), 1) + 1))[: args.prompt_len]]
+    platform = jax.devices()[0].platform
+    if platform == "cpu":
+        print("on a CPU: these speeds check the command, not the method (the kernels run on GPUs)", flush=True)
+    models = [("dense", base)]
+    if block is not None:
+        models.append((f"recorded ({block['config']['method']}@{block['config']['sparsity']:g})",
+                       from_record(base, block, args.ckpt)))
+    models += [(label, sparsify(base, stats, sc)) for label, sc in configs]
+    rows = []
+    for label, m in models:
+        times = []
+        for i in range(args.repeats + 1):  # the first run compiles
+            t = {}
+            generate(m, prompt, max_new_tokens=args.new, eos_token_ids=[], timings=t)
+            if i:
+                times.append((t["prefill_s"], t["decode_s"]))
+        pre, dec = statistics.median(x for x, _ in times), statistics.median(y for _, y in times)
+        rows.append({"config": label, "effective_sparsity": float(getattr(m, "effective_sparsity", 0.0)),
+                     "prefill_tokens_per_s": args.prompt_len / pre, "decode_tokens_per_s": args.new / dec,
+                     "ms_per_token": dec / args.new * 1e3, "decode_seconds": [y for _, y in times]})
+        print(f"{label}: {rows[-1]['ms_per_token']:.3f} ms/token, effective sparsity "
+              f"{rows[-1]['effective_sparsity']:.3f}", flush=True)
+    for r in rows:
+        r["speedup_vs_dense"] = rows[0]["ms_per_token"] / r["ms_per_token"]
+    env = {"device": getattr(jax.devices()[0], "device_kind", platform), "platform": platform, "jax": jax.__version__,
+           "ckpt": str(args.ckpt), "prompt_len": args.prompt_len, "new": args.new, "repeats": args.repeats,
+           "date": __import__("datetime").datetime.now(__import__("datetime").timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    md = [f"# Decode speed of {args.ckpt}", "",
+          f"{env['device']} ({platform}), jax {env['jax']}, {env['date']}; batch 1, {args.prompt_len}-token prompt, "
+          f"{args.new} tokens per run, median of {args.repeats} after a compile run (whole generate calls: launch "
+          "and host overheads included).", "",
+          "| config | effective sparsity | ms/token | decode tok/s | prefill tok/s | speed-up vs dense |",
+          "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    md += [f"| {r['config']} | {r['effective_sparsity']:.3f} | {r['ms_per_token']:.3f} | {r['decode_tokens_per_s']:.1f} | "
+           f"{r['prefill_tokens_per_s']:.1f} | {r['speedup_vs_dense']:.2f}x |" for r in rows]
+    text = "\n".join(md) + "\n"
+    print(text)
+    if files:
+        outputs.write_file(files[0], json.dumps({"meta": env, "rows": rows}, indent=1) + "\n")
+        outputs.write_file(files[1], text)
+        print(f"wrote {files[0]}, {files[1]}")
+
+
 def _add_fuse(sub):
     p = sub.add_parser("fuse", help="fold rotations into the weights and save the fused (deployable) model")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--rotations", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("the sparse config the checkpoint records (larosa generate and larosa_jax.load use it)")
+    g.add_argument("--sparsity", type=float, default=None, help="nominal p (default: record none; decode dense "
+                   "unless told)")
+    g.add_argument("--select", default="topk", choices=["topk", "threshold"],
+                   help="per-token Top-K or calibrated thresholds, stored with the checkpoint (default %(default)s)")
+    g.add_argument("--weighted", action="store_true", help="weight-aware Top-K")
+    g.add_argument("--sparse-config", default=None, metavar="JSON",
+                   help="a La RoSA fused config saved by larosa tune or larosa allocate (instead of the flags)")
     p.set_defaults(func=cmd_fuse)
 
 
@@ -391,6 +520,19 @@ def cmd_fuse(args) -> None:
     from .checkpoint import CHECKPOINT, load, save
     from .fusion import fuse
 
+    from .sparse_model import record
+    from .sparsity import SparseConfig
+
+    sc = None
+    if args.sparse_config and args.sparsity is not None:
+        raise UsageError("--sparse-config and --sparsity exclude each other (the file holds p)")
+    if args.sparse_config:
+        sc = SparseConfig.load(args.sparse_config)
+        if (sc.method, sc.mode) != ("larosa", "fused"):
+            raise UsageError(f"--sparse-config {args.sparse_config}: a fused checkpoint records La RoSA fused configs, "
+                             f"not {sc.method}/{sc.mode}")
+    elif args.sparsity is not None:
+        sc = SparseConfig("larosa", "fused", args.sparsity, select=args.select, weighted=args.weighted)
     checkpoint_config(args.ckpt)
     outputs.check_target(args.out, CHECKPOINT, overwrite=args.overwrite,
                          inputs=(args.ckpt, rotations_dir(args.rotations)))
@@ -398,8 +540,11 @@ def cmd_fuse(args) -> None:
     model = load(args.ckpt)
     stats.check_model(model, where=args.rotations)
     meta = {f"rotations_{k}": v for k, v in stats.metadata.items()}
-    out = save(fuse(model, stats.rotations), args.out, meta=meta, tokenizer_from=args.ckpt, overwrite=args.overwrite)
-    print(f"wrote fused checkpoint {out}")
+    fused = fuse(model, stats.rotations)
+    if sc is not None:
+        meta["sparse"] = record(fused, stats, sc)
+    out = save(fused, args.out, meta=meta, tokenizer_from=args.ckpt, overwrite=args.overwrite)
+    print(f"wrote fused checkpoint {out}" + ("" if sc is None else f" (records {sc.to_dict()})"))
 
 
 def _add_ppl(sub):
@@ -721,7 +866,7 @@ def _sigterm(signum, frame):
 
 from .zeroshot import add_parser as _add_zeroshot  # noqa: E402  (imports lm_eval only when run)
 
-_COMMANDS = [_add_convert, _add_generate, _add_calibrate, _add_search, _add_allocate, _add_fuse, _add_ppl, _add_frontier, _add_tune,
+_COMMANDS = [_add_convert, _add_generate, _add_bench, _add_calibrate, _add_search, _add_allocate, _add_fuse, _add_ppl, _add_frontier, _add_tune,
              _add_demo, _add_zeroshot]
 
 if __name__ == "__main__":

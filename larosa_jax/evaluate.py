@@ -45,7 +45,8 @@ def _recognise_json(path: Path) -> bool:
 def _recognise_md(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(64).startswith((b"# Perplexity: ", b"# Zero-shot accuracy: ", "# Speed–quality frontier: ".encode()))
+            return f.read(64).startswith((b"# Perplexity: ", b"# Zero-shot accuracy: ", "# Speed–quality frontier: ".encode(),
+                                          b"# Quality against sparsity: ", b"# Decode speed of "))
     except OSError:
         return False
 

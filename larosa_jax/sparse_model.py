@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .calibration import CalibrationStats
 from .fusion import fuse, weight_aware
 from .models import Transformer
 from .plan import DecodePlan
-from .sparsity import SparseConfig, Stat, effective_sparsity_of, make_projection
+from .sparsity import SITES, SparseConfig, Stat, TealProjection, effective_sparsity_of, make_projection
 
 
 class SparseModel(nnx.Module):
@@ -91,3 +92,67 @@ def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfi
     if sc.weighted:
         model = weight_aware(model)
     return SparseModel(model, sc, make_projection(model.config, sc, stats), plan)
+
+
+# ----------------------------------------------------------------------------- a fused checkpoint's own config
+SPARSE_FORMAT = 1  # the layout of the ``sparse`` block ``larosa fuse --sparsity`` writes into a checkpoint's config
+
+
+def record(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig) -> dict:
+    """The ``sparse`` block of a fused checkpoint's config: its SparseConfig and, for thresholds, the per-layer
+    thresholds themselves (so the checkpoint decodes without its rotations file)."""
+    block = {"format": SPARSE_FORMAT, "config": sc.to_dict()}
+    proj = make_projection(model.config, sc, stats)
+    if sc.select == "threshold" and proj is not None:
+        th = proj.thresholds[...]
+        block["thresholds"] = {s: [float(v) for v in th[i]] for i, s in enumerate(SITES)}
+    return block
+
+
+def read_record(block: dict, where: str) -> tuple[SparseConfig, dict | None]:
+    """(SparseConfig, thresholds or None) of a checkpoint's ``sparse`` block; another format is an error with the
+    command that re-fuses."""
+    from .safetensors_io import CheckpointError
+
+    redo = "re-fuse it with this version: larosa fuse --ckpt DENSE_CKPT --rotations DIR --sparsity P --out DIR"
+    if not isinstance(block, dict) or block.get("format") != SPARSE_FORMAT:
+        got = block.get("format") if isinstance(block, dict) else block
+        raise CheckpointError(f"{where}: its sparse config is of format {got!r}, this larosa reads {SPARSE_FORMAT}; {redo}")
+    try:
+        sc = SparseConfig.from_dict(block.get("config"), where=f"{where} (larosa.sparse.config)")
+    except ValueError as e:
+        raise CheckpointError(f"{e}; {redo}") from None
+    th = block.get("thresholds")
+    if (sc.select == "threshold") != (th is not None):
+        raise CheckpointError(f"{where}: a {sc.select} config {'without' if th is None else 'with'} thresholds; {redo}")
+    if th is not None:
+        n = None
+        for s in SITES:
+            if not isinstance(th.get(s), list) or (n is not None and len(th[s]) != n):
+                raise CheckpointError(f"{where}: larosa.sparse.thresholds.{s} is not one number per layer; {redo}")
+            n = len(th[s])
+    return sc, th
+
+
+def from_record(model: Transformer, block: dict, where: str, plan: DecodePlan | None = None) -> SparseModel:
+    """The sparse model a fused checkpoint's ``sparse`` block describes."""
+    sc, th = read_record(block, where)
+    if th is None:
+        return sparsify(model, None, sc, plan)
+    if len(th["qkv"]) != model.config.num_layers:
+        from .safetensors_io import CheckpointError
+
+        raise CheckpointError(f"{where}: thresholds for {len(th['qkv'])} layers, the model has {model.config.num_layers}")
+    return SparseModel(model, sc, TealProjection({s: np.asarray(th[s], np.float32) for s in SITES}), plan)
+
+
+def load(path, dtype=None, mesh=None, plan: DecodePlan | None = None):
+    """A checkpoint ready to decode: the sparse model when it records a sparse config (``larosa fuse
+    --sparsity``), else the dense model (:func:`larosa_jax.checkpoint.load`)."""
+    from .checkpoint import load as load_checkpoint, read_config
+
+    block = read_config(path)[1].get("sparse")
+    if block is not None:
+        read_record(block, str(path))  # a stale record fails before the weights load
+    model = load_checkpoint(path, dtype=dtype, mesh=mesh)
+    return model if block is None else from_record(model, block, str(path), plan)
