@@ -26,8 +26,7 @@ import numpy as np
 
 from . import outputs
 from .config import ConfigError, read_json
-from .evaluate import check_results, environment, resume_rows
-from .sparsity import SparseConfig, SparsityError, effective_sparsity_of
+# jax-heavy modules (sparsity, evaluate) are imported where used: the CLI reads RECIPES for its help text
 
 
 class FrontierError(ValueError):
@@ -51,7 +50,10 @@ class Recipe:
     allocate: bool = False  # per-layer scales from larosa_jax.allocation on held-out calibration windows
     about: str = ""
 
-    def config(self, p: float) -> SparseConfig:
+    def config(self, p: float):
+        """The SparseConfig at nominal sparsity ``p``."""
+        from .sparsity import SparseConfig
+
         if self.method == "dense":
             return SparseConfig("dense")
         return SparseConfig(self.method, self.mode, p, "official", select=self.select, weighted=self.weighted)
@@ -205,6 +207,8 @@ def check_recipes(names: list[str], sparsities: list[float], cfg, rotations: dic
                   speeds: dict | None) -> list[tuple[str, float]]:
     """Every (recipe, p) cell, checked before any work: known recipe, its rotations given, valid k, and its
     speed inside the benchmark's measured range."""
+    from .sparsity import SparsityError, effective_sparsity_of
+
     cells = [("dense", 0.0)]
     for name in names:
         if name not in RECIPES:
@@ -310,6 +314,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
 
     from . import layer_error
     from .allocation import allocate
+    from .evaluate import check_results, environment, resume_rows
     from .perplexity import window_nll
     from .sparse_model import sparsify
 
