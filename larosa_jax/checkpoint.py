@@ -8,6 +8,7 @@ A converted checkpoint directory holds ``config.json`` (the HF config plus a ``l
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -480,6 +481,8 @@ def check_tokenizer_code(path: str | Path, error=CheckpointError) -> None:
 
 def load_tokenizer(path: str | Path):
     """The checkpoint's Hugging Face tokenizer, with remote code disabled (never prompts)."""
+    # transformers' advice that PyTorch is missing is for its models; larosa needs only its tokenizers
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer
 
     check_tokenizer_code(path)

@@ -51,3 +51,20 @@ def test_the_python_example_runs(tmp_path):
     lines = out.getvalue().splitlines()
     assert 0.3 < float(lines[0]) < 0.5 and len(lines) >= 2  # the effective sparsity, then the story
     assert scope["tuned"].effective_sparsity == scope["sparse"].effective_sparsity
+
+
+def test_no_pytorch_advice_without_torch():
+    """Without torch (hidden here), loading a tokenizer prints nothing about PyTorch: larosa needs transformers'
+    tokenizers only."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from larosa_jax.checkpoint import load_tokenizer\n"
+            f"print(type(load_tokenizer({str(stories().ckpt)!r})).__name__)")
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=README.parent, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "PyTorch" not in r.stderr + r.stdout and r.stdout.strip()
