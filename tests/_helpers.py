@@ -194,3 +194,15 @@ def run_python(code: str, *args: str, timeout: int = 300) -> str:
                           env=env, cwd=str(REPO))
     assert proc.returncode == 0, f"subprocess failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return proc.stdout
+
+
+def on_four_devices(script: str) -> dict:
+    """Run ``script`` in a fresh Python with 4 simulated CPU devices (the device count is fixed when jax
+    starts); the dict it prints after RESULT."""
+    import json
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
