@@ -426,6 +426,7 @@ def _bench_configs(items: list[str], fused: bool, has_rotations: bool) -> list[t
 
 
 def cmd_bench(args) -> None:
+    import datetime
     import json
     import statistics
 
@@ -480,7 +481,7 @@ def cmd_bench(args) -> None:
         r["speedup_vs_dense"] = rows[0]["ms_per_token"] / r["ms_per_token"]
     env = {"device": getattr(jax.devices()[0], "device_kind", platform), "platform": platform, "jax": jax.__version__,
            "ckpt": str(args.ckpt), "prompt_len": args.prompt_len, "new": args.new, "repeats": args.repeats,
-           "date": __import__("datetime").datetime.now(__import__("datetime").timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     md = [f"# Decode speed of {args.ckpt}", "",
           f"{env['device']} ({platform}), jax {env['jax']}, {env['date']}; batch 1, {args.prompt_len}-token prompt, "
           f"{args.new} tokens per run, median of {args.repeats} after a compile run (whole generate calls: launch "
