@@ -626,11 +626,15 @@ def _add_frontier(sub):
 
     p = sub.add_parser("frontier", help="perplexity × decode speed of sparsity recipes: which gives the best text at a "
                        "given speed (json + md + png)")
-    p.add_argument("--ckpt", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="the checkpoint to measure")
+    src.add_argument("--from", dest="from_", metavar="JSON",
+                     help="an earlier frontier's OUT.json (e.g. measured without --speeds): attach --speeds to its rows, "
+                     "no model runs (perplexity does not depend on the GPU)")
     p.add_argument("--rotations", action="append", default=[], metavar="FLAVOUR=DIR",
                    help="a calibration per flavour the recipes need (repeat), e.g. joint=rot/joint global=rot/global")
-    p.add_argument("--recipes", type=_csv(str), default=list(RECIPES),
-                   help=f"comma list of {', '.join(RECIPES)} (default: all)")
+    p.add_argument("--recipes", type=_csv(str), default=None,
+                   help=f"comma list of {', '.join(RECIPES)} (default: all; with --from, all of that file's)")
     p.add_argument("--sparsity", type=_csv(float), default=[0.2, 0.3, 0.4, 0.5, 0.6], help="nominal p (default %(default)s)")
     p.add_argument("--speeds", action="append", default=[], metavar="JSON",
                    help="eval/bench_decode.py results of one device with every recipe's decode (repeat for several "
@@ -674,6 +678,10 @@ def cmd_frontier(args) -> None:
     from .checkpoint import load, load_tokenizer
     from .evaluate import check_results, eval_windows
 
+    if args.from_ is not None:
+        return _frontier_pair(args)
+    if args.recipes is None:
+        args.recipes = list(frontier.RECIPES)
     rot_paths = _rotation_args(args.rotations)
     cfg = checkpoint_config(args.ckpt)
     _check_seqlen(args, cfg)
@@ -720,6 +728,30 @@ def cmd_frontier(args) -> None:
                        batch_size=args.batch, resume=args.resume, overwrite=args.overwrite, layer_errors=args.layer_errors,
                        alloc_windows=alloc_win)
     print(frontier.markdown(res))
+
+
+def _frontier_pair(args) -> None:
+    from . import frontier
+    from .config import ConfigError, read_json
+    from .evaluate import check_results
+
+    measuring = [flag for flag, on in (("--rotations", args.rotations), ("--resume", args.resume),
+                                       ("--data-file", args.data_file), ("--limit", args.limit is not None),
+                                       ("--alloc-data-file", args.alloc_data_file)) if on]
+    if measuring:
+        raise UsageError(f"--from {args.from_}: {', '.join(measuring)} measure a checkpoint; with --from nothing is "
+                         "measured (give --ckpt instead)")
+    if not args.speeds:
+        raise UsageError(f"--from {args.from_}: give --speeds JSON (bench_decode results) to attach")
+    try:
+        quality = read_json(Path(args.from_), "larosa frontier results")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    res = frontier.pair(quality, frontier.load_speeds(args.speeds, args.shape), args.recipes, source=args.from_)
+    files = check_results(args.out, overwrite=args.overwrite, resume=False)
+    frontier.write(res, files)
+    print(frontier.markdown(res))
+    print(f"wrote {', '.join(str(f) for f in files)}")
 
 
 def _add_tune(sub):

@@ -202,6 +202,43 @@ def _is_tuned(path: Path) -> bool:
 TUNED = outputs.Kind("sparse config (json from larosa tune)", False, _is_tuned)
 
 
+# ----------------------------------------------------------------------------- pairing
+def pair(quality: dict, speeds: dict, recipes: list[str] | None = None, *, source: str = "") -> dict:
+    """A measured frontier (``run``'s result, with or without speeds) with the decode speeds of ``speeds``
+    attached: perplexity does not depend on the GPU, so one quality run serves every device's bench file.
+    ``recipes``: the rows to keep (default all; dense always); every kept row's speed must be benchmarked."""
+    rows = quality.get("rows") if isinstance(quality, dict) else None
+    if not isinstance(rows, list) or not isinstance(quality.get("meta"), dict) or not all(
+            isinstance(r, dict) and r.get("recipe") in RECIPES and isinstance(r.get("effective"), (int, float))
+            for r in rows):
+        raise FrontierError(f"{source or 'quality'}: not a larosa frontier results file (meta and rows of known recipes)")
+    have = list(dict.fromkeys(r["recipe"] for r in rows))
+    want = have if recipes is None else list(recipes)
+    missing = [n for n in want if n not in have]
+    if missing:
+        raise FrontierError(f"--recipes {','.join(missing)}: not in {source or 'the quality file'} (it has "
+                            f"{', '.join(have)})")
+    out = []
+    for r in rows:
+        if r["recipe"] != "dense" and r["recipe"] not in want:
+            continue
+        ms = ms_per_token(speeds, RECIPES[r["recipe"]].speed, float(r["effective"]))
+        out.append({**r, "ms_per_token": ms, "speedup": speeds["dense"] / ms, "speed_from": RECIPES[r["recipe"]].speed})
+    meta = dict(quality["meta"])
+    meta["speeds"] = speeds
+    meta["settings"] = {**meta.get("settings", {}), "speeds": [s["file"] for s in speeds["sources"]],
+                        "shape": speeds["shape"]}
+    meta["paired_from"] = source
+    return {"meta": meta, "rows": out}
+
+
+def write(result: dict, files: list[Path]) -> None:
+    """OUT.json, OUT.md, OUT.png of a frontier result (each written atomically)."""
+    outputs.write_file(files[0], json.dumps(result, indent=1))
+    outputs.write_file(files[1], markdown(result))
+    plot(result, files[2])
+
+
 # ----------------------------------------------------------------------------- the run
 def check_recipes(names: list[str], sparsities: list[float], cfg, rotations: dict,
                   speeds: dict | None) -> list[tuple[str, float]]:
@@ -238,6 +275,8 @@ def markdown(result: dict) -> str:
     head = (f"Perplexity: {m['windows']} windows × {m['seqlen']} tokens of {m['data']} (the same windows for every row; "
             f"device {m['env']['device']}, jax {m['env']['jax']}, {m['env']['date']}); layer error: the mean over layers "
             "of the per-layer teacher-forced error on the first window.")
+    if m.get("paired_from"):
+        head += f" Speeds attached afterwards to the rows of `{m['paired_from']}` (larosa frontier --from)."
     if sp is None:
         lines = [f"# Quality against sparsity: {m['model']}", "", head + " No decode speeds (run without --speeds).", "",
                  "| recipe | p | effective | ppl | Δ dense | layer error (mean) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -290,6 +329,8 @@ def plot(result: dict, path: Path) -> None:
                        label="Pareto set", zorder=5)
         if dense is not None and ykey == "ppl":
             ax.scatter([dense[key]], [dense["ppl"]], marker="*", s=120, c="k", label="dense", zorder=6)
+        if ykey == "ppl":
+            ax.set_yscale("log")  # perplexity grows steeply at high sparsity; log keeps the low end readable
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -352,9 +393,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                          "speed_from": rec.speed, "estimated": rec.estimated, "layers": sc.layers and list(sc.layers),
                          "layer_error_mean": None if le is None else float(le.mean()),
                          "layer_error": None if le is None else [round(float(v), 6) for v in le]})
-            outputs.write_file(targets[0], json.dumps(result, indent=1))
-            outputs.write_file(targets[1], markdown(result))
-            plot(result, targets[2])
+            write(result, targets)
         if staged:
             for t, f in zip(targets, files):
                 outputs.swap_in(t, f)

@@ -101,6 +101,23 @@ def test_frontier_end_to_end_then_tune(tmp_path):
     assert all(r["speedup"] is None for r in resq["rows"]) and "ms/token" not in (tmp_path / "quality.md").read_text()
     assert (tmp_path / "quality.png").stat().st_size > 1000
     assert main(["tune", "--frontier", str(q) + ".json", "--target-speedup", "1.2"]) == 2
+    # --from: the quality rows with a bench file's speeds attached, no model run; the same as measuring with --speeds
+    paired = tmp_path / "paired"
+    pair_argv = ["frontier", "--from", str(q) + ".json", "--speeds", str(speeds), "--out", str(paired)]
+    assert main(pair_argv[:3] + ["--out", str(paired)]) == 2  # nothing to attach
+    assert main(pair_argv + ["--rotations", f"fused={stories_stats_dir('fused')}"]) == 2  # measuring flags refused
+    assert main(pair_argv + ["--recipes", "teal,topk"]) == 2  # topk has no row in that file
+    assert main(["frontier", "--from", str(q) + ".json", "--speeds",
+                 str(_speeds(tmp_path / "t.json", methods=("topk",))), "--out", str(paired)]) == 2  # no teal speeds
+    assert not (tmp_path / "paired.json").exists()
+    assert main(pair_argv + ["--recipes", "teal"]) == 0
+    resp = json.loads((tmp_path / "paired.json").read_text())
+    assert [(r["recipe"], r["sparsity"]) for r in resp["rows"]] == [("dense", 0.0), ("teal", 0.3), ("teal", 0.5)]
+    for r in resp["rows"]:
+        ref = rows[r["recipe"], r["sparsity"]]
+        assert (r["ppl"], r["ms_per_token"], r["speedup"]) == (ref["ppl"], ref["ms_per_token"], ref["speedup"])
+    assert resp["meta"]["paired_from"] == str(q) + ".json" and "--from" in (tmp_path / "paired.md").read_text()
+    assert frontier.pick(resp, target_speedup=1.2)["recipe"] in ("teal", "dense")
 
 
 def _row(recipe, p, ppl, speedup, estimated=False):
