@@ -16,7 +16,8 @@ at the same batch, in the same run.
 Roofline: bytes read per decode step = every weight matrix (the lm_head in full; the embedding
 row is negligible) + the KV cache of the live context (mean over the decoded steps), divided by
 the read bandwidth measured in the same run: the best of several large streaming reads (XLA
-reductions and a Pallas block sum; the JSON names the winner). Decode reads its weights and writes
+reductions, Pallas block sums and, on a GPU with torch, torch's sum in a child process; the JSON
+names the winner). Decode reads its weights and writes
 almost nothing, so a read, not a copy, is its bound.
 
     python eval/bench_decode.py --models llama2-7b,llama3-8b,qwen2-7b --prompt 128 --new 256 \\
@@ -40,6 +41,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -223,9 +225,40 @@ def read_bandwidth(nbytes: int, repeats: int = 10) -> dict:
         except Exception as e:  # noqa: BLE001  (a kernel that does not build here is reported, not fatal)
             got[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
     del xs
+    if jax.default_backend() == "gpu":
+        got["torch sum (float16 → float32, 20 back to back)"] = torch_read_bandwidth(4 * n, "cuda")
     ok = {k: v for k, v in got.items() if isinstance(v, float)}
     best = max(ok, key=ok.get)
     return {"read_GBps": ok[best], "read_kernel": best, "read_bytes": 4 * n, "reads": got}
+
+
+_TORCH_READ = """
+import sys, time, torch
+nbytes, dev, reps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+a = torch.ones(nbytes // 2, dtype=torch.float16, device=dev)
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+for _ in range(3):
+    a.sum(dtype=torch.float32)
+sync()
+t = time.perf_counter()
+for _ in range(reps):
+    a.sum(dtype=torch.float32)
+sync()
+print(a.numel() * 2 * reps / (time.perf_counter() - t) / 1e9)
+"""
+
+
+def torch_read_bandwidth(nbytes: int, device: str, repeats: int = 20) -> float | str:
+    """GB/s of torch's read-only sum (the stream TEAL's gpt-fast runner measures), in a child process so
+    torch's allocator never meets JAX's; a reason string where torch or the device is missing."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _TORCH_READ, str(nbytes), device, str(repeats)],
+                           capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"failed: {type(e).__name__}"
+    if r.returncode:
+        return f"failed: {(r.stderr.strip().splitlines() or ['exit ' + str(r.returncode)])[-1][:200]}"
+    return float(r.stdout.split()[-1])
 
 
 # ----------------------------------------------------------------------------- decode benchmark

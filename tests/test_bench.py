@@ -41,6 +41,16 @@ def test_bench_decode_tiny_sparse_configs(tmp_path, monkeypatch):
     assert Path(str(out) + ".png").stat().st_size > 0
 
 
+def test_torch_read_probe_reports_a_rate_or_why_not():
+    """The roofline's torch candidate (a GPU run adds it): a positive rate where the device exists, a
+    'failed: …' reason (never an exception) where it does not."""
+    bd = _script("bench_decode")
+    got = bd.torch_read_bandwidth(8_000_000, "cpu", repeats=3)
+    assert isinstance(got, float) and got > 0
+    bad = bd.torch_read_bandwidth(8_000_000, "no-such-device", repeats=3)
+    assert isinstance(bad, str) and bad.startswith("failed: ")
+
+
 def test_bench_decode_rejects_bad_configs():
     bd = _script("bench_decode")
     with pytest.raises(SystemExit, match="METHOD one of topk, teal, larosa, larosa-a1, larosa-thr and 0 < P < 1"):
