@@ -274,12 +274,14 @@ def markdown(result: dict) -> str:
     sp = m["speeds"]
     head = (f"Perplexity: {m['windows']} windows × {m['seqlen']} tokens of {m['data']} (the same windows for every row; "
             f"device {m['env']['device']}, jax {m['env']['jax']}, {m['env']['date']}); layer error: the mean over layers "
-            "of the per-layer teacher-forced error on the first window.")
+            "of the per-layer teacher-forced error on the first window; realized: the effective sparsity calibrated "
+            "thresholds gave on that window (Top-K keeps exactly its k; speeds are read at the nominal effective).")
     if m.get("paired_from"):
         head += f" Speeds attached afterwards to the rows of `{m['paired_from']}` (larosa frontier --from)."
     if sp is None:
         lines = [f"# Quality against sparsity: {m['model']}", "", head + " No decode speeds (run without --speeds).", "",
-                 "| recipe | p | effective | ppl | Δ dense | layer error (mean) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                 "| recipe | p | effective | realized | ppl | Δ dense | layer error (mean) |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     else:
         lines = [f"# Speed–quality frontier: {m['model']}", "",
                  head + f" Decode speed: batch 1 at the {sp['shape']} shape on {sp['device']} ("
@@ -287,8 +289,8 @@ def markdown(result: dict) -> str:
                  + f"), dense {sp['dense']:.3f} ms/token, interpolated in effective sparsity between benchmarked points. "
                  "Rows marked * borrow another decode's speed (no kernel of their own); **bold**: the Pareto set of the "
                  "others.", "",
-                 "| recipe | p | effective | ppl | Δ dense | ms/token | speed-up | layer error (mean) |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 "| recipe | p | effective | realized | ppl | Δ dense | ms/token | speed-up | layer error (mean) |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     dense = next((r["ppl"] for r in result["rows"] if r["recipe"] == "dense"), None)
     front = {(r["recipe"], r["sparsity"]) for r in pareto(result["rows"])}
     for r in sorted(result["rows"], key=lambda r: (r["recipe"] != "dense", r["recipe"], r["sparsity"])):
@@ -298,7 +300,8 @@ def markdown(result: dict) -> str:
         le = r.get("layer_error_mean")
         delta = "" if dense is None else f"{r['ppl'] - dense:+.3f}"
         speed = "" if sp is None else f"{r['ms_per_token']:.3f} | {r['speedup']:.3f}x | "
-        lines.append(f"| {name} | {r['sparsity']:.2f} | {r['effective']:.3f} | {r['ppl']:.3f} | {delta} | {speed}"
+        real = "" if r.get("realized") is None else f"{r['realized']:.3f}"
+        lines.append(f"| {name} | {r['sparsity']:.2f} | {r['effective']:.3f} | {real} | {r['ppl']:.3f} | {delta} | {speed}"
                      f"{'' if le is None else f'{le:.4f}'} |")
     lines += ["", "Recipes:", ""] + [f"- `{n}`: {RECIPES[n].about}" for n in dict.fromkeys(r["recipe"] for r in result["rows"])]
     return "\n".join(lines) + "\n"
@@ -357,7 +360,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
     from .allocation import allocate
     from .evaluate import check_results, environment, resume_rows
     from .perplexity import window_nll
-    from .sparse_model import sparsify
+    from .sparse_model import realized_sparsity, sparsify
 
     files = check_results(out, overwrite=overwrite, resume=resume)
     settings = {**settings, "seqlen": int(windows.shape[1]), "windows": int(len(windows)),
@@ -387,7 +390,9 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
             nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=name, mesh=mesh)
             ms = ms_per_token(speeds, rec.speed, m.effective_sparsity)
             le = layer_error.layer_errors(m, windows[:1]) if layer_errors else None
+            real = realized_sparsity(m, windows[:1])
             rows.append({"label": name, "recipe": name, "sparsity": p, "effective": m.effective_sparsity,
+                         "realized": None if real is None else real["effective"],
                          "ppl": float(np.exp(nll.sum() / tokens)), "ms_per_token": ms,
                          "speedup": None if ms is None else speeds["dense"] / ms,
                          "speed_from": rec.speed, "estimated": rec.estimated, "layers": sc.layers and list(sc.layers),

@@ -12,7 +12,8 @@ from .calibration import CalibrationStats
 from .fusion import fuse, weight_aware
 from .models import Transformer
 from .plan import DecodePlan
-from .sparsity import SITES, SparseConfig, Stat, TealProjection, effective_sparsity_of, make_projection
+from .sparsity import (SITES, SparseConfig, Stat, TealProjection, effective_sparsity, effective_sparsity_of,
+                       make_projection)
 
 
 class SparseModel(nnx.Module):
@@ -66,6 +67,27 @@ def decode_kind(sc: SparseConfig, adapters: bool = True) -> str:
     if sc.method == "larosa" and sc.mode == "fused" and adapters:
         return "larosa-threshold" if threshold else "larosa"
     return "teal" if threshold else "topk"
+
+
+def realized_sparsity(sparse: SparseModel, tokens) -> dict | None:
+    """The sparsity calibrated thresholds (TEAL, La RoSA's rotated thresholds) give on ``tokens`` ``[B, T]``:
+    ``{"effective": parameter-weighted, "sites": {site: dropped share over layers and tokens}}``. Thresholds
+    aim at their calibration text's quantiles, so other text drifts from the nominal sparsity; Top-K keeps
+    exactly k (None here)."""
+    proj = getattr(sparse, "proj", None)
+    if not isinstance(proj, TealProjection):
+        return None
+    def forward(m, t):
+        m(t, None)
+        return t.size
+
+    proj.observe = True
+    try:
+        _, sown = nnx.jit(nnx.capture(forward, nnx.Intermediate))(sparse, jnp.asarray(tokens, jnp.int32))
+    finally:
+        proj.observe = False
+    sites = {s: float(np.mean(sown["proj"][f"dropped_{s}"].get_value())) for s in SITES}
+    return {"effective": effective_sparsity(sparse.config, sites), "sites": sites}
 
 
 def sparsify(model: Transformer, stats: CalibrationStats | None, sc: SparseConfig | str,

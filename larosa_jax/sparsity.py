@@ -340,6 +340,7 @@ class TealProjection(nnx.Module):
         # sliced from one stacked array, each pair would cost its own small XLA launch per step
         bf16_row = jnp.zeros((1, 1), jnp.bfloat16)
         self.pairs = _List([Stat(ops.magnitude_threshold(bf16_row, t)) for t in self.thresholds[...].T.reshape(-1)])
+        self.observe = False  # static: sow each site's dropped share (sparse_model.realized_sparsity), never at decode
 
     def __call__(self, site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
         if prologue is None:
@@ -352,6 +353,8 @@ class TealProjection(nnx.Module):
                                     pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None,
                                     kernel=sp.select and sp.prologue)
         row = x if keep.x is None else keep.x
+        if self.observe:
+            self.sow(nnx.Intermediate, f"dropped_{site}", jnp.mean((ops.apply(row, keep.thr) == 0).astype(jnp.float32)))
         return kept_projection(row, keep, linears, residual, raw, **gemv_options(plan, site)), keep
 
 

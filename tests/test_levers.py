@@ -108,6 +108,37 @@ def test_threshold_projection_keeps_the_rows_above_the_rotated_thresholds():
         SparseConfig("topk", "faithful", 0.5, select="threshold")
 
 
+def test_realized_sparsity_counts_the_entries_the_thresholds_drop():
+    """``realized_sparsity``: each site's sown share is the share of |row| ≤ τ (a plain count on random rows);
+    over a model run it averages layers and tokens and weights sites by parameters; infinite thresholds
+    drop everything; Top-K (exact k) gives None; measuring leaves the model as it was."""
+    from larosa_jax.sparse_model import SparseModel, realized_sparsity
+    from larosa_jax.sparsity import effective_sparsity
+    from flax import nnx
+
+    s = stories()
+    m = sparsify(s.model, stories_stats("joint"), SparseConfig("larosa", "fused", 0.5, select="threshold"))
+    th = np.asarray(m.proj.thresholds[...])
+    blk = m.base.layers[2]
+    rng = np.random.default_rng(1)
+    m.proj.observe = True
+    x = jnp.asarray(rng.standard_normal((3, 7, site_dims(s.config)["gate_up"])), jnp.float32)
+    _, sown = nnx.capture(lambda p, *a: p(*a), nnx.Intermediate)(m.proj, "gate_up", 2, x, (blk.mlp.gate, blk.mlp.up),
+                                                                  DecodePlan.reference())
+    sown = sown["dropped_gate_up"].get_value()
+    m.proj.observe = False
+    assert float(sown[0]) == pytest.approx(float(np.mean(np.abs(np.asarray(x)) <= th[SITES.index("gate_up"), 2])))
+    tokens = rng.integers(0, s.config.vocab_size, (2, 48))
+    r = realized_sparsity(m, tokens)
+    assert set(r["sites"]) == set(SITES) and all(0.2 < v < 0.8 for v in r["sites"].values())
+    assert r["effective"] == pytest.approx(effective_sparsity(s.config, r["sites"]))
+    assert m.proj.observe is False and not nnx.state(m, nnx.Intermediate)
+    L = s.config.num_layers
+    drop_all = SparseModel(s.model, SparseConfig("teal", sparsity=0.5), TealProjection({t: np.full(L, 1e30) for t in SITES}))
+    assert realized_sparsity(drop_all, tokens)["sites"] == {t: 1.0 for t in SITES}
+    assert realized_sparsity(sparsify(s.model, None, SparseConfig("topk", sparsity=0.5)), tokens) is None
+
+
 def _unit_rows(model):
     """Every weight row of q/k/v (together), gate/up (together) and down scaled to norm 1 (in place)."""
     for blk in model.layers:
