@@ -78,8 +78,7 @@ def realized_sparsity(sparse: SparseModel, tokens) -> dict | None:
     if not isinstance(proj, TealProjection):
         return None
     def forward(m, t):
-        m(t, None)
-        return t.size
+        m(t, None)  # only the sown shares are wanted, not the logits
 
     proj.observe = True
     try:

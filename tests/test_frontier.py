@@ -66,7 +66,8 @@ def test_frontier_end_to_end_then_tune(tmp_path):
                                                                           spd, r["effective"]))
         assert r["speedup"] == pytest.approx(10.0 / r["ms_per_token"]) and r["ppl"] > 1
         assert r["estimated"] == (name == "larosa-faithful")
-        assert (r["realized"] is None) == (name != "teal") or abs(r["realized"] - r["effective"]) < 0.2
+        assert (r["realized"] is None) == (name != "teal")  # thresholds drift on other text; Top-K keeps exactly k
+        assert r["realized"] is None or abs(r["realized"] - r["effective"]) < 0.2
         assert (r["layer_error"] is None) == (name == "dense") or len(r["layer_error"]) == s.config.num_layers
     md = (tmp_path / "front.md").read_text()
     for r in frontier.pareto(res["rows"]):
