@@ -399,10 +399,10 @@ def run_zeroshot(model, tok, tasks: Sequence[str], limit: int | float | None = N
 
 
 # ----------------------------------------------------------------------------- results files
-def _run_label(method: str, mode: str, alpha) -> str:
+def _run_label(method: str, mode: str, alpha, select: str = "topk") -> str:
     a = alpha if alpha is None or isinstance(alpha, str) else f"α {alpha[0]:g},{alpha[1]:g}"
     if method == "larosa":
-        return f"larosa {mode} ({a})"
+        return f"larosa {mode}{' thresholds' if select == 'threshold' else ''} ({a})"
     if method == "topk":
         return f"topk ({a})"
     return method
@@ -467,6 +467,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default="faithful", choices=["faithful", "fused"], help="larosa mode")
     p.add_argument("--sparsity", default="0.5", help="one or more, e.g. 0.25,0.4,0.5 (ignored by dense)")
     p.add_argument("--alpha", default="official", help="official, uniform, searched, or 'α_rot,α_plain' (larosa, topk)")
+    p.add_argument("--select", default="topk", choices=["topk", "threshold"],
+                   help="how larosa --mode fused keeps entries: per-token Top-K, or the thresholds calibrated on the "
+                        "rotated rows (TEAL's decode; with a 'global' calibration, no adapters)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--data-dir", default=None, help=f"the offline splits (default ${DATA_ENV} or ../shared/data/zeroshot)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task (quick runs)")
@@ -505,6 +508,9 @@ def cmd_zeroshot(args) -> None:
         grid += [(m, 0.0)] if m == "dense" else [(m, p) for p in ps]
     if alpha == "searched" and "topk" in methods:
         raise ZeroShotError("--alpha searched applies to larosa only (topk: official, uniform or a,b)")
+    if args.select == "threshold" and ("larosa" not in methods or args.mode != "fused"):
+        raise ZeroShotError(f"--select threshold applies to --method larosa with --mode fused, not --method "
+                            f"{args.method} --mode {args.mode}")
     from . import cli
     from .calibration import CalibrationStats, rotations_fingerprint
     from .evaluate import check_resumed_row, check_results, resume_rows
@@ -525,7 +531,8 @@ def cmd_zeroshot(args) -> None:
     for m, p in grid:  # every cell checked before the first run
         a = stored_alpha(args.rotations, p, args.mode, rot_id) if alpha == "searched" and m == "larosa" else alpha
         a = "official" if a == "searched" else a
-        sc = SparseConfig("dense") if m == "dense" else SparseConfig(m, args.mode, p, a)
+        sel = args.select if m == "larosa" else "topk"
+        sc = SparseConfig("dense") if m == "dense" else SparseConfig(m, args.mode, p, a, select=sel)
         effective_sparsity_of(cfg, sc)
         cells.append((m, p, sc))
     files = check_results(args.out, overwrite=args.overwrite, resume=args.resume, exts=(".json", ".md"))
@@ -553,7 +560,7 @@ def cmd_zeroshot(args) -> None:
     done = {(r["label"], r["sparsity"]): r for r in rows}
     labelled = []
     for m, p, sc in cells:
-        label = _run_label(m, args.mode, alpha if m in ("larosa", "topk") else None)
+        label = _run_label(m, args.mode, alpha if m in ("larosa", "topk") else None, sc.select)
         if (label, p) in done:
             check_resumed_row(files[0], done[(label, p)], rot_id if m in ("larosa", "teal", "cats") else None,
                               list(sc.alphas()) if m in ("larosa", "topk") else None)
@@ -581,7 +588,7 @@ def cmd_zeroshot(args) -> None:
                   f"{lm.stats['requests']} requests")
             print(make_table(res))
             rows.append({
-                "label": label, "method": m, "mode": args.mode if m == "larosa" else None,
+                "label": label, "method": m, "mode": args.mode if m == "larosa" else None, "select": sc.select,
                 "alpha": (alpha if isinstance(alpha, str) else list(alpha)) if m in ("larosa", "topk") else None,
                 "alpha_values": list(sc.alphas()) if m in ("larosa", "topk") else None,
                 "sparsity": p, "effective": sm.effective_sparsity, "seconds": secs, "stats": lm.stats,

@@ -247,3 +247,27 @@ def test_cli(stories_ckpt, tmp_path, capsys):
     assert "results exist" in capsys.readouterr().err
     assert main(argv[:3] + ["--tasks", "arc_easy,mmlu", "--out", str(tmp_path / "x")]) == 2
     assert "unknown task 'mmlu'; available: arc_easy" in capsys.readouterr().err
+
+
+def test_cli_rotated_thresholds(stories_ckpt, tmp_path, capsys):
+    """--select threshold scores La RoSA's fused model with thresholds on the rotated rows (one global Q), and
+    its effective sparsity follows p; Top-K methods or the simulation are refused before any work."""
+    rot = tmp_path / "rot"
+    text = tmp_path / "calib.txt"
+    text.write_text(STORY)
+    assert main(["calibrate", "--ckpt", str(stories_ckpt), "--data-file", str(text), "--samples", "2", "--seqlen", "128",
+                 "--flavour", "global", "--out", str(rot)]) == 0
+    data = tmp_path / "data" / "arc_easy"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_text((TINY / "test.jsonl").read_text())
+    out = tmp_path / "res" / "zs"
+    base = ["zeroshot", "--ckpt", str(stories_ckpt), "--rotations", str(rot), "--tasks", "arc_easy", "--data-dir",
+            str(tmp_path / "data"), "--limit", "4", "--batch", "8", "--out", str(out)]
+    assert main(base + ["--method", "larosa", "--mode", "fused", "--select", "threshold", "--sparsity", "0.3,0.6"]) == 0
+    capsys.readouterr()
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["label"], r["select"]) for r in rows] == [("larosa fused thresholds (official)", "threshold")] * 2
+    assert rows[1]["effective"] > rows[0]["effective"] > 0
+    assert all(r["results"]["arc_easy_local"]["acc,none"] is not None for r in rows)
+    assert main(base[:-1] + [str(tmp_path / "x"), "--method", "larosa", "--select", "threshold"]) == 2
+    assert "--select threshold applies to --method larosa with --mode fused" in capsys.readouterr().err
