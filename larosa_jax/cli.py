@@ -628,9 +628,10 @@ def _add_frontier(sub):
                        "given speed (json + md + png)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="the checkpoint to measure")
-    src.add_argument("--from", dest="from_", metavar="JSON",
+    src.add_argument("--from", dest="from_", metavar="JSON", action="append",
                      help="an earlier frontier's OUT.json (e.g. measured without --speeds): attach --speeds to its rows, "
-                     "no model runs (perplexity does not depend on the GPU)")
+                     "no model runs (perplexity does not depend on the GPU); repeat to join runs of other recipes on "
+                     "the same checkpoint and windows")
     p.add_argument("--rotations", action="append", default=[], metavar="FLAVOUR=DIR",
                    help="a calibration per flavour the recipes need (repeat), e.g. joint=rot/joint global=rot/global")
     p.add_argument("--recipes", type=_csv(str), default=None,
@@ -738,16 +739,17 @@ def _frontier_pair(args) -> None:
     measuring = [flag for flag, on in (("--rotations", args.rotations), ("--resume", args.resume),
                                        ("--data-file", args.data_file), ("--limit", args.limit is not None),
                                        ("--alloc-data-file", args.alloc_data_file)) if on]
+    names = ", ".join(args.from_)
     if measuring:
-        raise UsageError(f"--from {args.from_}: {', '.join(measuring)} measure a checkpoint; with --from nothing is "
+        raise UsageError(f"--from {names}: {', '.join(measuring)} measure a checkpoint; with --from nothing is "
                          "measured (give --ckpt instead)")
     if not args.speeds:
-        raise UsageError(f"--from {args.from_}: give --speeds JSON (bench_decode results) to attach")
+        raise UsageError(f"--from {names}: give --speeds JSON (bench_decode results) to attach")
     try:
-        quality = read_json(Path(args.from_), "larosa frontier results")
+        quality = frontier.merge([(f, read_json(Path(f), "larosa frontier results")) for f in args.from_])
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    res = frontier.pair(quality, frontier.load_speeds(args.speeds, args.shape), args.recipes, source=args.from_)
+    res = frontier.pair(quality, frontier.load_speeds(args.speeds, args.shape), args.recipes, source=names)
     files = check_results(args.out, overwrite=args.overwrite, resume=False)
     frontier.write(res, files)
     print(frontier.markdown(res))

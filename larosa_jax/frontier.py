@@ -203,15 +203,62 @@ TUNED = outputs.Kind("sparse config (json from larosa tune)", False, _is_tuned)
 
 
 # ----------------------------------------------------------------------------- pairing
-def pair(quality: dict, speeds: dict, recipes: list[str] | None = None, *, source: str = "") -> dict:
-    """A measured frontier (``run``'s result, with or without speeds) with the decode speeds of ``speeds``
-    attached: perplexity does not depend on the GPU, so one quality run serves every device's bench file.
-    ``recipes``: the rows to keep (default all; dense always); every kept row's speed must be benchmarked."""
+def _check_quality(quality, source: str) -> list[dict]:
     rows = quality.get("rows") if isinstance(quality, dict) else None
     if not isinstance(rows, list) or not isinstance(quality.get("meta"), dict) or not all(
             isinstance(r, dict) and r.get("recipe") in RECIPES and isinstance(r.get("effective"), (int, float))
             for r in rows):
         raise FrontierError(f"{source or 'quality'}: not a larosa frontier results file (meta and rows of known recipes)")
+    return rows
+
+
+# what makes two quality runs' perplexities comparable: the same model, text, windows and protocol
+SAME = ("model_fingerprint", "data_fingerprint", "protocol", "limit")
+
+
+def merge(qualities: list[tuple[str, dict]]) -> dict:
+    """One quality result from runs of other recipes on the same checkpoint and windows (e.g. recipes added in a
+    later session): their rows side by side, the first file's dense row; a setting that differs, a dense
+    perplexity that differs (other windows or numerics) or a (recipe, p) measured twice is refused."""
+    (src0, q0), rest = qualities[0], qualities[1:]
+    rows = list(_check_quality(q0, src0))
+    seen = {(r["recipe"], r["sparsity"]): src0 for r in rows}
+    dense0 = next((r["ppl"] for r in rows if r["recipe"] == "dense"), None)
+    meta = dict(q0["meta"])
+    for src, q in rest:
+        qrows = _check_quality(q, src)
+        a, b = q0["meta"], q["meta"]
+        for key in SAME:
+            if a.get("settings", {}).get(key) != b.get("settings", {}).get(key):
+                raise FrontierError(f"--from {src}: {key} {b.get('settings', {}).get(key)!r} differs from {src0}'s "
+                                    f"{a.get('settings', {}).get(key)!r}; merged runs must score the same model on the "
+                                    "same windows")
+        if (a.get("seqlen"), a.get("windows")) != (b.get("seqlen"), b.get("windows")):
+            raise FrontierError(f"--from {src}: {b.get('windows')} windows of {b.get('seqlen')} tokens, {src0} has "
+                                f"{a.get('windows')} of {a.get('seqlen')}")
+        for r in qrows:
+            key = (r["recipe"], r["sparsity"])
+            if r["recipe"] == "dense":
+                if dense0 is not None and abs(r["ppl"] / dense0 - 1) > 1e-4:
+                    raise FrontierError(f"--from {src}: dense perplexity {r['ppl']:.4f}, {src0} has {dense0:.4f}; not "
+                                        "the same windows or numerics")
+                continue
+            if key in seen:
+                raise FrontierError(f"--from {src}: {r['recipe']} p={r['sparsity']:g} is also in {seen[key]}; give "
+                                    "each (recipe, p) once (--recipes picks rows)")
+            seen[key] = src
+            rows.append(r)
+    meta["merged"] = [{"file": src, "env": q["meta"].get("env"), "settings": q["meta"].get("settings")}
+                      for src, q in qualities] if rest else None
+    return {"meta": meta, "rows": rows}
+
+
+def pair(quality: dict, speeds: dict, recipes: list[str] | None = None, *, source: str = "") -> dict:
+    """A measured frontier (``run``'s result, with or without speeds, or :func:`merge` of several) with the
+    decode speeds of ``speeds`` attached: perplexity does not depend on the GPU, so one quality run serves every
+    device's bench file. ``recipes``: the rows to keep (default all; dense always); every kept row's speed must
+    be benchmarked."""
+    rows = _check_quality(quality, source)
     have = list(dict.fromkeys(r["recipe"] for r in rows))
     want = have if recipes is None else list(recipes)
     missing = [n for n in want if n not in have]
@@ -276,6 +323,10 @@ def markdown(result: dict) -> str:
             f"device {m['env']['device']}, jax {m['env']['jax']}, {m['env']['date']}); layer error: the mean over layers "
             "of the per-layer teacher-forced error on the first window; realized: the effective sparsity calibrated "
             "thresholds gave on that window (Top-K keeps exactly its k; speeds are read at the nominal effective).")
+    if m.get("merged"):
+        head += " Rows joined from " + "; ".join(
+            f"`{x['file']}` ({(x.get('env') or {}).get('device', '?')}, {(x.get('env') or {}).get('date', '?')})"
+            for x in m["merged"]) + " (the same checkpoint and windows; dense from the first)."
     if m.get("paired_from"):
         head += f" Speeds attached afterwards to the rows of `{m['paired_from']}` (larosa frontier --from)."
     if sp is None:

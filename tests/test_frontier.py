@@ -146,3 +146,23 @@ def test_tune_picks_the_pareto_point_of_a_synthetic_frontier():
         frontier.pick(res)
     assert SparseConfig.from_dict(frontier.RECIPES["larosa-joint-thr"].config(0.4).to_dict()) == SparseConfig(
         "larosa", "fused", 0.4, select="threshold")
+
+
+def _quality(rows, **settings):
+    st = {"model_fingerprint": "m", "data_fingerprint": "d", "protocol": "full", "limit": None, **settings}
+    return {"meta": {"settings": st, "seqlen": 2048, "windows": 4, "env": {}, "speeds": None}, "rows": rows}
+
+
+def test_merge_joins_runs_of_other_recipes_on_the_same_windows():
+    a = _quality([_row("dense", 0.0, 20.0, 1.0), _row("teal", 0.4, 26.0, 1.6)])
+    b = _quality([_row("dense", 0.0, 20.0005, 1.0), _row("larosa-global-thr", 0.4, 24.0, 1.6)])
+    m = frontier.merge([("a.json", a), ("b.json", b)])
+    assert [(r["recipe"], r["ppl"]) for r in m["rows"]] == [("dense", 20.0), ("teal", 26.0), ("larosa-global-thr", 24.0)]
+    assert [s["file"] for s in m["meta"]["merged"]] == ["a.json", "b.json"]
+    assert frontier.merge([("a.json", a)])["rows"] == a["rows"]
+    with pytest.raises(frontier.FrontierError, match="b.json: data_fingerprint 'x' differs"):
+        frontier.merge([("a.json", a), ("b.json", _quality(b["rows"], data_fingerprint="x"))])
+    with pytest.raises(frontier.FrontierError, match="dense perplexity 21.0000"):
+        frontier.merge([("a.json", a), ("b.json", _quality([_row("dense", 0.0, 21.0, 1.0)]))])
+    with pytest.raises(frontier.FrontierError, match="teal p=0.4 is also in a.json"):
+        frontier.merge([("a.json", a), ("b.json", _quality([_row("teal", 0.4, 26.1, 1.6)]))])
