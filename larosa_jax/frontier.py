@@ -182,6 +182,27 @@ def pick(result: dict, *, target_speedup: float | None = None, max_ppl_increase:
     return max(ok, key=lambda r: (r["speedup"], -r["ppl"]))
 
 
+def versus(rows: list[dict], ref: str = "teal") -> list[dict]:
+    """Each other recipe against ``ref`` at equal speed-up: ``ref``'s perplexity interpolated (linearly in speed-up,
+    dense as its 1.0x point) at each row's speed-up inside ``ref``'s measured range; per recipe the speed-up
+    range compared and the smallest and largest gap ppl − ref (negative: better text than ``ref``)."""
+    curve = sorted((r["speedup"], r["ppl"]) for r in rows if r.get("speedup") is not None
+                   and r["recipe"] in (ref, "dense"))
+    if len(curve) < 2:
+        return []
+    xs, ys = zip(*curve)
+    out = []
+    for name in dict.fromkeys(r["recipe"] for r in rows if r["recipe"] not in (ref, "dense")):
+        pts = sorted((r["speedup"], r["ppl"] - float(np.interp(r["speedup"], xs, ys))) for r in rows
+                     if r["recipe"] == name and r.get("speedup") is not None and xs[0] <= r["speedup"] <= xs[-1])
+        if pts:
+            gaps = [g for _, g in pts]
+            out.append({"recipe": name, "from": pts[0][0], "to": pts[-1][0], "rows": len(pts),
+                        "below": sum(g < 0 for g in gaps), "worst": max(gaps), "best": min(gaps),
+                        "estimated": RECIPES[name].estimated})
+    return out
+
+
 def tuned_config(row: dict, source: str, meta: dict) -> dict:
     """What ``larosa tune`` saves for a frontier row: its SparseConfig (``SparseConfig.load`` reads it), the
     rotations flavour it needs and what was measured."""
@@ -354,6 +375,13 @@ def markdown(result: dict) -> str:
         real = "" if r.get("realized") is None else f"{r['realized']:.3f}"
         lines.append(f"| {name} | {r['sparsity']:.2f} | {r['effective']:.3f} | {real} | {r['ppl']:.3f} | {delta} | {speed}"
                      f"{'' if le is None else f'{le:.4f}'} |")
+    vs = versus(result["rows"]) if sp is not None else []
+    if vs:
+        lines += ["", "Against TEAL at equal speed-up (TEAL's perplexity interpolated in speed-up at each row's; gap = "
+                  "ppl − TEAL's, negative is better text):", "",
+                  "| recipe | speed-ups compared | rows below TEAL | worst gap | best gap |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {v['recipe']}{'*' if v['estimated'] else ''} | {v['from']:.2f}x–{v['to']:.2f}x | {v['below']} of "
+                  f"{v['rows']} | {v['worst']:+.3f} | {v['best']:+.3f} |" for v in vs]
     lines += ["", "Recipes:", ""] + [f"- `{n}`: {RECIPES[n].about}" for n in dict.fromkeys(r["recipe"] for r in result["rows"])]
     return "\n".join(lines) + "\n"
 

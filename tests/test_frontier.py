@@ -166,3 +166,14 @@ def test_merge_joins_runs_of_other_recipes_on_the_same_windows():
         frontier.merge([("a.json", a), ("b.json", _quality([_row("dense", 0.0, 21.0, 1.0)]))])
     with pytest.raises(frontier.FrontierError, match="teal p=0.4 is also in a.json"):
         frontier.merge([("a.json", a), ("b.json", _quality([_row("teal", 0.4, 26.1, 1.6)]))])
+
+
+def test_versus_interpolates_teal_at_each_rows_speedup():
+    rows = [_row("dense", 0.0, 20.0, 1.0), _row("teal", 0.4, 26.0, 1.6), _row("teal", 0.5, 38.0, 1.8),
+            _row("larosa-global-thr", 0.4, 24.0, 1.5), _row("larosa-global-thr", 0.5, 33.0, 1.7),
+            _row("larosa-global-thr", 0.6, 50.0, 1.9)]  # 1.9x is outside TEAL's range: not compared
+    (v,) = frontier.versus(rows)
+    assert (v["recipe"], v["rows"], v["below"]) == ("larosa-global-thr", 2, 1)
+    assert v["worst"] == pytest.approx(33.0 - 32.0) and v["best"] == pytest.approx(24.0 - 25.0)
+    assert (v["from"], v["to"]) == (1.5, 1.7)
+    assert frontier.versus([_row("dense", 0.0, 20.0, 1.0), _row("topk", 0.5, 30.0, 1.5)]) == []
