@@ -556,8 +556,8 @@ def _add_ppl(sub):
     p.add_argument("--sparsity", type=_csv(float), default=[0.25, 0.4, 0.5])
     p.add_argument("--mode", type=_csv(str), default=["faithful"], help="larosa modes, e.g. faithful,fused")
     p.add_argument("--alpha", type=_csv(str), default=["official"], help="official, uniform, searched (comma list)")
-    p.add_argument("--protocol", default="full", choices=["full", "random"])
-    p.add_argument("--samples", type=int, default=128, help="windows for --protocol random")
+    p.add_argument("--protocol", default=None, choices=["full", "random"], help="default full")
+    p.add_argument("--samples", type=int, default=None, help="windows for --protocol random (default 128)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -636,23 +636,23 @@ def _add_frontier(sub):
                    help="a calibration per flavour the recipes need (repeat), e.g. joint=rot/joint global=rot/global")
     p.add_argument("--recipes", type=_csv(str), default=None,
                    help=f"comma list of {', '.join(RECIPES)} (default: all; with --from, all of that file's)")
-    p.add_argument("--sparsity", type=_csv(float), default=[0.2, 0.3, 0.4, 0.5, 0.6], help="nominal p (default %(default)s)")
+    p.add_argument("--sparsity", type=_csv(float), default=None, help="nominal p (default 0.2,0.3,0.4,0.5,0.6)")
     p.add_argument("--speeds", action="append", default=[], metavar="JSON",
                    help="eval/bench_decode.py results of one device with every recipe's decode (repeat for several "
                    "files); without it, perplexity and layer error against effective sparsity only")
     p.add_argument("--shape", default="llama2-7b", help="the model shape whose decode speed to read (default %(default)s)")
-    p.add_argument("--protocol", default="full", choices=["full", "random"])
-    p.add_argument("--samples", type=int, default=128, help="windows for --protocol random")
+    p.add_argument("--protocol", default=None, choices=["full", "random"], help="default full")
+    p.add_argument("--samples", type=int, default=None, help="windows for --protocol random (default 128)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick runs; a full "
                    "WikiText-2 test pass of SmolLM2 per row takes tens of minutes on a CPU, seconds on a GPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--seqlen", type=int, default=None, help="default 2048")
+    p.add_argument("--data", default=None, help="default wikitext2")
     p.add_argument("--data-file", default=None, help="local text file (offline), e.g. wiki.test.raw")
-    p.add_argument("--batch", type=int, default=1, help="windows per step")
+    p.add_argument("--batch", type=int, default=None, help="windows per step (default 1)")
     p.add_argument("--alloc-data-file", default=None, help="calibration text for the recipes that allocate (*-alloc): "
                    "held-out windows of it, off the rotations' own calibration windows (e.g. wiki.valid.raw)")
-    p.add_argument("--alloc-samples", type=int, default=2, help="held-out windows for the allocation (default %(default)s)")
+    p.add_argument("--alloc-samples", type=int, default=None, help="held-out windows for the allocation (default 2)")
     p.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
                    help="skip the per-layer teacher-forced error on the first window")
     p.add_argument("--out", required=True, help="results path without extension (writes OUT.json, OUT.md, OUT.png)")
@@ -673,6 +673,11 @@ def _rotation_args(items) -> dict:
     return out
 
 
+# what a measuring frontier run uses when not given (None in argparse, so that --from can refuse them)
+FRONTIER_DEFAULTS = {"sparsity": [0.2, 0.3, 0.4, 0.5, 0.6], "protocol": "full", "samples": 128, "seed": 0,
+                     "seqlen": 2048, "data": "wikitext2", "batch": 1, "alloc_samples": 2}
+
+
 def cmd_frontier(args) -> None:
     from . import data, frontier
     from .calibration import CalibrationStats, fingerprint, rotations_fingerprint
@@ -681,6 +686,9 @@ def cmd_frontier(args) -> None:
 
     if args.from_ is not None:
         return _frontier_pair(args)
+    for flag, value in FRONTIER_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     if args.recipes is None:
         args.recipes = list(frontier.RECIPES)
     rot_paths = _rotation_args(args.rotations)
@@ -738,7 +746,9 @@ def _frontier_pair(args) -> None:
 
     measuring = [flag for flag, on in (("--rotations", args.rotations), ("--resume", args.resume),
                                        ("--data-file", args.data_file), ("--limit", args.limit is not None),
-                                       ("--alloc-data-file", args.alloc_data_file)) if on]
+                                       ("--alloc-data-file", args.alloc_data_file),
+                                       ("--no-layer-errors", not args.layer_errors))
+                 if on] + [_flag(f) for f in FRONTIER_DEFAULTS if getattr(args, f) is not None]
     names = ", ".join(args.from_)
     if measuring:
         raise UsageError(f"--from {names}: {', '.join(measuring)} measure a checkpoint; with --from nothing is "

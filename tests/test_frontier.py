@@ -108,6 +108,8 @@ def test_frontier_end_to_end_then_tune(tmp_path):
     pair_argv = ["frontier", "--from", str(q) + ".json", "--speeds", str(speeds), "--out", str(paired)]
     assert main(pair_argv[:3] + ["--out", str(paired)]) == 2  # nothing to attach
     assert main(pair_argv + ["--rotations", f"fused={stories_stats_dir('fused')}"]) == 2  # measuring flags refused
+    for extra in (["--sparsity", "0.3"], ["--seqlen", "128"], ["--protocol", "full"], ["--no-layer-errors"]):
+        assert main(pair_argv + extra) == 2  # so are settings of a measurement, even at their default
     assert main(pair_argv + ["--recipes", "teal,topk"]) == 2  # topk has no row in that file
     assert main(["frontier", "--from", str(q) + ".json", "--speeds",
                  str(_speeds(tmp_path / "t.json", methods=("topk",))), "--out", str(paired)]) == 2  # no teal speeds
