@@ -259,11 +259,13 @@ def merge(qualities: list[tuple[str, dict]]) -> dict:
                                 f"{a.get('windows')} of {a.get('seqlen')}")
         for r in qrows:
             key = (r["recipe"], r["sparsity"])
-            if r["recipe"] == "dense":
-                if dense0 is not None and abs(r["ppl"] / dense0 - 1) > 1e-4:
+            if r["recipe"] == "dense" and dense0 is not None:
+                if abs(r["ppl"] / dense0 - 1) > 1e-4:
                     raise FrontierError(f"--from {src}: dense perplexity {r['ppl']:.4f}, {src0} has {dense0:.4f}; not "
                                         "the same windows or numerics")
                 continue
+            if r["recipe"] == "dense":
+                dense0 = r["ppl"]
             if key in seen:
                 raise FrontierError(f"--from {src}: {r['recipe']} p={r['sparsity']:g} is also in {seen[key]}; give "
                                     "each (recipe, p) once (--recipes picks rows)")

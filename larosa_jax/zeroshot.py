@@ -109,8 +109,8 @@ def local_tasks(data_dir: str | Path | None = None, out_dir: str | Path | None =
 # ----------------------------------------------------------------------------- scoring
 def _bucket(n: int, cap: int) -> int:
     """Round a length up to a multiple of 16 up to 64, then to two steps per octave (96, 128, 192, 256, 384,
-    …), at most ``cap``. Every new shape is a compile, which is what a GPU spends its time on here: the 7
-    tasks' 69k requests of SmolLM2 fall into 12 shapes at 20% padding (8 steps per octave: 32 shapes at 6%)."""
+    …), at most ``cap``. Every new shape is a compile (a full-split run on a GPU stalled at each new length):
+    the 7 tasks' 69k requests of SmolLM2 fall into 12 shapes at 20% padding (8 steps per octave: 32 at 6%)."""
     n = max(16, n)
     step = 1 << max(4, (n - 1).bit_length() - 2)
     return min(-(-n // step) * step, max(cap, n))

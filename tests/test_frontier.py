@@ -162,6 +162,9 @@ def test_merge_joins_runs_of_other_recipes_on_the_same_windows():
     assert [(r["recipe"], r["ppl"]) for r in m["rows"]] == [("dense", 20.0), ("teal", 26.0), ("larosa-global-thr", 24.0)]
     assert [s["file"] for s in m["meta"]["merged"]] == ["a.json", "b.json"]
     assert frontier.merge([("a.json", a)])["rows"] == a["rows"]
+    no_dense = _quality([_row("teal", 0.4, 26.0, 1.6)])  # dense from the first file that has it
+    assert [r["recipe"] for r in frontier.merge([("n.json", no_dense), ("b.json", b)])["rows"]] == [
+        "teal", "dense", "larosa-global-thr"]
     with pytest.raises(frontier.FrontierError, match="b.json: data_fingerprint 'x' differs"):
         frontier.merge([("a.json", a), ("b.json", _quality(b["rows"], data_fingerprint="x"))])
     with pytest.raises(frontier.FrontierError, match="dense perplexity 21.0000"):
