@@ -621,6 +621,16 @@ def cmd_ppl(args) -> None:
     print(f"wrote {', '.join(str(f) for f in files)}")
 
 
+# what a measuring frontier run uses when not given (None in argparse, so that --from can refuse them)
+FRONTIER_DEFAULTS = {"sparsity": [0.2, 0.3, 0.4, 0.5, 0.6], "protocol": "full", "samples": 128, "seed": 0,
+                     "seqlen": 2048, "data": "wikitext2", "batch": 1, "alloc_samples": 2}
+
+
+def _dflt(flag: str) -> str:
+    v = FRONTIER_DEFAULTS[flag]
+    return "default " + (",".join(map(str, v)) if isinstance(v, list) else str(v))
+
+
 def _add_frontier(sub):
     from .frontier import RECIPES
 
@@ -636,23 +646,23 @@ def _add_frontier(sub):
                    help="a calibration per flavour the recipes need (repeat), e.g. joint=rot/joint global=rot/global")
     p.add_argument("--recipes", type=_csv(str), default=None,
                    help=f"comma list of {', '.join(RECIPES)} (default: all; with --from, all of that file's)")
-    p.add_argument("--sparsity", type=_csv(float), default=None, help="nominal p (default 0.2,0.3,0.4,0.5,0.6)")
+    p.add_argument("--sparsity", type=_csv(float), default=None, help=f"nominal p ({_dflt('sparsity')})")
     p.add_argument("--speeds", action="append", default=[], metavar="JSON",
                    help="eval/bench_decode.py results of one device with every recipe's decode (repeat for several "
                    "files); without it, perplexity and layer error against effective sparsity only")
     p.add_argument("--shape", default="llama2-7b", help="the model shape whose decode speed to read (default %(default)s)")
-    p.add_argument("--protocol", default=None, choices=["full", "random"], help="default full")
-    p.add_argument("--samples", type=int, default=None, help="windows for --protocol random (default 128)")
+    p.add_argument("--protocol", default=None, choices=["full", "random"], help=_dflt("protocol"))
+    p.add_argument("--samples", type=int, default=None, help=f"windows for --protocol random ({_dflt('samples')})")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick runs; a full "
                    "WikiText-2 test pass of SmolLM2 per row takes tens of minutes on a CPU, seconds on a GPU)")
-    p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--seqlen", type=int, default=None, help="default 2048")
-    p.add_argument("--data", default=None, help="default wikitext2")
+    p.add_argument("--seed", type=int, default=None, help=_dflt("seed"))
+    p.add_argument("--seqlen", type=int, default=None, help=_dflt("seqlen"))
+    p.add_argument("--data", default=None, help=_dflt("data"))
     p.add_argument("--data-file", default=None, help="local text file (offline), e.g. wiki.test.raw")
-    p.add_argument("--batch", type=int, default=None, help="windows per step (default 1)")
+    p.add_argument("--batch", type=int, default=None, help=f"windows per step ({_dflt('batch')})")
     p.add_argument("--alloc-data-file", default=None, help="calibration text for the recipes that allocate (*-alloc): "
                    "held-out windows of it, off the rotations' own calibration windows (e.g. wiki.valid.raw)")
-    p.add_argument("--alloc-samples", type=int, default=None, help="held-out windows for the allocation (default 2)")
+    p.add_argument("--alloc-samples", type=int, default=None, help=f"held-out windows for the allocation ({_dflt('alloc_samples')})")
     p.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
                    help="skip the per-layer teacher-forced error on the first window")
     p.add_argument("--out", required=True, help="results path without extension (writes OUT.json, OUT.md, OUT.png)")
@@ -671,11 +681,6 @@ def _rotation_args(items) -> dict:
             raise UsageError(f"--rotations {item!r}: expected FLAVOUR=DIR with FLAVOUR one of {', '.join(FLAVOURS)}")
         out[fl] = path
     return out
-
-
-# what a measuring frontier run uses when not given (None in argparse, so that --from can refuse them)
-FRONTIER_DEFAULTS = {"sparsity": [0.2, 0.3, 0.4, 0.5, 0.6], "protocol": "full", "samples": 128, "seed": 0,
-                     "seqlen": 2048, "data": "wikitext2", "batch": 1, "alloc_samples": 2}
 
 
 def cmd_frontier(args) -> None:

@@ -239,8 +239,8 @@ SAME = ("model_fingerprint", "data_fingerprint", "protocol", "limit")
 
 def merge(qualities: list[tuple[str, dict]]) -> dict:
     """One quality result from runs of other recipes on the same checkpoint and windows (e.g. recipes added in a
-    later session): their rows side by side, the first file's dense row; a setting that differs, a dense
-    perplexity that differs (other windows or numerics) or a (recipe, p) measured twice is refused."""
+    later session): their rows side by side, the dense row of the first file that has one; a setting that differs,
+    a dense perplexity that differs (other windows or numerics) or a (recipe, p) measured twice is refused."""
     (src0, q0), rest = qualities[0], qualities[1:]
     rows = list(_check_quality(q0, src0))
     seen = {(r["recipe"], r["sparsity"]): src0 for r in rows}
@@ -349,7 +349,7 @@ def markdown(result: dict) -> str:
     if m.get("merged"):
         head += " Rows joined from " + "; ".join(
             f"`{x['file']}` ({(x.get('env') or {}).get('device', '?')}, {(x.get('env') or {}).get('date', '?')})"
-            for x in m["merged"]) + " (the same checkpoint and windows; dense from the first)."
+            for x in m["merged"]) + " (the same checkpoint and windows; dense from the first that has it)."
     if m.get("paired_from"):
         head += f" Speeds attached afterwards to the rows of `{m['paired_from']}` (larosa frontier --from)."
     if sp is None:
