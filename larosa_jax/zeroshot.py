@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import tempfile
 import time
@@ -423,7 +424,8 @@ def markdown(result: dict) -> str:
         f"# Zero-shot accuracy: {m['model']}",
         "",
         f"lm-eval {m['lm_eval']} ({lim}; {m.get('num_fewshot') or 0}-shot), tasks from {m['data_dir']}; "
-        f"calibration: {m.get('calibration') or '-'}. Device {env['device']}, jax {env['jax']}, {env['date']}.",
+        f"calibration: {m.get('calibration') or '-'}. Device {env['device']}, jax {env['jax']}, {env['date']}. "
+        "Accuracy in % ± the harness's standard error (the mean's: the tasks' combined as independent).",
         "",
     ]
     short = [t[: -len(SUFFIX)] if t.endswith(SUFFIX) else t for t in tasks]
@@ -435,9 +437,14 @@ def markdown(result: dict) -> str:
                   "| --- | ---: | ---: | " + " | ".join("---:" for _ in have) + " | ---: |"]
         for r in result["rows"]:
             vals = [_metric(r["results"], t, metric) for t in have]
-            got = [v for v in vals if v is not None]
-            mean = f"{100 * sum(got) / len(got):.2f}" if got and len(got) == len(vals) else "-"
-            cells = " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals)
+            ses = [_metric(r["results"], t, f"{metric}_stderr") for t in have]
+            mean = "-"
+            if all(v is not None for v in vals):
+                mean = f"{100 * sum(vals) / len(vals):.2f}"
+                if all(e is not None for e in ses):  # the tasks are independent samples
+                    mean += f" ± {100 * math.sqrt(sum(e * e for e in ses)) / len(ses):.2f}"
+            cells = " | ".join("-" if v is None else f"{100 * v:.2f}" + ("" if e is None else f" ± {100 * e:.2f}")
+                               for v, e in zip(vals, ses))
             lines.append(f"| {r['label']} | {r['sparsity']:.2f} | {r['effective']:.3f} | {cells} | {mean} |")
         lines.append("")
     lines += ["| method | nominal p | requests | seconds | s / 100 requests |", "| --- | ---: | ---: | ---: | ---: |"]

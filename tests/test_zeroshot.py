@@ -271,3 +271,16 @@ def test_cli_rotated_thresholds(stories_ckpt, tmp_path, capsys):
     assert all(r["results"]["arc_easy_local"]["acc,none"] is not None for r in rows)
     assert main(base[:-1] + [str(tmp_path / "x"), "--method", "larosa", "--select", "threshold"]) == 2
     assert "--select threshold applies to --method larosa with --mode fused" in capsys.readouterr().err
+
+
+def test_markdown_standard_errors():
+    """Each accuracy carries the harness's standard error, the mean the tasks' combined; a task without one
+    (the harness's "N/A") shows the value alone and leaves the mean's error out."""
+    env = {"device": "cpu", "jax": "x", "date": "d"}
+    res = {"a_local": {"acc,none": 0.5, "acc_stderr,none": 0.03}, "b_local": {"acc,none": 0.7, "acc_stderr,none": 0.04}}
+    row = {"label": "dense", "sparsity": 0.0, "effective": 0.0, "results": res, "stats": {"requests": 10}, "seconds": 1.0}
+    na = dict(row, label="teal", results={**res, "b_local": {"acc,none": 0.6, "acc_stderr,none": "N/A"}})
+    meta = {"model": "m", "tasks": ["a_local", "b_local"], "lm_eval": "0", "data_dir": "d", "env": env}
+    md = zeroshot.markdown({"meta": meta, "rows": [row, na]})
+    assert "| dense | 0.00 | 0.000 | 50.00 ± 3.00 | 70.00 ± 4.00 | 60.00 ± 2.50 |" in md
+    assert "| teal | 0.00 | 0.000 | 50.00 ± 3.00 | 60.00 | 55.00 |" in md
