@@ -44,7 +44,8 @@ class SitePlan:
     ``select``: the selection kernel makes the keep set (the exact Top-K search; with a norm prologue
     also for a given threshold), else its jnp twin. ``gemv``: ``gather`` (the selection compacts the
     kept indices and the GEMV reads dense tiles of kept rows), ``masked`` (masked tiles read the
-    threshold pair in place; no compaction) or ``xla`` (XLA's dot on the masked input). ``prologue``:
+    threshold pair in place; no compaction; for a dense decode the threshold path's launches with every
+    entry kept) or ``xla`` (XLA's dot on the masked input; for a dense decode the dense GEMV of ``gemv``). ``prologue``:
     the residual add and RMSNorm run inside the selection kernel (q/k/v and gate/up sites).
     ``tile``: (rows, columns, warps) of the sparse GEMV's tile; None for the kernel's own choice.
     """
@@ -145,14 +146,17 @@ class DecodePlan:
         if kind in ADAPTER_KINDS and self.adapter == "tail" and self.site("down").gemv == "xla":
             raise PlanError("adapter=tail needs down.gemv=gather or masked (r·A rides in the down GEMV's launch); "
                             "valid adapter here: xla")
-        if kind in THRESHOLD_KINDS:
+        if kind in THRESHOLD_KINDS or kind == "dense":  # dense: masked tiles read every entry (the threshold path)
             for name, sp in zip(SITES, self.sites):
                 if sp.gemv == "gather":
-                    raise PlanError(f"{kind}: {name}.gemv=gather needs compacted Top-K indices; thresholds take masked "
+                    raise PlanError(f"{kind}: {name}.gemv=gather needs compacted Top-K indices; {kind} takes masked "
                                     "or xla")
                 if sp.select and name not in NORM_SITES:
                     raise PlanError(f"{kind}: {name}.select=on has nothing to select (the GEMV reads the threshold in "
                                     "place); set it off")
+                if kind == "dense" and sp.select and sp.gemv != "masked":
+                    raise PlanError(f"dense: {name}.select=on runs only on the threshold path: it needs "
+                                    f"{name}.gemv=masked (else the dense GEMV reads the row; set select off)")
         return self
 
     # ------------------------------------------------------------------ text form

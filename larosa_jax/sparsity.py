@@ -18,7 +18,7 @@ from flax import nnx
 
 from . import pallas as ops
 from .config import ModelConfig
-from .models.transformer import _List, Linear, project, site_row
+from .models.transformer import _List, Linear, project, site_row, threshold_projection
 from .plan import DecodePlan
 
 Array = jax.Array
@@ -343,19 +343,15 @@ class TealProjection(nnx.Module):
         self.observe = False  # static: sow each site's dropped share (sparse_model.realized_sparsity), never at decode
 
     def __call__(self, site, layer, x, linears, plan, *, gain=None, prologue=None, residual=None, side=None, raw=False):
-        if prologue is None:
-            x = x if gain is None else gain * x
-        elif gain is not None:
-            prologue = dataclasses.replace(prologue, gain=gain)
-        i, sp = SITES.index(site), plan.site(site)
+        i = SITES.index(site)
         bf16 = (x.dtype if prologue is None else prologue.dtype) == jnp.bfloat16
-        keep = ops.select_threshold(x, self.thresholds[i, layer], width(linears), prologue=prologue,
-                                    pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None,
-                                    kernel=sp.select and sp.prologue)
-        row = x if keep.x is None else keep.x
+        outs, keep = threshold_projection(site, x, linears, plan, self.thresholds[i, layer], gain=gain,
+                                          pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None,
+                                          prologue=prologue, residual=residual, raw=raw)
         if self.observe:
+            row = keep.x if keep.x is not None else (x if gain is None else gain * x)  # no prologue: γ·x
             self.sow(nnx.Intermediate, f"dropped_{site}", jnp.mean((ops.apply(row, keep.thr) == 0).astype(jnp.float32)))
-        return kept_projection(row, keep, linears, residual, raw, **gemv_options(plan, site)), keep
+        return outs, keep
 
 
 class CatsProjection(nnx.Module):

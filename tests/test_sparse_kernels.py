@@ -566,6 +566,8 @@ PLAN_CASES = [
     (1, "o.gemv=xla,down.select=off,down.gemv=xla", "topk", {(GATHER, False), ("select.prologue", "norm+add+gain")},
      {(MASKED, False)}),
     (1, "", "teal", {(MASKED, False), ("select.prologue", "norm+add+gain")}, {(GATHER, False)}),
+    (1, "qkv.select=on,qkv.prologue=on,gate_up.select=on,gate_up.prologue=on,*.gemv=masked", "dense",
+     {(MASKED, False), ("select.prologue", "norm+add+gain"), (STEP, None)}, {(GATHER, False), ("gemv._kernel", None)}),
     (1, "", "larosa-threshold", {(MASKED, True), (MASKED, False), ("select.prologue", "norm+add+gain")},
      {(GATHER, False), (SELECT, "add")}),
     (4, "adapter=xla,qkv.prologue=off,gate_up.prologue=off,attention=off", "larosa", {(SELECT, None)},
@@ -605,6 +607,8 @@ def test_decode_plans_reach_their_kernels_and_match_the_jnp_path(batch, edits, m
               for s in SITES}
 
     def model(plan, base=base):
+        if method == "dense":  # the dense model on the threshold path's launches, every entry kept
+            return SparseModel(base, SparseConfig("dense"), None, plan)
         if th is not None:
             sc = SparseConfig("teal", "faithful", 0.25) if method == "teal" else SparseConfig(
                 "larosa", "fused", 0.25, select="threshold")

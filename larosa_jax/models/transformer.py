@@ -115,10 +115,38 @@ def site_row(x: Array, gain: Array | None = None, prologue=None) -> tuple[Array,
 
 def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear], plan: DecodePlan, *, gain=None,
                      prologue=None, residual=None, side=None, raw: bool = False):
-    """The dense model's hook (see :data:`Projection`)."""
-    del site, layer, side
+    """The dense model's hook (see :data:`Projection`). A site whose plan reads masked tiles
+    (``SITE.gemv=masked``) runs the threshold path's launches with every entry kept."""
+    del layer, side
+    if plan.site(site).gemv == "masked":
+        return threshold_projection(site, x, linears, plan, KEEP_ALL, gain=gain, prologue=prologue, residual=residual,
+                                    raw=raw)
     row, h = site_row(x, gain, prologue)
     return ops.combine_outputs(project(row, linears, kernel=plan.gemv), residual, raw), ops.KeepSet(None, x=row, h=h)
+
+
+KEEP_ALL = -1.0  # a threshold τ < 0 drops nothing
+
+
+def threshold_projection(site: str, x: Array, linears: Sequence[Linear], plan: DecodePlan, tau, *, pairs=None,
+                         gain=None, prologue=None, residual=None, raw: bool = False):
+    """``(outputs, keep)`` of ``linears`` on the site's row with the entries ``|row| <= tau`` dropped (TEAL's rule).
+    With the site plan's ``select`` and ``prologue`` a Norm prologue runs in the selection kernel (no search);
+    the GEMV (``SITE.gemv``, ``SITE.tile``) reads the threshold pair in place. ``pairs``: τ's pair for bf16
+    rows, made ahead (``ops.select_threshold``)."""
+    if prologue is None:
+        x = x if gain is None else gain * x
+    elif gain is not None:
+        prologue = dataclasses.replace(prologue, gain=gain)
+    sp = plan.site(site)
+    ws = tuple(lin.kernel[...] for lin in linears)
+    bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
+    keep = ops.select_threshold(x, tau, sum(w.shape[1] for w in ws), prologue=prologue, pairs=pairs,
+                                kernel=sp.select and sp.prologue)
+    row = x if keep.x is None else keep.x
+    outs = ops.sparse_matvec(row, keep, ws, bs, residual, raw, gemv=sp.gemv, tail=plan.adapter in ("side", "tail"),
+                             tile=sp.tile)
+    return outs, keep
 
 
 def project(x: Array, linears: Sequence[Linear], *, kernel: bool = False) -> tuple[Array, ...]:
