@@ -592,9 +592,6 @@ def cmd_zeroshot(args) -> None:
             t0 = time.perf_counter()
             res = run_zeroshot(sm, tok, tasks, args.limit, include, lm=lm)
             secs = time.perf_counter() - t0
-            print(f"\n{label}, p = {p:g} (effective {sm.effective_sparsity:.3f}): {secs:.0f} s, "
-                  f"{lm.stats['requests']} requests")
-            print(make_table(res))
             rows.append({
                 "label": label, "method": m, "mode": args.mode if m == "larosa" else None, "select": sc.select,
                 "alpha": (alpha if isinstance(alpha, str) else list(alpha)) if m in ("larosa", "topk") else None,
@@ -606,6 +603,10 @@ def cmd_zeroshot(args) -> None:
             })
             _atomic_write(targets[0], json.dumps(result, indent=2, default=str))
             _atomic_write(targets[1], markdown(result))
+            # saved first: the harness's table is display only (it once failed on a GPU image missing pytz)
+            print(f"\n{label}, p = {p:g} (effective {sm.effective_sparsity:.3f}): {secs:.0f} s, "
+                  f"{lm.stats['requests']} requests")
+            print(make_table(res))
         if staged:
             for t, f in zip(targets, files):
                 outputs.swap_in(t, f)

@@ -284,3 +284,24 @@ def test_markdown_standard_errors():
     md = zeroshot.markdown({"meta": meta, "rows": [row, na]})
     assert "| dense | 0.00 | 0.000 | 50.00 ± 3.00 | 70.00 ± 4.00 | 60.00 ± 2.50 |" in md
     assert "| teal | 0.00 | 0.000 | 50.00 ± 3.00 | 60.00 | 55.00 |" in md
+
+
+def test_a_row_is_saved_before_the_harness_table_prints(stories_ckpt, tmp_path, monkeypatch):
+    """The harness's table is display only: a failure in it (a GPU image once lacked pytz, which it needs) must
+    not lose the row just scored."""
+    import lm_eval.utils
+
+    data = tmp_path / "data" / "arc_easy"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_text((TINY / "test.jsonl").read_text())
+    out = tmp_path / "zs"
+
+    def broken(*a, **k):
+        raise ModuleNotFoundError("No module named 'pytz'")
+
+    monkeypatch.setattr(lm_eval.utils, "make_table", broken)
+    with pytest.raises(ModuleNotFoundError, match="pytz"):
+        main(["zeroshot", "--ckpt", str(stories_ckpt), "--tasks", "arc_easy", "--data-dir", str(tmp_path / "data"),
+              "--method", "dense", "--limit", "4", "--batch", "8", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["dense"] and rows[0]["stats"]["requests"] == 16
