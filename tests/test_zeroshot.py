@@ -225,10 +225,15 @@ def test_local_tasks_real_splits(stories_model, tok, tmp_path):
                                                   "effective": 2}
 
 
-def test_cli(stories_ckpt, tmp_path, capsys):
+def _tiny_as_arc_easy(tmp_path):
+    """The tiny task as arc_easy's split under ``tmp_path/data`` (the CLI's --data-dir)."""
     data = tmp_path / "data" / "arc_easy"
     data.mkdir(parents=True)
-    (data / "test.jsonl").write_text((TINY / "test.jsonl").read_text())  # the tiny task as arc_easy's split
+    (data / "test.jsonl").write_text((TINY / "test.jsonl").read_text())
+
+
+def test_cli(stories_ckpt, tmp_path, capsys):
+    _tiny_as_arc_easy(tmp_path)
     out = tmp_path / "res" / "zs"
     argv = ["zeroshot", "--ckpt", str(stories_ckpt), "--tasks", "arc_easy", "--data-dir", str(tmp_path / "data"),
             "--method", "dense,topk", "--sparsity", "0.3,0.6", "--alpha", "uniform", "--limit", "4", "--batch", "8",
@@ -257,9 +262,7 @@ def test_cli_rotated_thresholds(stories_ckpt, tmp_path, capsys):
     text.write_text(STORY)
     assert main(["calibrate", "--ckpt", str(stories_ckpt), "--data-file", str(text), "--samples", "2", "--seqlen", "128",
                  "--flavour", "global", "--out", str(rot)]) == 0
-    data = tmp_path / "data" / "arc_easy"
-    data.mkdir(parents=True)
-    (data / "test.jsonl").write_text((TINY / "test.jsonl").read_text())
+    _tiny_as_arc_easy(tmp_path)
     out = tmp_path / "res" / "zs"
     base = ["zeroshot", "--ckpt", str(stories_ckpt), "--rotations", str(rot), "--tasks", "arc_easy", "--data-dir",
             str(tmp_path / "data"), "--limit", "4", "--batch", "8", "--out", str(out)]
@@ -291,9 +294,7 @@ def test_a_row_is_saved_before_the_harness_table_prints(stories_ckpt, tmp_path, 
     not lose the row just scored."""
     import lm_eval.utils
 
-    data = tmp_path / "data" / "arc_easy"
-    data.mkdir(parents=True)
-    (data / "test.jsonl").write_text((TINY / "test.jsonl").read_text())
+    _tiny_as_arc_easy(tmp_path)
     out = tmp_path / "zs"
 
     def broken(*a, **k):
