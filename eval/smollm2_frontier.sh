@@ -9,7 +9,7 @@
 set -euo pipefail
 src=$1; wiki=$2; work=$3; speeds=$4; out=$5; stage=${6:-all}; limit=${7:-}
 L="python -m larosa_jax.cli"
-flavours="faithful fused joint global"
+flavours="faithful fused joint global identity"
 if [ "$stage" != frontier ]; then
   [ -d "$work/ckpt" ] || $L convert --model "$src" --out "$work/ckpt" --dtype float32
   for fl in $flavours; do

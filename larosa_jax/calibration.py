@@ -11,8 +11,10 @@ Flavours (they give different Q): ``faithful`` H of X = norm(h)·γ_attn (the of
 ``fused`` H of X = norm(h) (γ-free, what the folded model rotates); ``joint`` the eigenvectors of
 :func:`joint_metric` over both rotated sites (the attention and the MLP input), the Q the fused model
 is measured best with; ``global`` one Q for every layer, the eigenvectors of the layers' joint
-matrices summed (trace-normalised): the fused model then needs no adapters. Every flavour also records the quantiles of the γ-free rotated rows
-|norm(h)·Q_l| at both sites (from a sample of token rows), for La RoSA's calibrated thresholds.
+matrices summed (trace-normalised): the fused model then needs no adapters; ``identity`` Q = I for
+every layer: La RoSA's γ-free selection and site split without a rotation (the other end of the
+rotation lever; no adapters either). Every flavour also records the quantiles of the γ-free rotated
+rows |norm(h)·Q_l| at both sites (from a sample of token rows), for La RoSA's calibrated thresholds.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .models.transformer import dense_projection, residual, rope_tables, site_ro
 from .plan import DecodePlan
 from .safetensors_io import CheckpointError, SafeTensorsFile, write_safetensors
 
-FLAVOURS = ("faithful", "fused", "joint", "global")
+FLAVOURS = ("faithful", "fused", "joint", "global", "identity")
 JOINT_EPS = 3.0  # joint flavour: weight of the γ-free covariances beside the γ-scaled ones (1-30 measured alike)
 ROT_SITES = ("qkv", "gate_up")  # the rotated sites: their |norm(h)·Q| quantiles serve La RoSA's thresholds
 ROT_SAMPLE_ROWS = 256  # token rows per site and window batch kept on the host for those quantiles
@@ -355,6 +357,9 @@ def calibrate(
         if flavour == "global":
             m = metric(layer, covs)
             return m / np.trace(m), None, None, time.time() - te
+        if flavour == "identity":  # the variances stand for the eigenvalues
+            q = np.eye(d)
+            return np.diag(damped(covs["qkv"])), q, rotated_quantiles(q, rows), time.time() - te
         w, q = np.linalg.eigh(metric(layer, covs)) if flavour == "joint" else rotation_of(covs["qkv"])
         return w, q, rotated_quantiles(q, rows), time.time() - te
 

@@ -237,10 +237,11 @@ def _text_ids(args, tok, split: str):
 def _add_calibrate(sub):
     p = sub.add_parser("calibrate", help="La RoSA calibration: rotations Q_l and baseline thresholds")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--flavour", default="fused", choices=["faithful", "fused", "joint", "global"],
+    p.add_argument("--flavour", default="fused", choices=["faithful", "fused", "joint", "global", "identity"],
                    help="what Q_l diagonalises: faithful = the covariance of norm(h)·γ (the paper's simulation); fused = "
                         "of norm(h) (γ-free, foldable); joint = both rotated sites' covariances, γ-scaled and γ-free "
-                        "(the fused model's best Q); global = one Q for all layers (no adapters). Default: %(default)s")
+                        "(the fused model's best Q); global = one Q for all layers (no adapters); identity = Q = I (La RoSA's "
+                        "γ-free selection and site split, no rotation). Default: %(default)s")
     p.add_argument("--out", required=True, help="directory for rotations.safetensors")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing rotations directory (its alpha.json goes with it)")

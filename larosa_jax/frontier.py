@@ -86,6 +86,8 @@ RECIPES = {
                             about="one global Q (no adapters), Top-K: Top-K's cost"),
     "larosa-global-thr": Recipe("larosa", "fused", "threshold", flavour="global", speed="teal",
                                 about="one global Q (no adapters), calibrated thresholds: TEAL's cost"),
+    "larosa-identity-thr": Recipe("larosa", "fused", "threshold", flavour="identity", speed="teal",
+                                  about="Q = I: La RoSA's γ-free thresholds and site split without a rotation; TEAL's cost"),
 }
 
 

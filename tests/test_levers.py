@@ -1,7 +1,7 @@
 """The deployable La RoSA's levers, each against a plain reference, and the per-layer teacher-forced error.
 
 - the joint and global flavours: Q diagonalises the joint matrix of the float64 covariances of both
-  rotated sites; the global flavour gives one Q and a fused model without adapters;
+  rotated sites; the global flavour gives one Q and a fused model without adapters; identity gives I;
 - rotated thresholds: the calibrated quantiles are those of |norm(h)·Q_l|, the projection keeps
   |row| > τ of the folded model's rows (a jnp reference on random inputs);
 - weight-aware Top-K: with every weight-row norm equal it is plain Top-K, otherwise it keeps the
@@ -60,11 +60,12 @@ def test_joint_and_global_rotations_diagonalise_the_joint_matrix():
         mets.append(m / np.trace(m))
     qg = stories_stats("global").rotations.astype(np.float64)
     assert all(np.array_equal(qg[0], ql) for ql in qg[1:])
+    assert all(np.array_equal(q, np.eye(cfg.hidden_size)) for q in stories_stats("identity").rotations)
     off = qg[0].T @ sum(mets) @ qg[0]
     assert np.abs(off - np.diag(np.diag(off))).max() <= 1e-5 * np.abs(off).max()
 
 
-@pytest.mark.parametrize("flavour", ["fused", "joint"])
+@pytest.mark.parametrize("flavour", ["fused", "joint", "identity"])
 def test_rotated_quantiles_are_those_of_the_rotated_rows(flavour):
     """quantiles.{qkv,gate_up}_rot: of |norm(h)·Q_l| over the calibration tokens (from a row sample)."""
     s = stories()
@@ -189,12 +190,13 @@ def test_weight_aware_keeps_the_topk_of_the_weighted_magnitudes():
 
 
 @pytest.mark.parametrize("flavour,select,weighted", [("joint", "topk", False), ("joint", "threshold", False),
-                                                     ("global", "topk", True), ("global", "threshold", False)])
+                                                     ("global", "topk", True), ("global", "threshold", False),
+                                                     ("identity", "threshold", False)])
 def test_p_zero_is_dense_for_every_deployable_variant(flavour, select, weighted):
     s = stories()
     tokens = held_windows(2, 64)
     m = sparsify(s.model, stories_stats(flavour), SparseConfig("larosa", "fused", 0.0, select=select, weighted=weighted))
-    assert (m.base.adapters is None) == (flavour == "global")
+    assert (m.base.adapters is None) == (flavour in ("global", "identity"))
     assert rel_err(logits(m, tokens), logits(s.model, tokens)) < 1e-4
 
 
