@@ -378,15 +378,14 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
             want = [t.split(":") for t in (args.profile or "").split(",") if t]
             if b == args.batches[0] and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want):
                 res["profile"] = profile_decode(name, graphdef, state, cfg, b, args)
-            if b == 1:
-                prompt_ids = _prompt(cfg, 1, args.prompt)
-                max_len = -(-(args.prompt + args.new) // 64) * 64
-                if method == "dense" and args.step_check in (name, "all"):
-                    res["single_step_ms"] = single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args)
-                    print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
-                want_v = [t.split(":") for t in args.variants_model.split(",") if t]
-                if args.variants and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want_v):
-                    res["variants"] = decode_variants(name, m, cfg, prompt_ids, max_len, dtype, args, args.variants)
+            prompt_ids = _prompt(cfg, b, args.prompt)
+            max_len = -(-(args.prompt + args.new) // 64) * 64
+            if b == 1 and method == "dense" and args.step_check in (name, "all"):
+                res["single_step_ms"] = single_step_ms(graphdef, state, cfg, prompt_ids, max_len, dtype, args)
+                print(f"{name}: one forward step per jit call (async dispatch): {res['single_step_ms']:.3f} ms", flush=True)
+            want_v = [t.split(":") for t in args.variants_model.split(",") if t]
+            if args.variants and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want_v):
+                res["variants"] = decode_variants(name, m, cfg, prompt_ids, max_len, dtype, args, args.variants)
             results.append(res)
             on_result(res)
             jax.clear_caches()
@@ -617,15 +616,16 @@ def markdown(meta: dict, results: list[dict]) -> str:
     if var:
         names = sorted({v for r in var for v in r["variants"]})
         lines += ["", "Same decode call under other plans (plan edits; ms/token, % of roofline):", "",
-                  "| model | config | default (all kernels) | " + " | ".join(_VARIANT_LABEL.get(n, n) for n in names) + " |",
-                  "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+                  "| model | config | batch | default (all kernels) | " + " | ".join(_VARIANT_LABEL.get(n, n) for n in names) + " |",
+                  "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " |"]
         for r in var:
             cells = []
             for n in names:
                 v = r["variants"].get(n, {})
                 cells.append(f"{v['ms_per_token']:.3f} ({100 * r['roofline_ms_per_token'] / v['ms_per_token']:.1f}%)"
                              if "ms_per_token" in v else "error" if v else "")
-            lines.append(f"| {r['model']} | {r.get('config', 'dense')} | {r['ms_per_token']:.3f} ({r['pct_of_roofline']:.1f}%) | "
+            lines.append(f"| {r['model']} | {r.get('config', 'dense')} | {r.get('batch', 1)} | {r['ms_per_token']:.3f} "
+                         f"({r['pct_of_roofline']:.1f}%) | "
                          + " | ".join(cells) + " |")
     sparse = [r for r in everything if r.get("method", "dense") != "dense" or r.get("batch", 1) != 1]
     if sparse:
@@ -711,7 +711,7 @@ def main(argv=None):
     ap.add_argument("--variants", default=None, metavar="EDITS;EDITS",
                     help="';'-separated plan edits (or nograph) to time beside each chosen config's plan (decode A/B)")
     ap.add_argument("--variants-model", default="all",
-                    help="comma list of MODEL[:CONFIG] (or 'all'; CONFIG defaults to dense) for --variants, at batch 1")
+                    help="comma list of MODEL[:CONFIG] (or 'all'; CONFIG defaults to dense) for --variants, at every --batch")
     ap.add_argument("--dump", action="store_true", help="dump XLA's HLO of the decode jit (to $OUT as a .tgz)")
     args = ap.parse_args(argv)
     if args.repeats < 3:
