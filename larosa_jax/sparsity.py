@@ -349,8 +349,7 @@ class TealProjection(nnx.Module):
                                           pairs=self.pairs[layer * len(SITES) + i][...] if bf16 else None,
                                           prologue=prologue, residual=residual, raw=raw)
         if self.observe:
-            row = keep.x if keep.x is not None else (x if gain is None else gain * x)  # no prologue: γ·x
-            self.sow(nnx.Intermediate, f"dropped_{site}", jnp.mean((ops.apply(row, keep.thr) == 0).astype(jnp.float32)))
+            self.sow(nnx.Intermediate, f"dropped_{site}", jnp.mean((ops.apply(keep.x, keep.thr) == 0).astype(jnp.float32)))
         return outs, keep
 
 

@@ -143,8 +143,9 @@ def threshold_projection(site: str, x: Array, linears: Sequence[Linear], plan: D
     bs = tuple(None if lin.bias is None else lin.bias[...] for lin in linears)
     keep = ops.select_threshold(x, tau, sum(w.shape[1] for w in ws), prologue=prologue, pairs=pairs,
                                 kernel=sp.select and sp.prologue)
-    row = x if keep.x is None else keep.x
-    outs = ops.sparse_matvec(row, keep, ws, bs, residual, raw, gemv=sp.gemv, tail=plan.adapter in ("side", "tail"),
+    if keep.x is None:  # no prologue: the row is x itself
+        keep = dataclasses.replace(keep, x=x)
+    outs = ops.sparse_matvec(keep.x, keep, ws, bs, residual, raw, gemv=sp.gemv, tail=plan.adapter in ("side", "tail"),
                              tile=sp.tile)
     return outs, keep
 
