@@ -85,17 +85,16 @@ class DecodePlan:
         """Every kernel that serves a decode of ``kind`` (:data:`KINDS`): exact Top-K selects and gathers at
         every site; thresholds need no search (a search-free norm launch before q/k/v and gate/up, masked
         tiles reading the threshold in place at every site, La RoSA's adapter as tail tiles of the down
-        GEMV); ``dense`` uses the dense GEMV and attention kernels only."""
+        GEMV); ``dense`` takes the threshold path's launches with every entry kept (at batch 1 they read
+        the weights faster than the dense GEMV: ``eval/results/dense_threshold_path_h200.md``)."""
         _check_kind(kind)
         if kind == "larosa":
             return cls()
         if kind == "topk":  # no adapters
             return cls(adapter="xla")
-        if kind in THRESHOLD_KINDS:
-            norm = SitePlan(select=True, gemv="masked", prologue=True)
-            plain = SitePlan(select=False, gemv="masked")
-            return cls(adapter="tail" if kind in ADAPTER_KINDS else "xla", sites=(norm, plain, norm, plain))
-        return cls(adapter="xla", sites=(_JNP_SITE,) * len(SITES))
+        norm = SitePlan(select=True, gemv="masked", prologue=True)
+        plain = SitePlan(select=False, gemv="masked")
+        return cls(adapter="tail" if kind in ADAPTER_KINDS else "xla", sites=(norm, plain, norm, plain))
 
     @classmethod
     def reference(cls) -> "DecodePlan":

@@ -21,7 +21,7 @@ REFUSED = [  # (decode kind, edits on DecodePlan.kernels(kind), message)
     ("teal", "qkv.gemv=gather", "teal: qkv.gemv=gather needs compacted Top-K indices"),
     ("larosa-threshold", "down.select=on", "larosa-threshold: down.select=on has nothing to select"),
     ("dense", "*.select=on,*.gemv=gather", "dense: qkv.gemv=gather needs compacted Top-K indices; dense takes masked or xla"),
-    ("dense", "qkv.select=on", "dense: qkv.select=on runs only on the threshold path: it needs qkv.gemv=masked"),
+    ("dense", "qkv.gemv=xla", "dense: qkv.select=on runs only on the threshold path: it needs qkv.gemv=masked"),
     ("dense", "o.select=on,o.gemv=masked", "dense: o.select=on has nothing to select"),
 ]
 

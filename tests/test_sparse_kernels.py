@@ -566,7 +566,7 @@ PLAN_CASES = [
     (1, "o.gemv=xla,down.select=off,down.gemv=xla", "topk", {(GATHER, False), ("select.prologue", "norm+add+gain")},
      {(MASKED, False)}),
     (1, "", "teal", {(MASKED, False), ("select.prologue", "norm+add+gain")}, {(GATHER, False)}),
-    (1, "qkv.select=on,qkv.prologue=on,gate_up.select=on,gate_up.prologue=on,*.gemv=masked", "dense",
+    (1, "", "dense",
      {(MASKED, False), ("select.prologue", "norm+add+gain"), (STEP, None)}, {(GATHER, False), ("gemv._kernel", None)}),
     (1, "", "larosa-threshold", {(MASKED, True), (MASKED, False), ("select.prologue", "norm+add+gain")},
      {(GATHER, False), (SELECT, "add")}),

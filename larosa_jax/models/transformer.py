@@ -17,6 +17,7 @@ anyway. The model's :class:`~larosa_jax.plan.DecodePlan` says which kernels each
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -115,10 +116,11 @@ def site_row(x: Array, gain: Array | None = None, prologue=None) -> tuple[Array,
 
 def dense_projection(site: str, layer: int, x: Array, linears: Sequence[Linear], plan: DecodePlan, *, gain=None,
                      prologue=None, residual=None, side=None, raw: bool = False):
-    """The dense model's hook (see :data:`Projection`). A site whose plan reads masked tiles
-    (``SITE.gemv=masked``) runs the threshold path's launches with every entry kept."""
+    """The dense model's hook (see :data:`Projection`). At one token a site whose plan reads masked tiles
+    (``SITE.gemv=masked``) runs the threshold path's launches with every entry kept (they stream the
+    weights faster than the dense GEMV); several tokens take XLA's GEMM (the same product, no mask)."""
     del layer, side
-    if plan.site(site).gemv == "masked":
+    if plan.site(site).gemv == "masked" and math.prod(x.shape[:-1]) == 1:
         return threshold_projection(site, x, linears, plan, KEEP_ALL, gain=gain, prologue=prologue, residual=residual,
                                     raw=raw)
     row, h = site_row(x, gain, prologue)
