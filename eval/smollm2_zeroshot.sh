@@ -4,8 +4,10 @@
 #   (16 × 2048 tokens of WikiText-2 raw *valid*, as eval/smollm2_grid.sh) → the α search for p = 0.4, 0.5 on
 #   that calibration (a searched α is tied to the rotations it was searched on) → one `larosa zeroshot`:
 #   dense, larosa faithful (searched α) and teal at p = 0.4, 0.5.
-#   RECIPE=global-thr (smollm2_zeroshot_h100.md): the deployable La RoSA of the frontier (one global Q,
-#   rotated thresholds, fused) beside dense and teal at p = 0.3, 0.5 (the speed-ups nearest 1.5x and 1.8x).
+#   RECIPE=global-thr: the deployable La RoSA with one global Q and rotated thresholds beside dense and teal at
+#   p = 0.3, 0.5 (the speed-ups nearest 1.5x and 1.8x).
+#   RECIPE=best (smollm2_zeroshot_h100.md): the frontier's best deployable La RoSA at those speed-ups: Q = I
+#   (identity flavour) at p = 0.3, the global Q at p = 0.5, thresholds, fused; dense and teal beside.
 #   All 7 tasks, full splits.
 # Usage: eval/smollm2_zeroshot.sh GGUF_DIR WIKITEXT_RAW_DIR ZEROSHOT_DIR WORK_DIR RESULTS_STEM [LIMIT]
 #   LIMIT: only the first LIMIT examples of each task (quick checks); default: full splits.
@@ -18,10 +20,12 @@
 set -euo pipefail
 src=$1; wiki=$2; zs=$3; work=$4; out=$5; limit=${6:-}
 recipe=${RECIPE:-faithful}
-case "$recipe" in
-  faithful) flavour=faithful; ps=0.4,0.5; how=(--mode faithful --alpha searched) ;;
-  global-thr) flavour=global; ps=0.3,0.5; how=(--mode fused --select threshold --alpha official) ;;
-  *) echo "RECIPE=$recipe: valid: faithful, global-thr" >&2; exit 2 ;;
+thr=(--mode fused --select threshold --alpha official)
+case "$recipe" in  # FLAVOUR:P,... per calibration
+  faithful) runs="faithful:0.4,0.5"; how=(--mode faithful --alpha searched) ;;
+  global-thr) runs="global:0.3,0.5"; how=("${thr[@]}") ;;
+  best) runs="identity:0.3 global:0.5"; how=("${thr[@]}") ;;
+  *) echo "RECIPE=$recipe: valid: faithful, global-thr, best" >&2; exit 2 ;;
 esac
 batch=${BATCH:-64}
 calib=${CALIB_SAMPLES:-16}
@@ -33,15 +37,17 @@ if [ ! -f "$work/ckpt.done" ]; then
   $L convert --model "$src" --out "$work/ckpt" --dtype float32 --overwrite
   touch "$work/ckpt.done"
 fi
-rot=$work/rot_$flavour
-if [ ! -f "$rot.done" ] || [ "$(cat "$rot.done")" != "$calib" ]; then
-  $L calibrate --ckpt "$work/ckpt" --data-file "$wiki/wiki.valid.raw" --samples "$calib" --seqlen 2048 \
-    --flavour $flavour --batch 4 --out "$rot" --overwrite
-  [ "$recipe" = faithful ] && $L search --ckpt "$work/ckpt" --rotations "$rot" --data-file "$wiki/wiki.valid.raw" \
-    --samples 4 --seqlen 2048 --sparsity $ps --mode faithful --batch 4
-  echo "$calib" > "$rot.done"
-fi
-
-$L zeroshot --ckpt "$work/ckpt" --rotations "$rot" --data-dir "$zs" \
-  --method "${METHODS:-dense,larosa,teal}" "${how[@]}" --sparsity $ps \
-  --batch "$batch" ${limit:+--limit "$limit"} --out "$out" --resume
+for run in $runs; do
+  flavour=${run%%:*}; ps=${run#*:}
+  rot=$work/rot_$flavour
+  if [ ! -f "$rot.done" ] || [ "$(cat "$rot.done")" != "$calib" ]; then
+    $L calibrate --ckpt "$work/ckpt" --data-file "$wiki/wiki.valid.raw" --samples "$calib" --seqlen 2048 \
+      --flavour $flavour --batch 4 --out "$rot" --overwrite
+    [ "$recipe" = faithful ] && $L search --ckpt "$work/ckpt" --rotations "$rot" --data-file "$wiki/wiki.valid.raw" \
+      --samples 4 --seqlen 2048 --sparsity $ps --mode faithful --batch 4
+    echo "$calib" > "$rot.done"
+  fi
+  $L zeroshot --ckpt "$work/ckpt" --rotations "$rot" --data-dir "$zs" \
+    --method "${METHODS:-dense,larosa,teal}" "${how[@]}" --sparsity $ps \
+    --batch "$batch" ${limit:+--limit "$limit"} --out "$out" --resume
+done

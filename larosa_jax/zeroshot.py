@@ -401,10 +401,12 @@ def run_zeroshot(model, tok, tasks: Sequence[str], limit: int | float | None = N
 
 
 # ----------------------------------------------------------------------------- results files
-def _run_label(method: str, mode: str, alpha, select: str = "topk") -> str:
+def _run_label(method: str, mode: str, alpha, select: str = "topk", flavour: str | None = None) -> str:
+    """A row's name; the fused model's names its rotations flavour (rows of several calibrations share a table)."""
     a = alpha if alpha is None or isinstance(alpha, str) else f"α {alpha[0]:g},{alpha[1]:g}"
     if method == "larosa":
-        return f"larosa {mode}{' thresholds' if select == 'threshold' else ''} ({a})"
+        q = f", {flavour} Q" if mode == "fused" and flavour else ""
+        return f"larosa {mode}{' thresholds' if select == 'threshold' else ''} ({a}{q})"
     if method == "topk":
         return f"topk ({a})"
     return method
@@ -568,7 +570,8 @@ def cmd_zeroshot(args) -> None:
     done = {(r["label"], r["sparsity"]): r for r in rows}
     labelled = []
     for m, p, sc in cells:
-        label = _run_label(m, args.mode, alpha if m in ("larosa", "topk") else None, sc.select)
+        label = _run_label(m, args.mode, alpha if m in ("larosa", "topk") else None, sc.select,
+                           stats.flavour if stats is not None else None)
         if (label, p) in done:
             check_resumed_row(files[0], done[(label, p)], rot_id if m in ("larosa", "teal", "cats") else None,
                               list(sc.alphas()) if m in ("larosa", "topk") else None)

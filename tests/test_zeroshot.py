@@ -269,7 +269,7 @@ def test_cli_rotated_thresholds(stories_ckpt, tmp_path, capsys):
     assert main(base + ["--method", "larosa", "--mode", "fused", "--select", "threshold", "--sparsity", "0.3,0.6"]) == 0
     capsys.readouterr()
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [(r["label"], r["select"]) for r in rows] == [("larosa fused thresholds (official)", "threshold")] * 2
+    assert [(r["label"], r["select"]) for r in rows] == [("larosa fused thresholds (official, global Q)", "threshold")] * 2
     assert rows[1]["effective"] > rows[0]["effective"] > 0
     assert all(r["results"]["arc_easy_local"]["acc,none"] is not None for r in rows)
     assert main(base[:-1] + [str(tmp_path / "x"), "--method", "larosa", "--select", "threshold"]) == 2
