@@ -336,8 +336,9 @@ def cmd_search(args) -> None:
 
 
 def _add_allocate(sub):
-    p = sub.add_parser("allocate", help="per-layer sparsity of a threshold method (teal, larosa thresholds) at the "
-                       "same effective sparsity, from held-out calibration windows; saves a sparse config")
+    p = sub.add_parser("allocate", help="per-layer, per-site sparsities of a threshold method (teal, larosa "
+                       "thresholds) at one effective sparsity by TEAL's block-wise greedy on held-out calibration "
+                       "windows; saves a sparse config")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--rotations", required=True, help="directory written by larosa calibrate")
     p.add_argument("--method", default="larosa", choices=["larosa", "teal"],
@@ -355,11 +356,11 @@ def cmd_allocate(args) -> None:
     import json
 
     from . import data, outputs
-    from .allocation import allocate
+    from .allocation import STEP, allocate
     from .calibration import CalibrationStats
     from .checkpoint import load, load_tokenizer
     from .frontier import TUNED
-    from .sparsity import SparseConfig
+    from .sparsity import SITES, SparseConfig, effective_sparsity_of
 
     sc = SparseConfig("teal", "faithful", args.sparsity) if args.method == "teal" else SparseConfig(
         "larosa", "fused", args.sparsity, select="threshold")
@@ -374,14 +375,17 @@ def cmd_allocate(args) -> None:
                                exclude=_calibration_spans(stats, args, ids, source), source=source)
     model = load(args.ckpt)
     stats.check_model(model, where=args.rotations)
-    sc, rep = allocate(model, stats, sc, win, batch_size=args.batch)
-    r = np.asarray(rep["layers"])
-    print(f"allocation, {sc.method}{' (thresholds)' if sc.method == 'larosa' else ''}, p = {sc.sparsity:g}, "
-          f"{len(win)} held-out windows of {args.seqlen} from {source}")
-    print("per-layer scale: " + " ".join(f"{v:.2f}" for v in r))
-    print(f"stream perturbation Σ‖Δ‖²/‖h‖²: uniform {rep['uniform_cost']:.5f}, allocated {rep['allocated_cost']:.5f}")
+    sc, rep = allocate(model, stats, sc, win)
+    t = np.asarray(rep["layers"])
+    print(f"allocation (TEAL's block-wise greedy), {sc.method}{' (thresholds)' if sc.method == 'larosa' else ''}, "
+          f"p = {sc.sparsity:g}, effective {effective_sparsity_of(cfg, sc):.3f}, {len(win)} held-out windows of "
+          f"{args.seqlen} from {source}")
+    for i, site in enumerate(SITES):
+        print(f"  {site:>7}: sparsity {t[:, i].mean():.3f} on average, {t[:, i].min():.3f}-{t[:, i].max():.3f} over layers")
+    err = np.asarray(rep["block_error"])
+    print(f"block error on those windows (relative to each block's update): mean {err.mean():.4f}, max {err.max():.4f}")
     doc = {"sparse_config": sc.to_dict(), "rotations_flavour": stats.flavour,
-           "allocation": {k: rep[k] for k in ("scales", "uniform_cost", "allocated_cost")},
+           "allocation": {"rule": "teal-greedy", "step": STEP, "block_error": rep["block_error"]},
            "data": {"source": source, "windows": len(win), "seqlen": args.seqlen}}
     outputs.write_file(target, json.dumps(doc, indent=1) + "\n")
     print(f"wrote {target}")
@@ -624,7 +628,7 @@ def cmd_ppl(args) -> None:
 
 # what a measuring frontier run uses when not given (None in argparse, so that --from can refuse them)
 FRONTIER_DEFAULTS = {"sparsity": [0.2, 0.3, 0.4, 0.5, 0.6], "protocol": "full", "samples": 128, "seed": 0,
-                     "seqlen": 2048, "data": "wikitext2", "batch": 1, "alloc_samples": 2}
+                     "seqlen": 2048, "data": "wikitext2", "batch": 1, "alloc_samples": 2, "alloc_seqlen": 512}
 
 
 def _dflt(flag: str) -> str:
@@ -664,6 +668,7 @@ def _add_frontier(sub):
     p.add_argument("--alloc-data-file", default=None, help="calibration text for the recipes that allocate (*-alloc): "
                    "held-out windows of it, off the rotations' own calibration windows (e.g. wiki.valid.raw)")
     p.add_argument("--alloc-samples", type=int, default=None, help=f"held-out windows for the allocation ({_dflt('alloc_samples')})")
+    p.add_argument("--alloc-seqlen", type=int, default=None, help=f"their length in tokens ({_dflt('alloc_seqlen')})")
     p.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
                    help="skip the per-layer teacher-forced error on the first window")
     p.add_argument("--out", required=True, help="results path without extension (writes OUT.json, OUT.md, OUT.png)")
@@ -708,6 +713,9 @@ def cmd_frontier(args) -> None:
                          "e.g. wiki.valid.raw)")
     if args.alloc_samples < 1:
         raise UsageError(f"--alloc-samples {args.alloc_samples}: must be >= 1")
+    if not 1 < args.alloc_seqlen <= cfg.max_position_embeddings:
+        raise UsageError(f"--alloc-seqlen {args.alloc_seqlen}: must be in 2..{cfg.max_position_embeddings} (the model's "
+                         "context)")
     if alloc and not Path(args.alloc_data_file).is_file():
         raise UsageError(f"--alloc-data-file {args.alloc_data_file}: file not found")
     check_results(args.out, overwrite=args.overwrite, resume=args.resume)
@@ -736,9 +744,10 @@ def cmd_frontier(args) -> None:
         a_text, a_source = data.load_text("wikitext2", args.alloc_data_file, split="train")
         a_ids = data.tokenize(tok, a_text)
         a_args = argparse.Namespace(calib_samples=None, rotations=next(iter(rot_paths.values())))
-        alloc_win = data.heldout_windows(a_ids, args.alloc_samples, args.seqlen, args.seed, source=a_source,
+        alloc_win = data.heldout_windows(a_ids, args.alloc_samples, args.alloc_seqlen, args.seed, source=a_source,
                                          exclude=_calibration_spans(st0, a_args, a_ids, a_source))
-        settings["allocation"] = {"data_fingerprint": data.fingerprint(a_ids), "samples": args.alloc_samples}
+        settings["allocation"] = {"data_fingerprint": data.fingerprint(a_ids), "samples": args.alloc_samples,
+                                  "seqlen": args.alloc_seqlen}
     res = frontier.run(model, stats, win, cells, speeds, out=args.out, meta=meta, settings=settings,
                        batch_size=args.batch, resume=args.resume, overwrite=args.overwrite, layer_errors=args.layer_errors,
                        alloc_windows=alloc_win)

@@ -47,7 +47,7 @@ class Recipe:
     speed: str = "dense"
     estimated: bool = False  # no kernel of its own: the speed of ``speed`` at equal effective sparsity
     weighted: bool = False
-    allocate: bool = False  # per-layer scales from larosa_jax.allocation on held-out calibration windows
+    allocate: bool = False  # per-layer, per-site sparsities (larosa_jax.allocation) on held-out calibration windows
     about: str = ""
 
     def config(self, p: float):
@@ -79,15 +79,17 @@ RECIPES = {
     "larosa-joint-thr": Recipe("larosa", "fused", "threshold", flavour="joint", speed="larosa-thr",
                                about="joint Q, calibrated thresholds on the rotated rows, adapters"),
     "teal-alloc": Recipe("teal", flavour="any", speed="teal", allocate=True,
-                         about="TEAL with per-layer sparsities (stream perturbation minimised on calibration text)"),
-    "larosa-joint-thr-alloc": Recipe("larosa", "fused", "threshold", flavour="joint", speed="larosa-thr", allocate=True,
-                                     about="joint Q, rotated thresholds, per-layer sparsities (as teal-alloc), adapters"),
+                         about="TEAL with its block-wise greedy: per-layer, per-site sparsities on calibration text"),
     "larosa-global": Recipe("larosa", "fused", flavour="global", speed="topk",
                             about="one global Q (no adapters), Top-K: Top-K's cost"),
     "larosa-global-thr": Recipe("larosa", "fused", "threshold", flavour="global", speed="teal",
                                 about="one global Q (no adapters), calibrated thresholds: TEAL's cost"),
     "larosa-identity-thr": Recipe("larosa", "fused", "threshold", flavour="identity", speed="teal",
                                   about="Q = I: La RoSA's γ-free thresholds and site split without a rotation; TEAL's cost"),
+    "larosa-global-thr-alloc": Recipe("larosa", "fused", "threshold", flavour="global", speed="teal", allocate=True,
+                                      about="larosa-global-thr with TEAL's block-wise greedy in place of the α split"),
+    "larosa-identity-thr-alloc": Recipe("larosa", "fused", "threshold", flavour="identity", speed="teal", allocate=True,
+                                        about="larosa-identity-thr with TEAL's block-wise greedy in place of the α split"),
 }
 
 
@@ -209,7 +211,10 @@ def tuned_config(row: dict, source: str, meta: dict) -> dict:
     """What ``larosa tune`` saves for a frontier row: its SparseConfig (``SparseConfig.load`` reads it), the
     rotations flavour it needs and what was measured."""
     rec = RECIPES[row["recipe"]]
-    return {"sparse_config": rec.config(row["sparsity"]).to_dict(), "rotations_flavour": rec.flavour,
+    sc = rec.config(row["sparsity"])
+    if row.get("layers"):  # an allocating recipe: the table that was measured
+        sc = dataclasses.replace(sc, layers=tuple(tuple(r) for r in row["layers"]))
+    return {"sparse_config": sc.to_dict(), "rotations_flavour": rec.flavour,
             "frontier": source, "measured": {k: row[k] for k in ("recipe", "sparsity", "effective", "ppl",
                                                                   "ms_per_token", "speedup")},
             "speeds": {k: meta["speeds"][k] for k in ("device", "shape")}}
@@ -440,7 +445,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
     from tqdm.auto import tqdm
 
     from . import layer_error
-    from .allocation import allocate
+    from .allocation import allocate, greedy_path
     from .evaluate import check_results, environment, resume_rows
     from .perplexity import window_nll
     from .sparse_model import realized_sparsity, sparsify
@@ -457,6 +462,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
     result = {"meta": {**meta, "settings": settings, "env": environment(), "windows": len(windows),
                        "seqlen": int(windows.shape[1]), "tokens_scored": tokens, "speeds": speeds}, "rows": rows}
     bar = tqdm(cells, desc="frontier", unit="run", disable=not progress)
+    paths = {}
     try:
         for name, p in bar:
             if (name, p) in done:
@@ -468,7 +474,10 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
             if rec.allocate:
                 if alloc_windows is None:
                     raise FrontierError(f"recipe {name} allocates: it needs held-out calibration windows (--alloc-data-file)")
-                sc, _ = allocate(model, st, sc, alloc_windows, batch_size=batch_size, progress=progress)
+                if name not in paths:  # one greedy path serves every p of the recipe
+                    top = max(q for n, q in cells if n == name)
+                    paths[name] = greedy_path(model, st, sc, alloc_windows, top, progress=progress)
+                sc, _ = allocate(model, st, sc, alloc_windows, path=paths[name])
             m = sparsify(model, st, sc)
             nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=name, mesh=mesh)
             ms = ms_per_token(speeds, rec.speed, m.effective_sparsity)
@@ -478,7 +487,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                          "realized": None if real is None else real["effective"],
                          "ppl": float(np.exp(nll.sum() / tokens)), "ms_per_token": ms,
                          "speedup": None if ms is None else speeds["dense"] / ms,
-                         "speed_from": rec.speed, "estimated": rec.estimated, "layers": sc.layers and list(sc.layers),
+                         "speed_from": rec.speed, "estimated": rec.estimated, "layers": sc.layers and [list(r) for r in sc.layers],
                          "layer_error_mean": None if le is None else float(le.mean()),
                          "layer_error": None if le is None else [round(float(v), 6) for v in le]})
             write(result, targets)

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from . import pallas as ops
@@ -50,10 +51,10 @@ class SparseConfig:
     ``weighted``: Top-K ranks entry i by |a_i|·s_i, s_i the norm of the weight row it multiplies
     (:func:`larosa_jax.fusion.weight_aware`, folded into the weights: the decode is unchanged).
 
-    ``layers``: an allocation, one scale r_l per layer (mean 1): layer l's sites drop r_l times their
-    uniform sparsity, so the effective sparsity is unchanged (:func:`larosa_jax.allocation.allocate` finds
-    it). Threshold selections only (teal; larosa fused with select='threshold'): their thresholds are per
-    layer already, so the decode is unchanged.
+    ``layers``: an allocation, one row per layer of the fraction each site drops (``SITES`` order), in place
+    of p's uniform split (:func:`larosa_jax.allocation.allocate`: TEAL's block-wise greedy); the effective
+    sparsity is the table's. Threshold selections only (teal; larosa fused with select='threshold'): their
+    thresholds are per layer and site already, so the decode is unchanged.
     """
 
     method: str = "larosa"
@@ -62,7 +63,7 @@ class SparseConfig:
     alpha: tuple[float, float] | str = "official"
     select: str = "topk"
     weighted: bool = False
-    layers: tuple[float, ...] | None = None
+    layers: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -84,21 +85,26 @@ class SparseConfig:
             raise SparsityError(f"select='threshold' is La RoSA's fused model (method larosa, mode fused), not "
                                 f"{self.method}/{self.mode}; TEAL is method teal")
         if self.layers is not None:
-            r = tuple(float(v) for v in self.layers)
-            object.__setattr__(self, "layers", r)
             if self.method != "teal" and self.select != "threshold":
                 raise SparsityError(f"layers (a per-layer allocation) needs thresholds: method teal, or larosa fused "
                                     f"with select='threshold', not {self.method}/{self.mode}/{self.select}")
-            if not r or min(r) < 0 or abs(sum(r) / len(r) - 1.0) > 1e-6:
-                raise SparsityError(f"layers={list(r)[:4]}{'…' if len(r) > 4 else ''}: per-layer scales must be ≥ 0 "
-                                    f"with mean 1 (mean {sum(r) / max(len(r), 1):.6g})")
+            try:
+                rows = tuple(tuple(float(v) for v in row) for row in self.layers)
+            except (TypeError, ValueError):
+                rows = ()
+            bad = [i for i, row in enumerate(rows) if len(row) != len(SITES) or not all(0.0 <= v < 1.0 for v in row)]
+            if not rows or bad:
+                where = f" (layer {bad[0]}: {list(self.layers)[bad[0]]!r})" if bad else ""
+                raise SparsityError(f"layers: one row per layer of {len(SITES)} site sparsities in [0, 1) "
+                                    f"({', '.join(SITES)}){where}")
+            object.__setattr__(self, "layers", rows)
 
     def to_dict(self) -> dict:
         d = {"method": self.method, "mode": self.mode, "sparsity": self.sparsity,
              "alpha": self.alpha if isinstance(self.alpha, str) else list(self.alpha), "select": self.select,
              "weighted": self.weighted}
         if self.layers is not None:
-            d["layers"] = list(self.layers)
+            d["layers"] = [list(row) for row in self.layers]
         return d
 
     @classmethod
@@ -119,8 +125,10 @@ class SparseConfig:
         if not isinstance(sp, (int, float)):
             raise SparsityError(f"{where}: sparsity={sp!r}; expected a number in [0, 1)")
         layers = d.get("layers")
-        if layers is not None and not (isinstance(layers, list) and all(isinstance(v, (int, float)) for v in layers)):
-            raise SparsityError(f"{where}: layers={layers!r}; expected a list of per-layer scales (mean 1)")
+        if layers is not None and not (isinstance(layers, list) and all(
+                isinstance(row, list) and all(isinstance(v, (int, float)) for v in row) for row in layers)):
+            raise SparsityError(f"{where}: layers={str(layers)[:60]}; expected one list of {len(SITES)} site sparsities "
+                                f"({', '.join(SITES)}) per layer (larosa allocate writes it)")
         return cls(d["method"], d.get("mode", "faithful"), float(sp), alpha, d.get("select", "topk"),
                    bool(d.get("weighted", False)), None if layers is None else tuple(layers))
 
@@ -208,6 +216,8 @@ def effective_sparsity_of(cfg: ModelConfig, sc: SparseConfig) -> float:
     p = sc.sparsity
     if sc.method == "dense" or p == 0:
         return 0.0
+    if sc.layers is not None:
+        return float(np.mean([effective_sparsity(cfg, dict(zip(SITES, row))) for row in sc.layers]))
     if sc.method == "teal":
         return effective_sparsity(cfg, {s: p for s in SITES})
     if sc.method == "cats":  # gate stays dense; up columns and down rows of masked entries are skipped
@@ -373,21 +383,24 @@ class CatsProjection(nnx.Module):
         return ops.combine_outputs(outs, residual, raw), ops.KeepSet(None, x=row, h=h)
 
 
-def layer_scales(cfg: ModelConfig, sc: SparseConfig):
-    """``sc.layers`` as an array of the model's layer count (ones without an allocation); a wrong length, or a
-    scale that would drop every entry of a site, is an error naming them."""
-    import numpy as np
-
+def layer_table(cfg: ModelConfig, sc: SparseConfig) -> np.ndarray:
+    """``[L, site]``: the fraction each layer's sites drop: ``sc.layers``, or the uniform split (p at every site
+    for teal, the α split for La RoSA); a table of another layer count is an error naming both."""
     if sc.layers is None:
-        return np.ones(cfg.num_layers)
-    r = np.asarray(sc.layers, np.float64)
-    if len(r) != cfg.num_layers:
-        raise SparsityError(f"layers: {len(r)} scales for a model of {cfg.num_layers} layers")
-    top = max(site_sparsities(cfg, sc).values()) if sc.method == "larosa" else sc.sparsity
-    if r.max() * top >= 1.0:
-        raise SparsityError(f"layers: scale {r.max():.4g} at layer {int(r.argmax())} drops every entry of a site "
-                            f"(its sparsity {top:.4g}); scales must stay below {1 / top:.4g}")
-    return r
+        sp = {s: sc.sparsity for s in SITES} if sc.method == "teal" else site_sparsities(cfg, sc)
+        return np.tile([sp[s] for s in SITES], (cfg.num_layers, 1))
+    if len(sc.layers) != cfg.num_layers:
+        raise SparsityError(f"layers: a table of {len(sc.layers)} layers for a model of {cfg.num_layers} layers")
+    return np.asarray(sc.layers, np.float64)
+
+
+def site_thresholds(stats, table, *, rotated: bool) -> dict[str, np.ndarray]:
+    """Per site, the per-layer thresholds dropping ``table[:, site]`` of the calibration entries (``table``
+    ``[L, site]``, or one row for every layer): TEAL's quantiles of the rows, or with ``rotated`` La RoSA's of the
+    rotated rows at q/k/v and gate/up."""
+    t = np.atleast_2d(np.asarray(table, np.float64))
+    return {s: stats.rotated_threshold(s, t[:, i]) if rotated and SITE_TYPE[s] == "rot" else stats.teal_threshold(s, t[:, i])
+            for i, s in enumerate(SITES)}
 
 
 def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
@@ -401,13 +414,8 @@ def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
     if stats is None:
         raise SparsityError(f"method {sc.method!r}{' with thresholds' if sc.select == 'threshold' else ''} needs "
                             "calibration statistics (larosa calibrate)")
-    r = layer_scales(cfg, sc)
-    if sc.method == "larosa" and sc.select == "threshold":  # thresholds on the folded model's rows
-        sp = site_sparsities(cfg, sc)
-        return TealProjection({s: stats.rotated_threshold(s, sp[s] * r) if SITE_TYPE[s] == "rot"
-                               else stats.teal_threshold(s, sp[s] * r) for s in SITES})
+    if sc.method == "teal" or sc.select == "threshold":  # La RoSA's on the folded model's rows
+        return TealProjection(site_thresholds(stats, layer_table(cfg, sc), rotated=sc.method == "larosa"))
     if sc.method == "larosa":
         return RotatedTopKProjection(site_ks(cfg, sc), stats.rotations, gamma_free=stats.flavour != "faithful")
-    if sc.method == "teal":
-        return TealProjection({s: stats.teal_threshold(s, sc.sparsity * r) for s in SITES})
     return CatsProjection(stats.cats_threshold(sc.sparsity))

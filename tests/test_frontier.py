@@ -92,14 +92,18 @@ def test_frontier_end_to_end_then_tune(tmp_path):
     argv_q = argv[: argv.index("--speeds")] + ["--out", str(q)]
     argv_q[argv_q.index("teal,larosa-fused,larosa-faithful")] = "teal,teal-alloc"
     assert main(argv_q) == 2  # an allocating recipe without --alloc-data-file: refused before any work
-    assert main(argv_q + ["--alloc-data-file", str(TEXT_FILE), "--alloc-samples", "1"]) == 0
+    assert main(argv_q + ["--alloc-data-file", str(TEXT_FILE), "--alloc-samples", "1", "--alloc-seqlen", "0"]) == 2
+    assert main(argv_q + ["--alloc-data-file", str(TEXT_FILE), "--alloc-samples", "1", "--alloc-seqlen", "64"]) == 0
     resq = json.loads((tmp_path / "quality.json").read_text())
     assert resq["meta"]["speeds"] is None and frontier.pareto(resq["rows"]) == []
     plain = [r for r in resq["rows"] if r["recipe"] != "teal-alloc"]
     assert [r["ppl"] for r in plain] == [rows[r["recipe"], r["sparsity"]]["ppl"] for r in plain]
     alloc = [r for r in resq["rows"] if r["recipe"] == "teal-alloc"]
-    assert len(alloc) == 2 and all(len(r["layers"]) == s.config.num_layers and abs(sum(r["layers"]) /
-                                   len(r["layers"]) - 1) < 1e-9 for r in alloc)
+    assert len(alloc) == 2 and all(len(r["layers"]) == s.config.num_layers and
+                                   all(len(row) == 4 for row in r["layers"]) and
+                                   abs(r["effective"] - r["sparsity"]) < 0.01 for r in alloc)
+    tuned = frontier.tuned_config(alloc[0], "q.json", {"speeds": {"device": "cpu", "shape": "s"}})["sparse_config"]
+    assert SparseConfig.from_dict(tuned).layers == tuple(tuple(r) for r in alloc[0]["layers"])
     assert all(r["speedup"] is None for r in resq["rows"]) and "ms/token" not in (tmp_path / "quality.md").read_text()
     assert (tmp_path / "quality.png").stat().st_size > 1000
     assert main(["tune", "--frontier", str(q) + ".json", "--target-speedup", "1.2"]) == 2

@@ -7,11 +7,14 @@
 - weight-aware Top-K: with every weight-row norm equal it is plain Top-K, otherwise it keeps the
   Top-K of |a_i|·‖W_i‖ of the unweighted model's rows;
 - p = 0 is the dense model for every variant;
-- ``layer_errors`` against an independent numpy Llama layer.
+- ``layer_errors`` against an independent numpy Llama layer;
+- TEAL's block-wise greedy allocation: each decision against the four candidates' errors measured through
+  the whole model, the table's thresholds are the calibration quantiles of its rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -260,76 +263,116 @@ def test_layer_errors_match_an_independent_numpy_layer():
 
 
 # ----------------------------------------------------------------------------- allocation
-def test_allocation_solve_is_the_exact_optimum_with_mean_one():
-    """The dynamic programme against brute force over every choice of scales on random cost tables."""
-    import itertools
-
-    from larosa_jax.allocation import solve
-
-    scales = np.round(np.arange(10, 31) * 0.05, 2)
-    rng = np.random.default_rng(0)
-    for n_layers in (1, 2, 3):
-        cost = np.cumsum(rng.random((n_layers, len(scales))) ** 2, axis=1) * rng.random((n_layers, 1))
-        r = solve(cost, scales)
-        assert abs(r.mean() - 1.0) < 1e-9
-        got = sum(cost[l, np.searchsorted(scales, r[l] - 1e-9)] for l in range(n_layers))
-        best = min(sum(cost[l, j] for l, j in enumerate(js)) for js in itertools.product(range(len(scales)), repeat=n_layers)
-                   if abs(sum(scales[j] for j in js) - n_layers) < 1e-9)
-        assert got == pytest.approx(best, rel=1e-12)
+def _one_layer_table(n_layers: int, layer: int, row) -> tuple:
+    return tuple(tuple(float(v) for v in row) if l == layer else (0.0,) * len(SITES) for l in range(n_layers))
 
 
-def test_allocated_thresholds_are_per_layer_quantiles_and_keep_the_effective_sparsity():
-    """layers=(r_l): layer l's thresholds are the calibration quantiles at r_l times the site's sparsity (TEAL
-    and La RoSA's rotated thresholds), the effective sparsity is the uniform one; the config round-trips and
-    bad allocations are refused with the reason."""
-    from larosa_jax.sparsity import effective_sparsity_of
+@pytest.mark.parametrize("method", ["teal", "larosa"])
+def test_greedy_steps_one_site_at_a_time_and_picks_the_least_block_error(method):
+    """TEAL's block-wise greedy: every step raises one site by its step (equal steps of effective sparsity);
+    the site it picks has the least block error among the four candidates, each candidate's error measured
+    independently through the whole model's teacher-forced sums (``layer_sums``, a sparsify of that table);
+    the allocated table's errors are those sums too."""
+    from larosa_jax.allocation import STEP, allocate, greedy_path
+    from larosa_jax.layer_error import layer_sums
+    from larosa_jax.sparsity import effective_sparsity, site_params
+
+    s = stories()
+    cfg = s.config
+    st = stories_stats("joint")
+    sc = SparseConfig("teal", "faithful", 0.3) if method == "teal" else SparseConfig("larosa", "fused", 0.3, select="threshold")
+    win = held_windows(1, 64)
+    path = greedy_path(s.model, st, sc, win, 0.3, progress=False)
+    w = site_params(cfg)
+    steps = np.array([STEP * cfg.hidden_size ** 2 / w[site] for site in SITES])
+    for l in range(cfg.num_layers):
+        d = np.diff(path.sparsity[l], axis=0)
+        assert np.allclose(np.sort(d, axis=1)[:, :-1], 0) and np.allclose(d.max(axis=1), steps[d.argmax(axis=1)])
+        np.testing.assert_allclose(np.diff(path.effective[l]), STEP * cfg.hidden_size ** 2 / sum(w.values()), rtol=1e-9)
+        assert path.effective[l][-1] >= 0.3 - 1e-9 and path.effective[l][-2] < 0.3
+    layer, step = 1, 3  # brute force one decision
+    row = path.sparsity[layer][step - 1]
+    errs = []
+    for i in range(len(SITES)):
+        cand = row.copy()
+        cand[i] += steps[i]
+        num, _, _ = layer_sums(sparsify(s.model, st, dataclasses.replace(sc, layers=_one_layer_table(
+            cfg.num_layers, layer, cand))), win)
+        errs.append(num[layer])
+    assert int(np.argmin(errs)) == int(np.argmax(path.sparsity[layer][step] - row))
+    assert path.error[layer][step] == pytest.approx(min(errs), rel=1e-4)
+    got, rep = allocate(s.model, st, sc, win, path=path)
+    num, den, _ = layer_sums(sparsify(s.model, st, got), win)
+    np.testing.assert_allclose(rep["block_error"], np.sqrt(num / path.update), rtol=1e-4)
+    inc = STEP * cfg.hidden_size ** 2 / sum(w.values())
+    assert all(abs(effective_sparsity(cfg, dict(zip(SITES, r))) - 0.3) <= inc / 2 + 1e-9 for r in got.layers)
+    with pytest.raises(SparsityError, match="reaches effective"):
+        path.table(0.5)
+    with pytest.raises(SparsityError, match="needs thresholds"):
+        greedy_path(s.model, st, SparseConfig("topk", "faithful", 0.3), win, 0.3, progress=False)
+
+
+def test_allocated_thresholds_are_per_layer_quantiles_and_set_the_effective_sparsity():
+    """layers = a table [layer][site]: layer l's thresholds are the calibration quantiles at its row (TEAL's, and
+    La RoSA's rotated ones at q/k/v and gate/up), the effective sparsity is the table's parameter-weighted mean;
+    the config round-trips; a table of zeros is the dense model; bad tables are refused with the reason."""
+    from larosa_jax.sparsity import effective_sparsity_of, site_params
 
     s = stories()
     st = stories_stats("joint")
     n = s.config.num_layers
-    r = tuple(np.linspace(0.6, 1.4, n))
-    for sc in (SparseConfig("teal", "faithful", 0.4, layers=r), SparseConfig("larosa", "fused", 0.4, select="threshold", layers=r)):
+    rng = np.random.default_rng(0)
+    table = tuple(tuple(float(v) for v in row) for row in rng.uniform(0.1, 0.7, (n, len(SITES))))
+    w = site_params(s.config)
+    want_eff = np.mean([sum(r[i] * w[site] for i, site in enumerate(SITES)) / sum(w.values()) for r in table])
+    for sc in (SparseConfig("teal", "faithful", 0.4, layers=table),
+               SparseConfig("larosa", "fused", 0.4, select="threshold", layers=table)):
         th = np.asarray(sparsify(s.model, st, sc).proj.thresholds[...])
-        sp = {site: 0.4 for site in SITES} if sc.method == "teal" else site_sparsities(s.config, sc)
         for i, site in enumerate(SITES):
             rot = sc.method == "larosa" and site in ("qkv", "gate_up")
             for l in range(n):
-                want = (st.rotated_threshold if rot else st.teal_threshold)(site, sp[site] * r[l])[l]
+                want = (st.rotated_threshold if rot else st.teal_threshold)(site, table[l][i])[l]
                 assert th[i, l] == pytest.approx(want, rel=1e-6)
-        assert th[0, 0] < th[0, -1]  # the scales reach the thresholds
-        assert effective_sparsity_of(s.config, sc) == effective_sparsity_of(s.config, SparseConfig(
-            sc.method, sc.mode, 0.4, select=sc.select))
-        assert SparseConfig.from_dict(sc.to_dict()) == sc
-    with pytest.raises(SparsityError, match="mean 1"):
-        SparseConfig("teal", "faithful", 0.4, layers=(1.0, 1.2))
+        assert effective_sparsity_of(s.config, sc) == pytest.approx(want_eff, rel=1e-12)
+        assert SparseConfig.from_dict(json.loads(json.dumps(sc.to_dict()))) == sc
+    toks = held_windows(1, 32)
+    zeros = SparseConfig("teal", "faithful", 0.4, layers=((0.0,) * len(SITES),) * n)
+    np.testing.assert_allclose(logits(sparsify(s.model, st, zeros), toks), logits(s.model, toks), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SparsityError, match="one row per layer of 4 site sparsities"):
+        SparseConfig("teal", "faithful", 0.4, layers=((0.1, 0.2),))
+    with pytest.raises(SparsityError, match=r"layer 1: \[0.1, 0.2, 0.3, 1.0\]"):
+        SparseConfig("teal", "faithful", 0.4, layers=((0.1,) * 4, [0.1, 0.2, 0.3, 1.0]))
     with pytest.raises(SparsityError, match="needs thresholds"):
-        SparseConfig("larosa", "fused", 0.4, layers=(1.0, 1.0))
-    with pytest.raises(SparsityError, match=f"layers: 2 scales for a model of {n} layers"):
-        sparsify(s.model, st, SparseConfig("teal", "faithful", 0.4, layers=(0.9, 1.1)))
+        SparseConfig("larosa", "fused", 0.4, layers=((0.1,) * 4,))
+    with pytest.raises(SparsityError, match="expected one list of 4 site sparsities"):
+        SparseConfig.from_dict({"method": "teal", "sparsity": 0.4, "layers": [1.0, 1.0]})
+    with pytest.raises(SparsityError, match=f"a table of 2 layers for a model of {n} layers"):
+        sparsify(s.model, st, SparseConfig("teal", "faithful", 0.4, layers=((0.1,) * 4,) * 2))
 
 
-def test_allocate_lowers_the_stream_perturbation_and_the_cli_saves_it(tmp_path):
-    """On stories260K: the allocation's cost is at most the uniform one (uniform is a candidate), its
-    scales have mean 1; larosa allocate writes a config that sparsify and generate read."""
-    from larosa_jax.allocation import allocate
+def test_allocate_cli_saves_the_greedy_table(tmp_path):
+    """larosa allocate writes the greedy's config (each layer's row near p), which sparsify reads; an existing
+    --out and p = 0 are refused."""
     from larosa_jax.cli import main
+    from larosa_jax.sparsity import effective_sparsity, site_params
 
     from _helpers import TEXT_FILE, stories_stats_dir
 
     s = stories()
     st = stories_stats("joint")
-    sc, rep = allocate(s.model, st, SparseConfig("larosa", "fused", 0.5, select="threshold"), held_windows(1, 64),
-                       progress=False)
-    assert len(sc.layers) == s.config.num_layers and abs(np.mean(sc.layers) - 1) < 1e-9
-    assert rep["allocated_cost"] <= rep["uniform_cost"] + 1e-12 and len(rep["cost"][0]) == len(rep["scales"])
     out = tmp_path / "alloc.json"
     argv = ["allocate", "--ckpt", str(s.ckpt), "--rotations", str(stories_stats_dir("joint")), "--method", "teal",
             "--sparsity", "0.4", "--data-file", str(TEXT_FILE), "--samples", "1", "--seqlen", "64", "--out", str(out)]
     assert main(argv) == 0
-    r = json.loads(out.read_text())["sparse_config"]["layers"]
+    doc = json.loads(out.read_text())
+    table = np.asarray(doc["sparse_config"]["layers"])
     m = sparsify(s.model, st, str(out))
-    assert m.method == "teal" and len(r) == s.config.num_layers and abs(np.mean(r) - 1) < 1e-9
-    np.testing.assert_allclose(np.asarray(m.proj.thresholds[...])[0], st.teal_threshold("qkv", 0.4 * np.asarray(r)),
-                               rtol=1e-6)
+    w = site_params(s.config)
+    assert m.method == "teal" and table.shape == (s.config.num_layers, len(SITES)) and len(set(table.ravel())) > 4
+    assert all(abs(effective_sparsity(s.config, dict(zip(SITES, r))) - 0.4) < 0.02 for r in table)
+    assert m.effective_sparsity == pytest.approx(np.mean([sum(r[i] * w[x] for i, x in enumerate(SITES)) for r in table])
+                                                 / sum(w.values()), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(m.proj.thresholds[...])[0], st.teal_threshold("qkv", table[:, 0]), rtol=1e-6)
+    assert len(doc["allocation"]["block_error"]) == s.config.num_layers
     assert main(argv) == 2  # exists: refused without --overwrite
     assert main(argv[:-2] + ["--out", str(tmp_path / "b.json"), "--sparsity", "0"]) == 2
