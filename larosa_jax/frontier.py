@@ -384,13 +384,15 @@ def markdown(result: dict) -> str:
         real = "" if r.get("realized") is None else f"{r['realized']:.3f}"
         lines.append(f"| {name} | {r['sparsity']:.2f} | {r['effective']:.3f} | {real} | {r['ppl']:.3f} | {delta} | {speed}"
                      f"{'' if le is None else f'{le:.4f}'} |")
-    vs = versus(result["rows"]) if sp is not None else []
-    if vs:
-        lines += ["", "Against TEAL at equal speed-up (TEAL's perplexity interpolated in speed-up at each row's; gap = "
-                  "ppl − TEAL's, negative is better text):", "",
-                  "| recipe | speed-ups compared | rows below TEAL | worst gap | best gap |", "| --- | --- | ---: | ---: | ---: |"]
-        lines += [f"| {v['recipe']}{'*' if v['estimated'] else ''} | {v['from']:.2f}x–{v['to']:.2f}x | {v['below']} of "
-                  f"{v['rows']} | {v['worst']:+.3f} | {v['best']:+.3f} |" for v in vs]
+    for ref, who in (("teal", "TEAL"), ("teal-alloc", "TEAL with its greedy allocation (`teal-alloc`)")):
+        vs = versus(result["rows"], ref) if sp is not None else []
+        if vs:
+            lines += ["", f"Against {who} at equal speed-up ({ref}'s perplexity interpolated in speed-up at each row's; "
+                      f"gap = ppl − {ref}'s, negative is better text):", "",
+                      f"| recipe | speed-ups compared | rows below {ref} | worst gap | best gap |",
+                      "| --- | --- | ---: | ---: | ---: |"]
+            lines += [f"| {v['recipe']}{'*' if v['estimated'] else ''} | {v['from']:.2f}x–{v['to']:.2f}x | {v['below']} of "
+                      f"{v['rows']} | {v['worst']:+.3f} | {v['best']:+.3f} |" for v in vs]
     lines += ["", "Recipes:", ""] + [f"- `{n}`: {RECIPES[n].about}" for n in dict.fromkeys(r["recipe"] for r in result["rows"])]
     return "\n".join(lines) + "\n"
 

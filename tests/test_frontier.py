@@ -186,3 +186,7 @@ def test_versus_interpolates_teal_at_each_rows_speedup():
     assert v["worst"] == pytest.approx(33.0 - 32.0) and v["best"] == pytest.approx(24.0 - 25.0)
     assert (v["from"], v["to"]) == (1.5, 1.7)
     assert frontier.versus([_row("dense", 0.0, 20.0, 1.0), _row("topk", 0.5, 30.0, 1.5)]) == []
+    greedy = rows + [_row("teal-alloc", 0.4, 25.0, 1.6), _row("teal-alloc", 0.5, 30.0, 1.8)]
+    by = {v["recipe"]: v for v in frontier.versus(greedy, "teal-alloc")}
+    assert set(by) == {"teal", "larosa-global-thr"} and by["teal"]["below"] == 0
+    assert by["larosa-global-thr"]["worst"] == pytest.approx(33.0 - 27.5) and by["larosa-global-thr"]["below"] == 1
