@@ -344,7 +344,7 @@ def _add_allocate(sub):
     p.add_argument("--method", default="larosa", choices=["larosa", "teal"],
                    help="larosa: the fused model with thresholds on the rotated rows; teal")
     p.add_argument("--sparsity", type=float, required=True)
-    _add_data_args(p, 2, 2048)
+    _add_data_args(p, 2, 512)  # as frontier --alloc-samples / --alloc-seqlen
     p.add_argument("--calib-samples", type=int, default=None,
                    help="windows used by calibrate (default: as recorded in the rotations file)")
     p.add_argument("--out", required=True, help="sparse config JSON (sparsify, larosa generate --sparse-config)")
