@@ -86,7 +86,7 @@ class DecodePlan:
         every site; thresholds need no search (a search-free norm launch before q/k/v and gate/up, masked
         tiles reading the threshold in place at every site, La RoSA's adapter as tail tiles of the down
         GEMV); ``dense`` takes the threshold path's launches with every entry kept (at batch 1 they read
-        the weights faster than the dense GEMV: ``eval/results/dense_threshold_path_h200.md``)."""
+        the weights faster than the dense GEMV: ``eval/results/dense_decode_h100.md``)."""
         _check_kind(kind)
         if kind == "larosa":
             return cls()
