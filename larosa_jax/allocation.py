@@ -46,6 +46,41 @@ class GreedyPath:
             rows.append(tuple(float(v) for v in self.sparsity[l][int(np.argmin(np.abs(eff - p)))]))
         return tuple(rows)
 
+    def reaches(self, p: float) -> bool:
+        return all(eff[-1] >= p - 1e-9 for eff in self.effective)
+
+    def to_dict(self) -> dict:
+        """The path as each layer's choices (the site index of every step) and block errors (6 digits): its rows
+        and effective sparsities follow from the model's step sizes (:meth:`from_dict`)."""
+        return {"method": self.method, "step": STEP,
+                "choices": ["".join(str(int(i)) for i in np.argmax(np.diff(s, axis=0), axis=1)) for s in self.sparsity],
+                "error": [[float(f"{v:.6g}") for v in e] for e in self.error],
+                "update": [float(f"{v:.6g}") for v in self.update]}
+
+    @classmethod
+    def from_dict(cls, d: dict, cfg) -> "GreedyPath":
+        """The path :meth:`to_dict` wrote, its rows replayed step by step as the greedy made them (the same
+        floats)."""
+        choices = d.get("choices") if isinstance(d, dict) else None
+        if (d.get("step") != STEP or not isinstance(choices, list) or len(choices) != cfg.num_layers
+                or any(not isinstance(c, str) or set(c) - set("0123") for c in choices)
+                or [len(e) for e in d.get("error", [])] != [len(c) + 1 for c in choices]):
+            raise SparsityError(f"a saved greedy path must hold step {STEP} and one choice string of site indices "
+                                f"per layer ({cfg.num_layers}) with one more error each; got {str(d)[:120]}")
+        steps = _site_steps(cfg)
+        sparsity, effective = [], []
+        for c in choices:
+            row = np.zeros(len(SITES))
+            rows, effs = [row], [0.0]
+            for i in map(int, c):
+                row = row.copy()
+                row[i] += steps[i]
+                rows.append(row)
+                effs.append(effective_sparsity(cfg, dict(zip(SITES, row))))
+            sparsity.append(np.array(rows))
+            effective.append(np.array(effs))
+        return cls(d["method"], sparsity, effective, [np.array(e, float) for e in d["error"]], np.array(d["update"], float))
+
 
 def _site_steps(cfg) -> np.ndarray:
     w = site_params(cfg)

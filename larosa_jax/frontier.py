@@ -11,7 +11,8 @@ whose decode has no kernel of its own borrows a benchmark's at equal effective s
 
 Output: ``OUT.json`` (rows, speeds and their source), ``OUT.md`` (table, Pareto rows in bold),
 ``OUT.png`` (perplexity against speed-up and against ms/token, one line per recipe), rewritten after
-every row; ``--resume`` continues a run with the same settings. :func:`pick` answers "the best
+every row; ``--resume`` continues a run with the same settings (reusing the greedy paths of the allocating
+recipes, kept in the JSON). :func:`pick` answers "the best
 recipe for this target" from such a file (``larosa tune``).
 """
 
@@ -447,7 +448,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
     from tqdm.auto import tqdm
 
     from . import layer_error
-    from .allocation import allocate, greedy_path
+    from .allocation import GreedyPath, allocate, greedy_path
     from .evaluate import check_results, environment, resume_rows
     from .perplexity import window_nll
     from .sparse_model import realized_sparsity, sparsify
@@ -457,12 +458,14 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                 "speeds": None if speeds is None else [s["file"] for s in speeds["sources"]],
                 "shape": None if speeds is None else speeds["shape"]}
     rows = resume_rows(files[0], settings) if resume and files[0].exists() else []
+    saved = json.loads(files[0].read_text())["meta"].get("greedy_paths", {}) if rows else {}
     done = {(r["recipe"], r["sparsity"]) for r in rows}
     staged = any(f.exists() for f in files) and not resume
     targets = [outputs.tmp_sibling(f) for f in files] if staged else files
     tokens = int(len(windows) * (windows.shape[1] - 1))
     result = {"meta": {**meta, "settings": settings, "env": environment(), "windows": len(windows),
-                       "seqlen": int(windows.shape[1]), "tokens_scored": tokens, "speeds": speeds}, "rows": rows}
+                       "seqlen": int(windows.shape[1]), "tokens_scored": tokens, "speeds": speeds,
+                       "greedy_paths": saved}, "rows": rows}
     bar = tqdm(cells, desc="frontier", unit="run", disable=not progress)
     paths = {}
     try:
@@ -476,9 +479,13 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
             if rec.allocate:
                 if alloc_windows is None:
                     raise FrontierError(f"recipe {name} allocates: it needs held-out calibration windows (--alloc-data-file)")
-                if name not in paths:  # one greedy path serves every p of the recipe
+                if name not in paths:  # one greedy path serves every p of the recipe (a resumed run's, if it reaches)
                     top = max(q for n, q in cells if n == name)
-                    paths[name] = greedy_path(model, st, sc, alloc_windows, top, progress=progress)
+                    path = GreedyPath.from_dict(saved[name], model.config) if name in saved else None
+                    if path is None or not path.reaches(top):
+                        path = greedy_path(model, st, sc, alloc_windows, top, progress=progress)
+                    paths[name] = path
+                    saved[name] = path.to_dict()
                 sc, _ = allocate(model, st, sc, alloc_windows, path=paths[name])
             m = sparsify(model, st, sc)
             nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=name, mesh=mesh)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -102,6 +103,13 @@ def test_frontier_end_to_end_then_tune(tmp_path):
     assert len(alloc) == 2 and all(len(r["layers"]) == s.config.num_layers and
                                    all(len(row) == 4 for row in r["layers"]) and
                                    abs(r["effective"] - r["sparsity"]) < 0.01 for r in alloc)
+    # --resume reuses the saved greedy path: a dropped row comes back the same without running the greedy again
+    assert set(resq["meta"]["greedy_paths"]) == {"teal-alloc"}
+    (tmp_path / "quality.json").write_text(json.dumps({**resq, "rows": resq["rows"][:-1]}))
+    with mock.patch("larosa_jax.allocation.greedy_path", side_effect=AssertionError("greedy recomputed")):
+        assert main(argv_q + ["--alloc-data-file", str(TEXT_FILE), "--alloc-samples", "1", "--alloc-seqlen", "64",
+                              "--resume"]) == 0
+    assert json.loads((tmp_path / "quality.json").read_text())["rows"] == resq["rows"]
     tuned = frontier.tuned_config(alloc[0], "q.json", {"speeds": {"device": "cpu", "shape": "s"}})["sparse_config"]
     assert SparseConfig.from_dict(tuned).layers == tuple(tuple(r) for r in alloc[0]["layers"])
     assert all(r["speedup"] is None for r in resq["rows"]) and "ms/token" not in (tmp_path / "quality.md").read_text()

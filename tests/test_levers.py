@@ -301,6 +301,11 @@ def test_greedy_steps_one_site_at_a_time_and_picks_the_least_block_error(method)
         errs.append(num[layer])
     assert int(np.argmin(errs)) == int(np.argmax(path.sparsity[layer][step] - row))
     assert path.error[layer][step] == pytest.approx(min(errs), rel=1e-4)
+    back = type(path).from_dict(json.loads(json.dumps(path.to_dict())), cfg)  # as --resume reads it
+    for a, b in zip((path.sparsity, path.effective), (back.sparsity, back.effective)):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert back.table(0.3) == path.table(0.3) and back.reaches(0.3) and not back.reaches(0.5)
+    np.testing.assert_allclose(np.concatenate(back.error), np.concatenate(path.error), rtol=1e-5)
     got, rep = allocate(s.model, st, sc, win, path=path)
     num, den, _ = layer_sums(sparsify(s.model, st, got), win)
     np.testing.assert_allclose(rep["block_error"], np.sqrt(num / path.update), rtol=1e-4)
