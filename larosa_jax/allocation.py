@@ -47,6 +47,7 @@ class GreedyPath:
         return tuple(rows)
 
     def reaches(self, p: float) -> bool:
+        """Whether every layer's path gets to effective sparsity ``p`` (so :meth:`table` can serve it)."""
         return all(eff[-1] >= p - 1e-9 for eff in self.effective)
 
     def to_dict(self) -> dict:
@@ -62,11 +63,13 @@ class GreedyPath:
         """The path :meth:`to_dict` wrote, its rows replayed step by step as the greedy made them (the same
         floats)."""
         choices = d.get("choices") if isinstance(d, dict) else None
-        if (d.get("step") != STEP or not isinstance(choices, list) or len(choices) != cfg.num_layers
+        if (not isinstance(choices, list) or d.get("step") != STEP or d.get("method") not in ("teal", "larosa")
+                or len(choices) != cfg.num_layers
                 or any(not isinstance(c, str) or set(c) - set("0123") for c in choices)
                 or [len(e) for e in d.get("error", [])] != [len(c) + 1 for c in choices]):
-            raise SparsityError(f"a saved greedy path must hold step {STEP} and one choice string of site indices "
-                                f"per layer ({cfg.num_layers}) with one more error each; got {str(d)[:120]}")
+            raise SparsityError(f"a saved greedy path must hold its method (teal or larosa), step {STEP} and one choice "
+                                f"string of site indices per layer ({cfg.num_layers}) with one more error each; "
+                                f"got {str(d)[:120]}")
         steps = _site_steps(cfg)
         sparsity, effective = [], []
         for c in choices:

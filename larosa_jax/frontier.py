@@ -452,6 +452,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
     from .evaluate import check_results, environment, resume_rows
     from .perplexity import window_nll
     from .sparse_model import realized_sparsity, sparsify
+    from .sparsity import SparsityError
 
     files = check_results(out, overwrite=overwrite, resume=resume)
     settings = {**settings, "seqlen": int(windows.shape[1]), "windows": int(len(windows)),
@@ -459,6 +460,10 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                 "shape": None if speeds is None else speeds["shape"]}
     rows = resume_rows(files[0], settings) if resume and files[0].exists() else []
     saved = json.loads(files[0].read_text())["meta"].get("greedy_paths", {}) if rows else {}
+    try:
+        reuse = {n: GreedyPath.from_dict(d, model.config) for n, d in saved.items()}
+    except (SparsityError, TypeError, ValueError) as e:
+        raise FrontierError(f"{files[0]}: meta.greedy_paths: {e}") from None
     done = {(r["recipe"], r["sparsity"]) for r in rows}
     staged = any(f.exists() for f in files) and not resume
     targets = [outputs.tmp_sibling(f) for f in files] if staged else files
@@ -481,7 +486,7 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                     raise FrontierError(f"recipe {name} allocates: it needs held-out calibration windows (--alloc-data-file)")
                 if name not in paths:  # one greedy path serves every p of the recipe (a resumed run's, if it reaches)
                     top = max(q for n, q in cells if n == name)
-                    path = GreedyPath.from_dict(saved[name], model.config) if name in saved else None
+                    path = reuse.get(name)
                     if path is None or not path.reaches(top):
                         path = greedy_path(model, st, sc, alloc_windows, top, progress=progress)
                     paths[name] = path

@@ -44,7 +44,7 @@ def test_speeds_are_interpolated_never_extrapolated(tmp_path):
         frontier.load_speeds([tmp_path / "a.json"], "qwen2-7b")
 
 
-def test_frontier_end_to_end_then_tune(tmp_path):
+def test_frontier_end_to_end_then_tune(tmp_path, capsys):
     """The CLI on the bundled stories260K: every row's perplexity and its speed from the bench file, the
     Pareto set in bold, the plot, --resume with nothing left to do; then tune picks from the file and
     sparsify takes what tune saved."""
@@ -110,6 +110,12 @@ def test_frontier_end_to_end_then_tune(tmp_path):
         assert main(argv_q + ["--alloc-data-file", str(TEXT_FILE), "--alloc-samples", "1", "--alloc-seqlen", "64",
                               "--resume"]) == 0
     assert json.loads((tmp_path / "quality.json").read_text())["rows"] == resq["rows"]
+    broken = {**resq, "meta": {**resq["meta"], "greedy_paths": {"teal-alloc": {"step": 0.05, "choices": "0123"}}}}
+    (tmp_path / "quality.json").write_text(json.dumps(broken))
+    assert main(argv_q + ["--alloc-data-file", str(TEXT_FILE), "--alloc-samples", "1", "--alloc-seqlen", "64",
+                          "--resume"]) == 2  # a damaged saved path: refused, naming the file and key
+    assert "quality.json: meta.greedy_paths: a saved greedy path must hold" in capsys.readouterr().err
+    assert json.loads((tmp_path / "quality.json").read_text()) == broken
     tuned = frontier.tuned_config(alloc[0], "q.json", {"speeds": {"device": "cpu", "shape": "s"}})["sparse_config"]
     assert SparseConfig.from_dict(tuned).layers == tuple(tuple(r) for r in alloc[0]["layers"])
     assert all(r["speedup"] is None for r in resq["rows"]) and "ms/token" not in (tmp_path / "quality.md").read_text()
