@@ -460,8 +460,8 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                 "shape": None if speeds is None else speeds["shape"]}
     rows = resume_rows(files[0], settings) if resume and files[0].exists() else []
     saved = json.loads(files[0].read_text())["meta"].get("greedy_paths", {}) if rows else {}
-    try:
-        reuse = {n: GreedyPath.from_dict(d, model.config) for n, d in saved.items()}
+    try:  # one greedy path serves every p of a recipe: a resumed run's, where it reaches
+        paths = {n: GreedyPath.from_dict(d, model.config) for n, d in saved.items()}
     except (SparsityError, TypeError, ValueError) as e:
         raise FrontierError(f"{files[0]}: meta.greedy_paths: {e}") from None
     done = {(r["recipe"], r["sparsity"]) for r in rows}
@@ -472,7 +472,6 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                        "seqlen": int(windows.shape[1]), "tokens_scored": tokens, "speeds": speeds,
                        "greedy_paths": saved}, "rows": rows}
     bar = tqdm(cells, desc="frontier", unit="run", disable=not progress)
-    paths = {}
     try:
         for name, p in bar:
             if (name, p) in done:
@@ -484,13 +483,10 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
             if rec.allocate:
                 if alloc_windows is None:
                     raise FrontierError(f"recipe {name} allocates: it needs held-out calibration windows (--alloc-data-file)")
-                if name not in paths:  # one greedy path serves every p of the recipe (a resumed run's, if it reaches)
-                    top = max(q for n, q in cells if n == name)
-                    path = reuse.get(name)
-                    if path is None or not path.reaches(top):
-                        path = greedy_path(model, st, sc, alloc_windows, top, progress=progress)
-                    paths[name] = path
-                    saved[name] = path.to_dict()
+                top = max(q for n, q in cells if n == name)
+                if name not in paths or not paths[name].reaches(top):
+                    paths[name] = greedy_path(model, st, sc, alloc_windows, top, progress=progress)
+                    saved[name] = paths[name].to_dict()
                 sc, _ = allocate(model, st, sc, alloc_windows, path=paths[name])
             m = sparsify(model, st, sc)
             nll = window_nll(m, windows, batch_size=batch_size, progress=progress, desc=name, mesh=mesh)
