@@ -10,8 +10,8 @@ GPT-2-style one such as SmolLM2's adds nothing), an empty context becomes ``pref
 EOS), and a context + continuation longer than ``max_length + 1`` tokens is cut from the left.
 
 Scoring is one jitted function over right-padded batches: requests are sorted by length (longest
-first), cut into batches of ``batch_size`` rows, and each batch is padded to a length bucket (and the
-last one to ``batch_size`` rows), so jit compiles a handful of shapes per task.
+first), cut into batches of ``batch_size`` rows, and each batch is padded to a power-of-two length
+bucket (and the last one to ``batch_size`` rows), so jit compiles a handful of shapes per run.
 
 ``lm_eval`` is imported only when a function here needs it (``LarosaLM`` is built on first access),
 so ``larosa`` commands other than ``zeroshot`` do not pay for it or need it installed.
@@ -109,12 +109,9 @@ def local_tasks(data_dir: str | Path | None = None, out_dir: str | Path | None =
 
 # ----------------------------------------------------------------------------- scoring
 def _bucket(n: int, cap: int) -> int:
-    """Round a length up to a multiple of 16 up to 64, then to two steps per octave (96, 128, 192, 256, 384,
-    …), at most ``cap``. Every new shape is a compile (a full-split run on a GPU stalled at each new length):
-    the 7 tasks' 69k requests of SmolLM2 fall into 12 shapes at 20% padding (8 steps per octave: 32 at 6%)."""
-    n = max(16, n)
-    step = 1 << max(4, (n - 1).bit_length() - 2)
-    return min(-(-n // step) * step, max(cap, n))
+    """Round a length up to a power of two (at least 16), at most ``cap``. Every new shape is a compile, and
+    compiles, not the scoring, dominate a full-split run on a GPU; padding costs little."""
+    return min(1 << (max(16, n) - 1).bit_length(), max(cap, n))
 
 
 @functools.cache
@@ -149,7 +146,9 @@ def _make_lm_class():
         """lm-eval model over one of our models (dense or sparse) and its HF tokenizer.
 
         ``batch_size``: rows per device call (fewer for long buckets: at most ``max_batch_tokens``
-        tokens a call). ``max_length`` defaults to the model's ``max_position_embeddings`` (as HFLM).
+        tokens a call). With ``batch_size >= max_batch_tokens / 16`` every loglikelihood call holds the same
+        number of tokens, so XLA reuses its matmul tuning across length buckets. ``max_length`` defaults to
+        the model's ``max_position_embeddings`` (as HFLM).
         With a ``mesh`` the loglikelihood batches are split over its ``data`` axis (rows rounded up to a
         multiple of it, the extra rows padding); generation stays on one device.
         """
@@ -483,7 +482,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--data-dir", default=None, help=f"the offline splits (default ${DATA_ENV} or ../shared/data/zeroshot)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task (quick runs)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per device call")
+    p.add_argument("--batch", type=int, default=16,
+                   help="sequences per device call (scoring holds at most 16384 tokens a call; on a GPU --batch 1024 "
+                        "makes every scoring call that size, which compiles fastest)")
     p.add_argument("--max-length", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--mesh", default=None, metavar="data=D",
                    help="device mesh; default: every local device on data (batches split over the devices)")
