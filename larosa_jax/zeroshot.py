@@ -420,12 +420,15 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     tasks = m["tasks"]
     env = m["env"]
+    devices = sorted({(r.get("env") or env)["device"] for r in result["rows"]})
+    where = (f"Device {env['device']}, jax {env['jax']}, {env['date']}" if devices in ([], [env["device"]])
+             else f"Devices {', '.join(devices)} (each row's in the last table)")
     lim = "all examples" if m.get("limit") is None else f"limit {m['limit']} examples per task"
     lines = [
         f"# Zero-shot accuracy: {m['model']}",
         "",
         f"lm-eval {m['lm_eval']} ({lim}; {m.get('num_fewshot') or 0}-shot), tasks from {m['data_dir']}; "
-        f"calibration: {m.get('calibration') or '-'}. Device {env['device']}, jax {env['jax']}, {env['date']}. "
+        f"calibration: {m.get('calibration') or '-'}. {where}. "
         "Accuracy in % ± the harness's standard error (the mean's: the tasks' combined as independent).",
         "",
     ]
@@ -448,11 +451,13 @@ def markdown(result: dict) -> str:
                                for v, e in zip(vals, ses))
             lines.append(f"| {r['label']} | {r['sparsity']:.2f} | {r['effective']:.3f} | {cells} | {mean} |")
         lines.append("")
-    lines += ["| method | nominal p | requests | seconds | s / 100 requests |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["| method | nominal p | requests | seconds | s / 100 requests | device, jax, date |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in result["rows"]:
-        n = r["stats"]["requests"]
+        n, e = r["stats"]["requests"], r.get("env") or env
         per = f"{100 * r['seconds'] / n:.1f}" if n else "-"
-        lines.append(f"| {r['label']} | {r['sparsity']:.2f} | {n} | {r['seconds']:.0f} | {per} |")
+        lines.append(f"| {r['label']} | {r['sparsity']:.2f} | {n} | {r['seconds']:.0f} | {per} | "
+                     f"{e['device']}, {e['jax']}, {e['date']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -568,6 +573,10 @@ def cmd_zeroshot(args) -> None:
     settings = {"model_fingerprint": fingerprint(model), "tasks": tasks, "limit": args.limit, "num_fewshot": 0,
                 "data_dir": str(data_dir.resolve()), "max_length": max_length, "add_bos_token": add_bos}
     rows: list[dict] = resume_rows(files[0], settings) if args.resume and files[0].exists() else []
+    if rows:  # rows from before per-row environments were recorded ran where the file's meta says
+        old_env = json.loads(files[0].read_text()).get("meta", {}).get("env")
+        for r in rows:
+            r.setdefault("env", old_env)
     done = {(r["label"], r["sparsity"]): r for r in rows}
     labelled = []
     for m, p, sc in cells:
@@ -603,7 +612,7 @@ def cmd_zeroshot(args) -> None:
                 "sparsity": p, "effective": sm.effective_sparsity, "seconds": secs, "stats": lm.stats,
                 "results": res["results"], "n_samples": res.get("n-samples"), "versions": res.get("versions"),
                 "rotations_flavour": None if stats is None or m in ("dense", "topk") else stats.flavour,
-                "rotations": rot_id if m in ("larosa", "teal", "cats") else None,
+                "rotations": rot_id if m in ("larosa", "teal", "cats") else None, "env": environment(),
             })
             _atomic_write(targets[0], json.dumps(result, indent=2, default=str))
             _atomic_write(targets[1], markdown(result))

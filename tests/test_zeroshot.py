@@ -287,6 +287,12 @@ def test_markdown_standard_errors():
     md = zeroshot.markdown({"meta": meta, "rows": [row, na]})
     assert "| dense | 0.00 | 0.000 | 50.00 ± 3.00 | 70.00 ± 4.00 | 60.00 ± 2.50 |" in md
     assert "| teal | 0.00 | 0.000 | 50.00 ± 3.00 | 60.00 | 55.00 |" in md
+    assert "Device cpu, jax x, d." in md and "| dense | 0.00 | 10 | 1 | 10.0 | cpu, x, d |" in md
+    # rows resumed on another machine: each row names its own, the header names both
+    gpu = dict(na, env={"device": "gpu:H200", "jax": "y", "date": "e"})
+    md = zeroshot.markdown({"meta": dict(meta, env=gpu["env"]), "rows": [dict(row, env=env), gpu]})
+    assert "Devices cpu, gpu:H200 (each row's in the last table)" in md
+    assert "| dense | 0.00 | 10 | 1 | 10.0 | cpu, x, d |" in md and "| teal | 0.00 | 10 | 1 | 10.0 | gpu:H200, y, e |" in md
 
 
 def test_a_row_is_saved_before_the_harness_table_prints(stories_ckpt, tmp_path, monkeypatch):
