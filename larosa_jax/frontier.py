@@ -95,8 +95,12 @@ RECIPES = {
 
 
 # ----------------------------------------------------------------------------- speeds
+DENSE_SPREAD = 1.02  # the most the dense rows of one run's bench files may differ (one H100: 6.237 / 6.238)
+
+
 def load_speeds(paths: list[str | Path], shape: str) -> dict:
-    """Batch-1 decode speeds of ``shape`` from bench_decode JSON files of one device: ``{"dense": ms,
+    """Batch-1 decode speeds of ``shape`` from bench_decode JSON files of one run (one device, dense within
+    2%): ``{"dense": ms,
     "curves": {bench method: [(effective sparsity, ms/token), ...]}, "device", "sources"}``."""
     if not paths:
         raise FrontierError("--speeds: name at least one bench_decode JSON (e.g. eval/results/decode_h100.json)")
@@ -115,7 +119,7 @@ def load_speeds(paths: list[str | Path], shape: str) -> dict:
             if r.get("model") != shape or r.get("batch", 1) != 1 or "ms_per_token" not in r:
                 continue
             if r.get("method") == "dense":
-                dense.append(r["ms_per_token"])
+                dense.append((r["ms_per_token"], str(path)))
             else:
                 curves.setdefault(r["method"], []).append((float(r["effective_sparsity"]), float(r["ms_per_token"])))
     if len(devices) > 1:
@@ -123,7 +127,11 @@ def load_speeds(paths: list[str | Path], shape: str) -> dict:
                             "the timings of one device")
     if not dense:
         raise FrontierError(f"--speeds: no dense batch-1 row for shape {shape!r} in {', '.join(map(str, paths))}")
-    return {"dense": float(np.median(dense)), "curves": {m: sorted(set(v)) for m, v in curves.items()},
+    lo, hi = min(dense), max(dense)
+    if hi[0] > DENSE_SPREAD * lo[0]:  # another decode plan or another machine: their speed-ups do not compare
+        raise FrontierError(f"--speeds: dense {lo[0]:.3f} ms/token in {lo[1]} but {hi[0]:.3f} in {hi[1]}; one "
+                            "frontier takes the timings of one run (its files' dense within 2%)")
+    return {"dense": float(np.median([d for d, _ in dense])), "curves": {m: sorted(set(v)) for m, v in curves.items()},
             "device": devices.pop(), "sources": sources, "shape": shape}
 
 

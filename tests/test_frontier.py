@@ -40,6 +40,12 @@ def test_speeds_are_interpolated_never_extrapolated(tmp_path):
                               "larosa-thr", 0.4)
     with pytest.raises(frontier.FrontierError, match="several devices"):
         frontier.load_speeds([_speeds(tmp_path / "a.json"), _speeds(tmp_path / "c.json", device="GPU Y")], "llama2-7b")
+    slow = json.loads((tmp_path / "a.json").read_text())
+    slow["results"][0]["ms_per_token"] = 10.5  # another run: its speed-ups do not compare with a.json's
+    (tmp_path / "d.json").write_text(json.dumps(slow))
+    with pytest.raises(frontier.FrontierError, match=r"dense 10\.000 ms/token in .*a\.json but 10\.500 in .*d\.json"):
+        frontier.load_speeds([tmp_path / "a.json", tmp_path / "d.json"], "llama2-7b")
+    assert frontier.load_speeds([tmp_path / "a.json", _speeds(tmp_path / "e.json")], "llama2-7b")["dense"] == 10.0
     with pytest.raises(frontier.FrontierError, match="no dense batch-1 row for shape 'qwen2-7b'"):
         frontier.load_speeds([tmp_path / "a.json"], "qwen2-7b")
 
