@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -108,6 +109,25 @@ def test_tokenization_matches_hflm(stories_model, stories_hf, stories_ckpt, add_
             assert ours.tok_encode("<s>Once")[:2] != [bos, bos]  # a BOS in the text is not doubled
 
 
+@pytest.mark.parametrize("add_bos", [None, True])
+def test_batched_encoding_matches_hflm(stories_model, stories_hf, stories_ckpt, add_bos):
+    """loglikelihood encodes every string in one batched call up front: the token pairs it scores are HFLM's, and
+    no string is left to encode one at a time."""
+    reqs = ll_requests(PAIRS + [("", "Once upon a time"), ("Lily and Ben  ", "went to the park.")])
+    for what, t in _tokenizers(stories_ckpt):
+        ours, ref = LarosaLM(stories_model, t, add_bos_token=add_bos), hflm(stories_hf, t, add_bos_token=add_bos)
+        seen = []
+        with mock.patch.object(type(ours), "_loglikelihood_tokens", lambda self, r, **k: seen.extend(r) or [(0.0, True)] * len(r)), \
+                mock.patch.object(t, "encode", wraps=t.encode) as encode:
+            ours.loglikelihood(reqs, disable_tqdm=True)
+        want = ref.loglikelihood.__func__  # HFLM's pairs: its own loglikelihood's tokenization
+        with mock.patch.object(type(ref), "_loglikelihood_tokens", lambda self, r, **k: r):
+            pairs = want(ref, reqs, disable_tqdm=True)
+        assert [(c, x) for _, c, x in seen] == [(c, x) for _, c, x in pairs], what
+        assert encode.call_count == 1, (what, encode.call_args_list)  # only the empty context's continuation
+        assert ours._encoded == {}, "the batch's encodings are dropped after the call"
+
+
 # ----------------------------------------------------------------------------- loglikelihood
 @pytest.mark.parametrize("max_length", [None, 24])  # 24: most requests are cut from the left
 def test_loglikelihood_matches_hflm(stories_model, stories_hf, tok, tiny_requests, max_length):
@@ -127,7 +147,11 @@ def test_loglikelihood_matches_hflm(stories_model, stories_hf, tok, tiny_request
 
 
 def test_simple_evaluate_matches_hflm(stories_model, stories_hf, tok, tiny_dir):
+    import lm_eval.utils
+
+    original = lm_eval.utils.apply_template
     res = run_zeroshot(stories_model, tok, [TINY_TASK], include_path=tiny_dir, batch_size=8)
+    assert lm_eval.utils.apply_template is original  # the compiled-template cache lasts one run
     ref = simple_evaluate(model=hflm(stories_hf, tok), tasks=[TINY_TASK], log_samples=False,
                           task_manager=TaskManager(include_path=str(tiny_dir), include_defaults=False))
     r, rr = res["results"][TINY_TASK], ref["results"][TINY_TASK]
