@@ -9,7 +9,6 @@ old results until the new grid is complete (:mod:`larosa_jax.outputs`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -274,13 +273,11 @@ def run_grid(model, stats, windows: np.ndarray, grid: list[tuple[Variant, float]
         if (var.label, p) in done:
             alphas = list(sc.alphas()) if var.method in ("larosa", "topk") else None
             check_resumed_row(files[0], done[(var.label, p)], rotations_id if uses_rotations(var.method) else None, alphas)
-    staged = any(f.exists() for f in files) and not resume  # --overwrite: keep the old files until the end
-    targets = [outputs.tmp_sibling(f) for f in files] if staged else files
     result = {"meta": {**meta, "settings": settings, "env": environment(), "windows": len(windows),
                        "seqlen": int(windows.shape[1]), "tokens_scored": int(len(windows) * (windows.shape[1] - 1))},
               "rows": rows}
     bar = tqdm(todo, desc="ppl grid", unit="run", disable=not progress)
-    try:
+    with outputs.results_files(files, resume=resume) as targets:  # --overwrite: the old files stay until the end
         for var, p, sc in bar:
             if (var.label, p) in done:
                 continue
@@ -299,13 +296,4 @@ def run_grid(model, stats, windows: np.ndarray, grid: list[tuple[Variant, float]
             _atomic_write(targets[0], json.dumps(result, indent=2))
             _atomic_write(targets[1], markdown(result))
             plot(result, targets[2])
-        if staged:
-            for t, f in zip(targets, files):
-                outputs.swap_in(t, f)
-    except BaseException:
-        if staged:
-            for t in targets:
-                with contextlib.suppress(OSError):
-                    t.unlink()
-        raise
     return result

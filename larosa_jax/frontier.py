@@ -18,7 +18,6 @@ recipe for this target" from such a file (``larosa tune``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -473,14 +472,12 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
     except (SparsityError, TypeError, ValueError) as e:
         raise FrontierError(f"{files[0]}: meta.greedy_paths: {e}") from None
     done = {(r["recipe"], r["sparsity"]) for r in rows}
-    staged = any(f.exists() for f in files) and not resume
-    targets = [outputs.tmp_sibling(f) for f in files] if staged else files
     tokens = int(len(windows) * (windows.shape[1] - 1))
     result = {"meta": {**meta, "settings": settings, "env": environment(), "windows": len(windows),
                        "seqlen": int(windows.shape[1]), "tokens_scored": tokens, "speeds": speeds,
                        "greedy_paths": saved}, "rows": rows}
     bar = tqdm(cells, desc="frontier", unit="run", disable=not progress)
-    try:
+    with outputs.results_files(files, resume=resume) as targets:  # --overwrite: the old files stay until the end
         for name, p in bar:
             if (name, p) in done:
                 continue
@@ -509,13 +506,4 @@ def run(model, stats: dict, windows: np.ndarray, cells: list[tuple[str, float]],
                          "layer_error_mean": None if le is None else float(le.mean()),
                          "layer_error": None if le is None else [round(float(v), 6) for v in le]})
             write(result, targets)
-        if staged:
-            for t, f in zip(targets, files):
-                outputs.swap_in(t, f)
-    except BaseException:
-        if staged:
-            for t in targets:
-                with contextlib.suppress(OSError):
-                    t.unlink()
-        raise
     return result

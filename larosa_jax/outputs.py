@@ -238,6 +238,27 @@ def staged_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def results_files(files: list[Path], *, resume: bool) -> Iterator[list[Path]]:
+    """``with results_files(files, resume=...) as targets:`` the paths a results run rewrites after every
+    row: ``files`` themselves when they are new or resumed; when the run replaces existing ones
+    (``--overwrite``), temporary siblings that take their place only once the block ends, so a failed
+    or interrupted run leaves the old results whole and removes its own."""
+    staged = any(f.exists() for f in files) and not resume
+    targets = [tmp_sibling(f) for f in files] if staged else list(files)
+    try:
+        yield targets
+    except BaseException:
+        if staged:
+            for t in targets:
+                with contextlib.suppress(OSError):
+                    t.unlink()
+        raise
+    if staged:
+        for t, f in zip(targets, files):
+            swap_in(t, f)
+
+
 def write_file(path: str | Path, data: str | bytes) -> Path:
     """Write a whole file atomically (temporary sibling, then rename)."""
     with staged_file(path) as tmp:

@@ -645,9 +645,7 @@ def cmd_zeroshot(args) -> None:
         f"({stats.metadata.get('samples')} x {stats.metadata.get('seqlen')}, flavour {stats.flavour})",
     }
     result = {"meta": meta, "rows": rows}
-    staged = any(f.exists() for f in files) and not args.resume  # --overwrite: the old files stay until the end
-    targets = [outputs.tmp_sibling(f) for f in files] if staged else files
-    try:
+    with outputs.results_files(files, resume=args.resume) as targets:  # --overwrite: the old files stay until the end
         for m, p, sc, label in labelled:
             if (label, p) in done:
                 continue
@@ -671,14 +669,5 @@ def cmd_zeroshot(args) -> None:
             print(f"\n{label}, p = {p:g} (effective {sm.effective_sparsity:.3f}): {secs:.0f} s, "
                   f"{lm.stats['requests']} requests")
             print(make_table(res))
-        if staged:
-            for t, f in zip(targets, files):
-                outputs.swap_in(t, f)
-    except BaseException:
-        if staged:
-            for t in targets:
-                with contextlib.suppress(OSError):
-                    t.unlink()
-        raise
     print(markdown(result))
     print(f"wrote {files[0]} and {files[1]}")

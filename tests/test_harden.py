@@ -153,6 +153,31 @@ def test_killed_overwrite_run_keeps_the_old_results(tmp_path, capsys, monkeypatc
     assert tree(tmp_path) == before  # old results intact, no temporaries
 
 
+def test_results_files_replace_old_results_only_at_the_end(tmp_path):
+    """The one staging rule of ppl, frontier and zeroshot: new or resumed files are written in place; replaced
+    ones through temporaries that take their place at the end, or vanish if the run fails."""
+    from larosa_jax import outputs
+
+    files = [tmp_path / "r.json", tmp_path / "r.md"]
+    with outputs.results_files(files, resume=False) as t:
+        assert t == files  # new: written where they go
+    for f in files:
+        f.write_text("old")
+    with outputs.results_files(files, resume=True) as t:
+        assert t == files  # resumed: rows are added to the same files
+    with pytest.raises(KeyboardInterrupt), outputs.results_files(files, resume=False) as t:
+        assert t != files and not any(x.exists() for x in t)
+        for x in t:
+            x.write_text("new")
+        raise KeyboardInterrupt
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["r.json", "r.md"] and files[0].read_text() == "old"
+    with outputs.results_files(files, resume=False) as t:
+        for x in t:
+            x.write_text("new")
+        assert files[0].read_text() == "old"  # until the run ends
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["r.json", "r.md"] and files[1].read_text() == "new"
+
+
 # ============================================================================ 2. code from a checkpoint
 def test_tokenizer_custom_code_is_refused_without_prompting(tmp_path, monkeypatch):
     ckpt = ckpt_copy(tmp_path)
