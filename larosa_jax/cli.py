@@ -577,11 +577,24 @@ def _add_ppl(sub):
     p.set_defaults(func=cmd_ppl)
 
 
+def _test_windows(args):
+    """``(windows, token ids, source, tokenizer)``: the test split of ``--data`` / ``--data-file`` cut into
+    evaluation windows by ``--protocol``, ``--seqlen``, ``--samples``, ``--seed`` and ``--limit`` (ppl and
+    frontier score the same way)."""
+    from .checkpoint import load_tokenizer
+    from .evaluate import eval_windows
+
+    tok = load_tokenizer(args.ckpt)
+    ids, source = _text_ids(args, tok, "test")
+    win = eval_windows(ids, args.protocol, args.seqlen, args.samples, args.seed, source)
+    return (win if args.limit is None else win[: args.limit]), ids, source, tok
+
+
 def cmd_ppl(args) -> None:
     from . import data
     from .calibration import CalibrationStats, fingerprint, rotations_fingerprint
-    from .checkpoint import load, load_tokenizer
-    from .evaluate import check_results, eval_windows, markdown, run_grid, uses_rotations, variants
+    from .checkpoint import load
+    from .evaluate import check_results, markdown, run_grid, uses_rotations, variants
     from .search import stored_alpha
     from .sparsity import SparseConfig, effective_sparsity_of
 
@@ -601,12 +614,7 @@ def cmd_ppl(args) -> None:
             alphas[(p, v.mode)] = stored_alpha(args.rotations, p, v.mode, rot_id)
         effective_sparsity_of(cfg, SparseConfig(v.method, v.mode, p, alphas.get((p, v.mode), v.alpha)))
     mesh = _mesh(args, cfg)
-    tok = load_tokenizer(args.ckpt)
-    text, source = data.load_text(args.data, args.data_file, split="test")
-    ids = data.tokenize(tok, text)
-    win = eval_windows(ids, args.protocol, args.seqlen, args.samples, args.seed, source)
-    if args.limit is not None:
-        win = win[: args.limit]
+    win, ids, source, tok = _test_windows(args)
     model = load(args.ckpt)
     if stats is not None:
         stats.check_model(model, where=args.rotations)
@@ -692,8 +700,8 @@ def _rotation_args(items) -> dict:
 def cmd_frontier(args) -> None:
     from . import data, frontier
     from .calibration import CalibrationStats, fingerprint, rotations_fingerprint
-    from .checkpoint import load, load_tokenizer
-    from .evaluate import check_results, eval_windows
+    from .checkpoint import load
+    from .evaluate import check_results
 
     if args.from_ is not None:
         return _frontier_pair(args)
@@ -723,12 +731,7 @@ def cmd_frontier(args) -> None:
     for fl, st in stats.items():
         if st.flavour != fl:
             raise UsageError(f"--rotations {fl}={rot_paths[fl]}: that calibration is of the {st.flavour} flavour")
-    tok = load_tokenizer(args.ckpt)
-    text, source = data.load_text(args.data, args.data_file, split="test")
-    ids = data.tokenize(tok, text)
-    win = eval_windows(ids, args.protocol, args.seqlen, args.samples, args.seed, source)
-    if args.limit is not None:
-        win = win[: args.limit]
+    win, ids, source, tok = _test_windows(args)
     model = load(args.ckpt)
     for fl, st in stats.items():
         st.check_model(model, where=rot_paths[fl])
