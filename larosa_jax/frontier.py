@@ -98,9 +98,9 @@ DENSE_SPREAD = 1.02  # the most the dense rows of one run's bench files may diff
 
 
 def load_speeds(paths: list[str | Path], shape: str) -> dict:
-    """Batch-1 decode speeds of ``shape`` from bench_decode JSON files of one run (one device, dense within
-    2%): ``{"dense": ms,
-    "curves": {bench method: [(effective sparsity, ms/token), ...]}, "device", "sources"}``."""
+    """Batch-1 decode speeds of ``shape`` from bench_decode JSON files of one run (one device, dense rows
+    within 2%): ``{"dense": ms, "curves": {bench method: [(effective sparsity, ms/token), ...]}, "device",
+    "sources"}``."""
     if not paths:
         raise FrontierError("--speeds: name at least one bench_decode JSON (e.g. eval/results/decode_h100.json)")
     devices, curves, dense, sources = set(), {}, [], []

@@ -540,7 +540,7 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task (quick runs)")
     p.add_argument("--batch", type=int, default=16,
                    help="sequences per device call (scoring holds at most 16384 tokens a call; on a GPU --batch 1024 "
-                        "makes every scoring call that size, which compiles fastest)")
+                        "makes every scoring call that size, so its length buckets share XLA's matmul tuning)")
     p.add_argument("--max-length", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--mesh", default=None, metavar="data=D",
                    help="device mesh; default: every local device on data (batches split over the devices)")
