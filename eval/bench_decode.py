@@ -147,6 +147,16 @@ def weight_bytes_per_step(cfg: ModelConfig, specs, ks: dict[str, int] | None = N
     return total
 
 
+def site_bytes_per_layer(cfg: ModelConfig, itemsize: int, keep: dict[str, float], adapters: bool) -> dict[str, float]:
+    """Weight bytes each site reads per layer and token: its rows times the kept share ``keep[site]``; with
+    ``adapters`` (La RoSA's fused model) the down site also reads the d × d adapter (it runs in that scope)."""
+    w = site_params(cfg)
+    out = {s: keep[s] * w[s] * itemsize for s in SITES}
+    if adapters:
+        out["down"] += cfg.hidden_size ** 2 * itemsize
+    return out
+
+
 def kv_bytes_per_step(cfg: ModelConfig, prompt: int, new: int, itemsize: int) -> float:
     """KV bytes read per step, mean over the ``new`` decode steps (step i attends prompt+i+1 slots)."""
     mean_ctx = prompt + (new + 1) / 2
@@ -378,6 +388,11 @@ def bench_model(name: str, hf: dict, args, on_result=lambda r: None) -> list[dic
             want = [t.split(":") for t in (args.profile or "").split(",") if t]
             if b == args.batches[0] and any(w[0] in (name, "all") and (w[1:] or ["dense"])[0] == label(method, p) for w in want):
                 res["profile"] = profile_decode(name, graphdef, state, cfg, b, args)
+                dims = site_dims(cfg)
+                keep = ({s: 1 - float(np.mean(teal[s])) for s in SITES} if teal is not None else
+                        {s: ks[s] / dims[s] for s in SITES} if ks else dict.fromkeys(SITES, 1.0))
+                res["profile"]["site_bytes_per_layer"] = site_bytes_per_layer(
+                    cfg, jnp.dtype(dtype).itemsize, keep, adapters=method.startswith("larosa"))
             prompt_ids = _prompt(cfg, b, args.prompt)
             max_len = -(-(args.prompt + args.new) // 64) * 64
             if b == 1 and method == "dense" and args.step_check in (name, "all"):
@@ -524,7 +539,7 @@ def profile_decode(name, graphdef, state, cfg, batch, args) -> dict:
     jax.block_until_ready(run(_fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)))  # compile
     ds = _fresh_state(graphdef, state, cfg, prompt_ids, max_len, dtype, args.new)
     jax.block_until_ready(ds)
-    summary = kernel_profile(lambda: jax.block_until_ready(run(ds)), args.new)
+    summary = kernel_profile(lambda: jax.block_until_ready(run(ds)), args.new, scopes=(*SITES, "attention"))
     print_profile(name, summary)
     return summary
 
@@ -658,12 +673,39 @@ def markdown(meta: dict, results: list[dict]) -> str:
                   "| µs/step | calls/step | µs/call | kernel |", "| ---: | ---: | ---: | --- |"]
         for t in pr["top"][:15]:
             lines.append(f"| {t['us_per_step']:.1f} | {t['count_per_step']:.1f} | {t['us_per_call']:.2f} | `{t['kernel'][:90]}` |")
+        lines += site_table(r, meta)
     lines.append("")
     cfgs = sorted({r["config"] for r in everything if r.get("config", "dense") != "dense"})
     lines.append("Reproduce: `python eval/bench_decode.py --models " + ",".join(dict.fromkeys(r["model"] for r in everything))
                  + f" --prompt {meta['prompt']} --new {meta['new']}"
                  + (f" --configs {','.join(cfgs)} --batch {meta.get('batches', '1')}" if cfgs else "") + " --out <prefix>`")
     return "\n".join(lines) + "\n"
+
+
+def site_table(r: dict, meta: dict) -> list[str]:
+    """Markdown rows: each site's kernels of one layer (the trace's time per step over the layers), the bytes it
+    reads and the bandwidth that makes, against the run's best streaming read; none if the trace named no site."""
+    pr, layers = r["profile"], r["layers"]
+    scopes, nbytes = pr.get("scopes") or {}, pr.get("site_bytes_per_layer") or {}
+    if not any(sc in scopes for sc in SITES):
+        return []
+    bw = meta["bandwidth"]["read_GBps"]
+    nbytes = {**nbytes, "attention": r["kv_bytes_per_step_mean"] / layers}  # the live KV cache
+    out = ["", f"The four sites and attention of one layer ({r['config']}, from the same trace; bytes: kept weight rows, "
+           f"La RoSA's adapter in down; bandwidth against the run's read bandwidth {bw:.0f} GB/s):", "",
+           "| site | kernels / layer | µs / layer | MB read / layer | GB/s | % of read bandwidth |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for sc in (*SITES, "attention", "None"):
+        if sc not in scopes:
+            continue
+        k, us = scopes[sc]["kernels_per_step"] / layers, scopes[sc]["us_per_step"] / layers
+        mb, gbs = nbytes.get(sc), None
+        if mb is not None and us > 0:
+            gbs = mb / (us * 1e-6) / 1e9
+        out.append(f"| {sc if sc != 'None' else 'other (per step / layers)'} | {k:.1f} | {us:.1f} | "
+                   + ("-" if mb is None else f"{mb / 1e6:.2f}") + " | " + ("-" if gbs is None else f"{gbs:.0f}")
+                   + " | " + ("-" if gbs is None else f"{100 * gbs / bw:.0f}") + " |")
+    return out
 
 
 def plot(results: list[dict], path: str) -> None:

@@ -26,10 +26,19 @@ def _profile_data(path):
     return ProfileData.from_file(path)
 
 
-def kernel_profile(run, steps: int, *, top: int = 40) -> dict:
+def scope_of(op_name: str, scopes) -> str | None:
+    """The first of ``scopes`` that is a component of an op's name path (``jax.named_scope``: the model names
+    each site's ops ``…/qkv/…``, ``…/o/…``, ``…/gate_up/…``, ``…/down/…``, ``…/attention/…``)."""
+    parts = op_name.split("/")
+    return next((sc for sc in scopes if sc in parts), None)
+
+
+def kernel_profile(run, steps: int, *, top: int = 40, scopes=()) -> dict:
     """Trace one call of ``run()`` (which must block until the device is done) and sum GPU kernel
     durations per kernel name, per step. Returns ``{"wall_seconds", ...}``; ``top`` is absent when
-    the trace has no GPU stream events (CPU, or a profiler that wrote nothing)."""
+    the trace has no GPU stream events (CPU, or a profiler that wrote nothing). With ``scopes``, also
+    ``scopes``: per named scope found in a kernel's op name (:func:`scope_of`), its kernels per step and
+    µs per step (``None``: the kernels of no scope)."""
     d = tempfile.mkdtemp(prefix="trace_")
     try:
         with jax.profiler.trace(d):
@@ -47,6 +56,7 @@ def kernel_profile(run, steps: int, *, top: int = 40) -> dict:
             summary["error"] = f"could not parse ({type(e).__name__}: {e})"
             return summary
         kernels: dict[str, list] = {}
+        by_scope: dict[str | None, list] = {}
         intervals = []
         for plane in pd.planes:
             if not plane.name.startswith("/device:GPU"):
@@ -57,17 +67,22 @@ def kernel_profile(run, steps: int, *, top: int = 40) -> dict:
                 for ev in line.events:
                     s, dur = ev.start_ns, ev.duration_ns
                     intervals.append((s, s + dur))
-                    op = None
+                    op, path = None, ""
                     try:
                         for k, v in ev.stats:
-                            if k in ("hlo_op", "tf_op", "name"):
+                            if k in ("hlo_op", "tf_op", "name") and op is None:
                                 op = str(v)
-                                break
+                            if scopes and not path and scope_of(str(v), scopes):  # the op's name path
+                                path = str(v)
                     except Exception:  # noqa: BLE001
                         pass
                     e = kernels.setdefault(ev.name if op is None else f"{ev.name} [{op}]", [0, 0.0])
                     e[0] += 1
                     e[1] += dur
+                    if scopes:
+                        e = by_scope.setdefault(scope_of(path, scopes), [0, 0.0])
+                        e[0] += 1
+                        e[1] += dur
     finally:
         shutil.rmtree(d, ignore_errors=True)
     if not intervals:
@@ -91,6 +106,9 @@ def kernel_profile(run, steps: int, *, top: int = 40) -> dict:
         top=[{"kernel": k, "count_per_step": v[0] / steps, "us_per_step": v[1] / steps / 1e3,
               "us_per_call": v[1] / v[0] / 1e3} for k, v in ranked[:top]],
     )
+    if scopes:
+        summary["scopes"] = {str(k): {"kernels_per_step": v[0] / steps, "us_per_step": v[1] / steps / 1e3}
+                             for k, v in by_scope.items()}
     return summary
 
 

@@ -174,3 +174,39 @@ def test_batch_shared_keep_sets_and_their_perplexity(tmp_path):
     assert bsh.main(argv + ["--resume"])["results"]["larosa@0.5"]["2"] == 123.0
     with pytest.raises(SystemExit):
         bsh.main(argv[:-4] + ["--batches", "1", "--out", str(out), "--resume"])
+
+
+def test_site_table_splits_a_trace_by_the_models_named_scopes():
+    """Each site's ops carry its name in the compiled program, a trace's op path maps to that site, and the table
+    turns a site's µs per step into µs, bytes and bandwidth per layer."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from larosa_jax.config import ModelConfig
+    from larosa_jax.models.random_init import random_model
+
+    bd, kt = _script("bench_decode"), _script("kernel_trace")
+    cfg = ModelConfig.from_hf(bd.tiny(bd.HF_CONFIGS["llama2-7b"]))
+    graphdef, state = nnx.split(random_model(cfg, jnp.float32))
+    hlo = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0]).lower(state, jnp.zeros((1, 8), jnp.int32)).compile().as_text()
+    found = {kt.scope_of(n, ("qkv", "o", "gate_up", "down", "attention")) for n in re.findall(r'op_name="([^"]+)"', hlo)}
+    assert {"qkv", "o", "gate_up", "down", "attention"} <= found
+    assert kt.scope_of("jit(decode)/while/body/gate_up/pallas_call", ("o", "gate_up")) == "gate_up"
+    assert kt.scope_of("jit(decode)/while/body/output", ("o",)) is None  # a component, not a substring
+
+    keep = {"qkv": 0.5, "o": 0.5, "gate_up": 0.5, "down": 0.25}
+    nbytes = bd.site_bytes_per_layer(cfg, 2, keep, adapters=True)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    assert nbytes["gate_up"] == 0.5 * 2 * d * f * 2 and nbytes["down"] == 0.25 * f * d * 2 + d * d * 2
+    scopes = {s: {"kernels_per_step": 2.0 * cfg.num_layers, "us_per_step": 10.0 * cfg.num_layers} for s in nbytes}
+    r = {"config": "larosa@0.5", "layers": cfg.num_layers, "kv_bytes_per_step_mean": 0.0,
+         "profile": {"scopes": {**scopes, "None": {"kernels_per_step": 3.0, "us_per_step": 6.0}},
+                     "site_bytes_per_layer": nbytes}}
+    rows = bd.site_table(r, {"bandwidth": {"read_GBps": 1000.0}})
+    gbs = nbytes["gate_up"] / 10e-6 / 1e9
+    assert f"| gate_up | 2.0 | 10.0 | {nbytes['gate_up'] / 1e6:.2f} | {gbs:.0f} | {100 * gbs / 1000:.0f} |" in rows
+    assert any(row.startswith("| other (per step / layers) |") for row in rows)
+    assert bd.site_table({**r, "profile": {"scopes": {"None": scopes["qkv"]}}}, {"bandwidth": {"read_GBps": 1.0}}) == []

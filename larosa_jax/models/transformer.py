@@ -234,22 +234,28 @@ class Block(nnx.Module):
         a, m = self.attn, self.mlp
         eps, dt = cfg.rms_norm_eps, a.q.kernel.dtype
         h, add = h if isinstance(h, tuple) else (h, None)
-        (qkv,), keep = proj("qkv", layer, h, (a.q, a.k, a.v), plan, gain=self.attn_norm.scale[...],
-                            prologue=ops.Norm(eps, dt, add=add), raw=True)
+        # each site's ops carry its name (jax.named_scope) so that a trace splits the step's time by site
+        with jax.named_scope("qkv"):
+            (qkv,), keep = proj("qkv", layer, h, (a.q, a.k, a.v), plan, gain=self.attn_norm.scale[...],
+                                prologue=ops.Norm(eps, dt, add=add), raw=True)
         h = keep.h
-        o, kv = self._attend(qkv, cfg, rope, kv, slots, plan)
+        with jax.named_scope("attention"):
+            o, kv = self._attend(qkv, cfg, rope, kv, slots, plan)
         side = plan.adapter == "side" and ops.side_fits(adapter, o)
-        (o,), _ = proj("o", layer, o, (a.o,), plan, raw=True)
-        (gu,), keep = proj("gate_up", layer, h, (m.gate, m.up), plan, gain=self.mlp_norm.scale[...],
-                           prologue=ops.Norm(eps, dt, add=o), side=ops.Side(adapter) if side else None, raw=True)
+        with jax.named_scope("o"):
+            (o,), _ = proj("o", layer, o, (a.o,), plan, raw=True)
+        with jax.named_scope("gate_up"):
+            (gu,), keep = proj("gate_up", layer, h, (m.gate, m.up), plan, gain=self.mlp_norm.scale[...],
+                               prologue=ops.Norm(eps, dt, add=o), side=ops.Side(adapter) if side else None, raw=True)
         h = keep.h
-        if adapter is None:
-            (y,), _ = proj("down", layer, gu, (m.down,), plan, prologue=ops.Gated(dt), raw=True)
-            return (h, y), kv
-        # fused La RoSA: the next layer's residual is h·A + MLP(h), the down weights already fold the
-        # next basis (fusion.py)
-        (h,), _ = proj("down", layer, gu, (m.down,), plan, prologue=ops.Gated(dt), residual=(h, adapter),
-                       side=ops.Side(adapter, keep.side, h) if side else None, raw=True)
+        with jax.named_scope("down"):
+            if adapter is None:
+                (y,), _ = proj("down", layer, gu, (m.down,), plan, prologue=ops.Gated(dt), raw=True)
+                return (h, y), kv
+            # fused La RoSA: the next layer's residual is h·A + MLP(h), the down weights already fold the
+            # next basis (fusion.py)
+            (h,), _ = proj("down", layer, gu, (m.down,), plan, prologue=ops.Gated(dt), residual=(h, adapter),
+                           side=ops.Side(adapter, keep.side, h) if side else None, raw=True)
         return h, kv
 
     def _attend(self, qkv, cfg, rope, kv, slots, plan):
