@@ -4,14 +4,13 @@
 #   (16 × 2048 tokens of WikiText-2 raw *valid*, as eval/smollm2_grid.sh) → the α search for p = 0.4, 0.5 on
 #   that calibration (a searched α is tied to the rotations it was searched on) → one `larosa zeroshot`:
 #   dense, larosa faithful (searched α) and teal at p = 0.4, 0.5.
-#   RECIPE=global-thr: the deployable La RoSA with one global Q and rotated thresholds beside dense and teal at
-#   p = 0.3, 0.5 (the speed-ups nearest 1.5x and 1.8x).
-#   RECIPE=best (smollm2_zeroshot_h100.md): the frontier's best deployable La RoSA at those speed-ups: Q = I
-#   (identity flavour) at p = 0.3, the global Q at p = 0.5, thresholds, fused; dense and teal beside.
-#   All 7 tasks, full splits.
+#   RECIPE=best (smollm2_zeroshot_h100.md): the frontier's best deployable La RoSA (one global Q, rotated
+#   thresholds, fused) beside dense and teal at p = 0.5 and 0.6, the sparsities nearest 1.5x and 1.8x under the
+#   current dense plan (TEAL 1.53x and 1.69x in sparse_decode_frontier1_h100.md). All 7 tasks, full splits.
 # Usage: eval/smollm2_zeroshot.sh GGUF_DIR WIKITEXT_RAW_DIR ZEROSHOT_DIR WORK_DIR RESULTS_STEM [LIMIT]
 #   LIMIT: only the first LIMIT examples of each task (quick checks); default: full splits.
-# Environment knobs: RECIPE (above), BATCH (rows per device call, default 64), CALIB_SAMPLES (default 16: anything else
+# Environment knobs: RECIPE (above), BATCH (rows per device call, default 1024: every scoring call 16384 tokens,
+#   for a GPU; BATCH=16 for quick CPU checks), CALIB_SAMPLES (default 16: anything else
 #   is for dry runs only), METHODS (default dense,larosa,teal: a subset splits the table over several
 #   machines; --resume merges the rows), PYTHON (default python).
 # Restartable: convert and calibrate are skipped when WORK_DIR already holds them, and the zero-shot runs
@@ -23,11 +22,10 @@ recipe=${RECIPE:-faithful}
 thr=(--mode fused --select threshold --alpha official)
 case "$recipe" in  # FLAVOUR:P,... per calibration
   faithful) runs="faithful:0.4,0.5"; how=(--mode faithful --alpha searched) ;;
-  global-thr) runs="global:0.3,0.5"; how=("${thr[@]}") ;;
-  best) runs="identity:0.3 global:0.5"; how=("${thr[@]}") ;;
-  *) echo "RECIPE=$recipe: valid: faithful, global-thr, best" >&2; exit 2 ;;
+  best) runs="global:0.5,0.6"; how=("${thr[@]}") ;;
+  *) echo "RECIPE=$recipe: valid: faithful, best" >&2; exit 2 ;;
 esac
-batch=${BATCH:-64}
+batch=${BATCH:-1024}
 calib=${CALIB_SAMPLES:-16}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 L="${PYTHON:-python} -m larosa_jax.cli"
