@@ -148,7 +148,7 @@ def greedy_path(model, stats, sc: SparseConfig, windows: np.ndarray, top: float,
         path.update[l] = float(jnp.sum(jnp.square(outs[l].astype(jnp.float32) - kept)))
 
         def error(row, l=l, state=state, adapter=adapter):
-            th = site_thresholds(stats, row, rotated=rotated)
+            th = site_thresholds(stats, row, rotated=rotated, weighted=sc.weighted)
             taus = jnp.asarray([th[s][l] for s in SITES], jnp.float32)
             return float(_block_error(graphdef, cfg, base.dtype, state, ins[l], outs[l], rope, slots, adapter, taus))
 

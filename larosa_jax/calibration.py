@@ -49,7 +49,8 @@ DAMP = 0.01  # H += 0.01 · mean(diag H) · I
 QUANTILE_GRID = np.linspace(0.0, 1.0, 1001)
 SAMPLES_PER_BATCH = 1 << 16  # |x| values per site and window batch used for the quantiles
 STAT_SITES = ("qkv", "o", "gate_up", "down", "cats")  # "cats": |SiLU(gate)|
-QUANTILE_KEYS = (*STAT_SITES, "qkv_rot", "gate_up_rot")
+WEIGHTED_KEYS = ("qkv_rotw", "gate_up_rotw", "down_w")  # |row|·s, s the weight-row norms (fusion.weight_aware)
+QUANTILE_KEYS = (*STAT_SITES, "qkv_rot", "gate_up_rot", *WEIGHTED_KEYS)
 
 
 class CalibrationError(ValueError):
@@ -127,13 +128,21 @@ class CalibrationStats:
     def cats_threshold(self, p: float) -> np.ndarray:
         return self.teal_threshold("cats", p)
 
-    def rotated_threshold(self, site: str, p) -> np.ndarray:
+    def rotated_threshold(self, site: str, p, weighted: bool = False) -> np.ndarray:
         """Per-layer threshold zeroing a fraction p of the rotated rows |norm(h)·Q_l| at q/k/v or gate/up
-        (La RoSA's calibrated thresholds; γ-free rows, as the fused model selects on)."""
-        key = f"{site}_rot"
+        (La RoSA's calibrated thresholds; γ-free rows, as the fused model selects on); ``weighted``: of
+        |norm(h)·Q_l|·s, s the row norms of the folded weights the site reads (the weight-aware model)."""
+        return self._stored(f"{site}_rot{'w' if weighted else ''}", p)
+
+    def weighted_threshold(self, site: str, p) -> np.ndarray:
+        """Per-layer threshold zeroing a fraction p of |x|·s at ``down`` (s its weight-row norms), where the
+        weight-aware model's down input is x·s."""
+        return self._stored(f"{site}_w", p)
+
+    def _stored(self, key: str, p) -> np.ndarray:
         if key not in self.quantiles:
-            raise CalibrationError(f"rotations from larosa {self.metadata.get('version', '?')} hold no quantiles of the "
-                                   f"rotated rows ({key}); recalibrate (larosa calibrate) for La RoSA's thresholds")
+            raise CalibrationError(f"rotations from larosa {self.metadata.get('version', '?')} hold no quantiles "
+                                   f"{key}; recalibrate (larosa calibrate) for these thresholds")
         return self.teal_threshold(key, p)
 
     def check_model(self, model, where: str = "rotations") -> None:
@@ -224,7 +233,7 @@ class CalibrationStats:
                                       f"allowed {ORTHO_TOL:g})")
         eig = tensor("eigenvalues", (n, d))
         quant = {}
-        for site in (*STAT_SITES, *(f"{s}_rot" for s in ROT_SITES if f"quantiles.{s}_rot" in f)):
+        for site in (*STAT_SITES, *(k for k in QUANTILE_KEYS[len(STAT_SITES):] if f"quantiles.{k}" in f)):
             q = tensor(f"quantiles.{site}", (n, len(QUANTILE_GRID)))
             if (q < 0).any() or (np.diff(q, axis=1) < 0).any():
                 raise CheckpointError(f"{p}: tensor 'quantiles.{site}' is not a non-negative, non-decreasing quantile table")
@@ -283,9 +292,10 @@ def _block_step(graphdef, state, h, rope, start, key, *, flavour: str, cfg: Mode
         row, _ = site_row(x, None, prologue)  # norm(h) at qkv / gate_up (γ-free), the plain input elsewhere
         xin = row if gain is None else gain * row
         quantiles(site, xin)
-        if site in ROT_SITES:
+        if site in (*ROT_SITES, "down"):  # down: for its weighted quantiles
             free = row.astype(jnp.float32).reshape(-1, row.shape[-1])
             rows[site] = free[pick]
+        if site in ROT_SITES:
             if site == "qkv" or flavour in ("joint", "global"):
                 xc = xin.astype(jnp.float32).reshape(free.shape) if flavour == "faithful" else free
                 covs[site] = jnp.dot(xc.T, xc, precision=jax.lax.Precision.HIGHEST)
@@ -347,8 +357,22 @@ def calibrate(
         gains = [np.asarray(n.scale[...], np.float64) for n in (blk.attn_norm, blk.mlp_norm)]
         return joint_metric(covs["qkv"], covs["gate_up"], *gains)
 
-    def rotated_quantiles(q, rows):
-        return {f"{s}_rot": np.quantile(np.abs(np.concatenate(rows[s]) @ q), grid) for s in ROT_SITES}
+    def rotated_quantiles(layer, q, rows):
+        """|row·Q_l| at the rotated sites, and for the weight-aware model |row·Q_l|·s and |down row|·s (s: the
+        row norms of the folded weights each site reads, as ``fusion.weight_aware`` computes them)."""
+        from .fusion import row_norms
+
+        blk, out = model.layers[layer], {}
+        for s, norm, lins in (("qkv", blk.attn_norm, (blk.attn.q, blk.attn.k, blk.attn.v)),
+                              ("gate_up", blk.mlp_norm, (blk.mlp.gate, blk.mlp.up))):
+            a = np.abs(np.concatenate(rows[s]) @ q)
+            w = np.concatenate([np.asarray(jnp.asarray(x.kernel[...], jnp.float32), np.float64) for x in lins], axis=1)
+            g = np.asarray(jnp.asarray(norm.scale[...], jnp.float32), np.float64)
+            out[f"{s}_rot"] = np.quantile(a, grid)
+            out[f"{s}_rotw"] = np.quantile(a * row_norms(q.T @ (g[:, None] * w)), grid)
+        down = np.asarray(jnp.asarray(blk.mlp.down.kernel[...], jnp.float32), np.float64)
+        out["down_w"] = np.quantile(np.abs(np.concatenate(rows["down"])) * row_norms(down), grid)
+        return out
 
     def layer_rotation(layer, covs, rows):
         """Q_l by the flavour (a float64 eigendecomposition), then the quantiles of |row·Q_l| at the rotated
@@ -359,16 +383,16 @@ def calibrate(
             return m / np.trace(m), None, None, time.time() - te
         if flavour == "identity":  # the variances stand for the eigenvalues
             q = np.eye(d)
-            return np.diag(damped(covs["qkv"])), q, rotated_quantiles(q, rows), time.time() - te
+            return np.diag(damped(covs["qkv"])), q, rotated_quantiles(layer, q, rows), time.time() - te
         w, q = np.linalg.eigh(metric(layer, covs)) if flavour == "joint" else rotation_of(covs["qkv"])
-        return w, q, rotated_quantiles(q, rows), time.time() - te
+        return w, q, rotated_quantiles(layer, q, rows), time.time() - te
 
     bar = tqdm(range(n_layers), desc="calibrate", unit="layer", disable=not progress)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # LAPACK releases the GIL
         for layer in bar:
             graphdef, state = nnx.split(model.layers[layer])
             state = parallel.replicate(state, mesh)
-            covs, rows = {}, {s: [] for s in ROT_SITES}
+            covs, rows = {}, {s: [] for s in (*ROT_SITES, "down")}
             for bi, b in enumerate(batches):
                 nb = b.stop - b.start
                 r = rope if nb == start.shape[0] else tuple(x[:nb] for x in rope)
@@ -390,14 +414,14 @@ def calibrate(
                 h_host[bi] = np.asarray(h_new)
             eighs.append((pool.submit(layer_rotation, layer, covs, rows), rows))
         t_eigh = 0.0
-        for s in ROT_SITES:
-            quant[f"{s}_rot"] = np.zeros((n_layers, len(QUANTILE_GRID)), np.float64)
+        for s in QUANTILE_KEYS[len(STAT_SITES):]:
+            quant[s] = np.zeros((n_layers, len(QUANTILE_GRID)), np.float64)
         if flavour == "global":  # one Q for every layer: the summed normalised joint matrices
             te = time.time()
             w, q = np.linalg.eigh(sum(fut.result()[0] for fut, _ in eighs))
             for layer, (_, rows) in enumerate(eighs):
                 rotations[layer], eigvals[layer] = q, w
-                for k, v in rotated_quantiles(q, rows).items():
+                for k, v in rotated_quantiles(layer, q, rows).items():
                     quant[k][layer] = v
             t_eigh += time.time() - te
         for layer, (fut, _) in enumerate(eighs):

@@ -113,7 +113,8 @@ def _add_generate(sub):
     g.add_argument("--mode", default="fused", choices=["faithful", "fused"], help="larosa mode (default %(default)s)")
     g.add_argument("--select", default="topk", choices=["topk", "threshold"],
                    help="larosa fused: per-token Top-K or calibrated thresholds (default %(default)s)")
-    g.add_argument("--weighted", action="store_true", help="weight-aware Top-K (topk, larosa fused)")
+    g.add_argument("--weighted", action="store_true",
+                   help="weight-aware selection: rank, or threshold, |a_i|·‖W_i‖ (topk, larosa fused)")
     g.add_argument("--rotations", default=None, help="directory from larosa calibrate (larosa, teal, cats need it)")
     p.set_defaults(func=cmd_generate)
 
@@ -514,7 +515,7 @@ def _add_fuse(sub):
                    "unless told)")
     g.add_argument("--select", default="topk", choices=["topk", "threshold"],
                    help="per-token Top-K or calibrated thresholds, stored with the checkpoint (default %(default)s)")
-    g.add_argument("--weighted", action="store_true", help="weight-aware Top-K")
+    g.add_argument("--weighted", action="store_true", help="weight-aware selection (Top-K or thresholds on |a_i|·‖W_i‖)")
     g.add_argument("--sparse-config", default=None, metavar="JSON",
                    help="a La RoSA fused config saved by larosa tune or larosa allocate (instead of the flags)")
     p.set_defaults(func=cmd_fuse)

@@ -90,6 +90,10 @@ RECIPES = {
                                       about="larosa-global-thr with TEAL's block-wise greedy in place of the α split"),
     "larosa-identity-thr-alloc": Recipe("larosa", "fused", "threshold", flavour="identity", speed="teal", allocate=True,
                                         about="larosa-identity-thr with TEAL's block-wise greedy in place of the α split"),
+    "larosa-global-thr-wa": Recipe("larosa", "fused", "threshold", flavour="global", speed="teal", weighted=True,
+                                   about="larosa-global-thr on |a|·s (s: weight-row norms, folded): TEAL's cost"),
+    "larosa-identity-thr-wa": Recipe("larosa", "fused", "threshold", flavour="identity", speed="teal", weighted=True,
+                                     about="larosa-identity-thr on |a|·s (s: weight-row norms, folded): TEAL's cost"),
 }
 
 

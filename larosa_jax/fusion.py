@@ -79,11 +79,11 @@ def weight_aware(model: Transformer) -> Transformer:
         p = f"layers.{l}."
         for norm, names in (("attn_norm", ("attn.q", "attn.k", "attn.v")), ("mlp_norm", ("mlp.gate", "mlp.up"))):
             w = np.concatenate([src[p + n + ".kernel"] for n in names], axis=1)
-            scale = _row_norms(w)
+            scale = row_norms(w)
             out[p + norm + ".scale"] = src[p + norm + ".scale"] * scale
             for n in names:
                 out[p + n + ".kernel"] = src[p + n + ".kernel"] / scale[:, None]
-        scale = _row_norms(src[p + "mlp.down.kernel"])
+        scale = row_norms(src[p + "mlp.down.kernel"])
         out[p + "mlp.up.kernel"] = out[p + "mlp.up.kernel"] * scale[None, :]
         if p + "mlp.up.bias" in src:
             out[p + "mlp.up.bias"] = src[p + "mlp.up.bias"] * scale
@@ -94,7 +94,7 @@ def weight_aware(model: Transformer) -> Transformer:
     return new
 
 
-def _row_norms(w: np.ndarray) -> np.ndarray:
+def row_norms(w: np.ndarray) -> np.ndarray:
     """Row norms, floored so that an all-zero row (nothing to lose) keeps a finite, small scale."""
     n = np.linalg.norm(w, axis=1)
     return np.maximum(n, 1e-6 * max(float(n.max()), 1e-30))

@@ -49,7 +49,8 @@ class SparseConfig:
     sparsities as α gives them: no search at decode, and each token keeps what it needs).
 
     ``weighted``: Top-K ranks entry i by |a_i|·s_i, s_i the norm of the weight row it multiplies
-    (:func:`larosa_jax.fusion.weight_aware`, folded into the weights: the decode is unchanged).
+    (:func:`larosa_jax.fusion.weight_aware`, folded into the weights: the decode is unchanged); with
+    ``select='threshold'`` the thresholds are calibrated on |a_i|·s_i instead (q/k/v, gate/up, down).
 
     ``layers``: an allocation, one row per layer of the fraction each site drops (``SITES`` order), in place
     of p's uniform split (:func:`larosa_jax.allocation.allocate`: TEAL's block-wise greedy); the effective
@@ -76,10 +77,9 @@ class SparseConfig:
             raise SparsityError(f"alpha={self.alpha!r}: expected (α_rot, α_plain), 'official' or 'uniform'")
         if self.select not in SELECTS:
             raise SparsityError(f"unknown select {self.select!r}; valid: {', '.join(SELECTS)}")
-        if self.weighted and (self.select != "topk" or self.method not in ("topk", "larosa")
-                              or (self.method, self.mode) == ("larosa", "faithful")):
-            raise SparsityError("weighted=True is weight-aware Top-K of methods topk and larosa (mode fused); the "
-                                f"thresholds and simulations have no weighted form, not {self.method}/{self.mode}/"
+        if self.weighted and (self.method not in ("topk", "larosa") or (self.method, self.mode) == ("larosa", "faithful")):
+            raise SparsityError("weighted=True is weight-aware selection of methods topk and larosa (mode fused); "
+                                f"TEAL, CATS and the simulations have no weighted form, not {self.method}/{self.mode}/"
                                 f"{self.select}")
         if self.select == "threshold" and (self.method, self.mode) != ("larosa", "fused"):
             raise SparsityError(f"select='threshold' is La RoSA's fused model (method larosa, mode fused), not "
@@ -394,13 +394,19 @@ def layer_table(cfg: ModelConfig, sc: SparseConfig) -> np.ndarray:
     return np.asarray(sc.layers, np.float64)
 
 
-def site_thresholds(stats, table, *, rotated: bool) -> dict[str, np.ndarray]:
+def site_thresholds(stats, table, *, rotated: bool, weighted: bool = False) -> dict[str, np.ndarray]:
     """Per site, the per-layer thresholds dropping ``table[:, site]`` of the calibration entries (``table``
     ``[L, site]``, or one row for every layer): TEAL's quantiles of the rows, or with ``rotated`` La RoSA's of the
-    rotated rows at q/k/v and gate/up."""
+    rotated rows at q/k/v and gate/up; ``weighted``: of the weight-aware model's inputs |a|·s (q/k/v, gate/up
+    and down; o is not weighted)."""
     t = np.atleast_2d(np.asarray(table, np.float64))
-    return {s: stats.rotated_threshold(s, t[:, i]) if rotated and SITE_TYPE[s] == "rot" else stats.teal_threshold(s, t[:, i])
-            for i, s in enumerate(SITES)}
+
+    def one(i, s):
+        if rotated and SITE_TYPE[s] == "rot":
+            return stats.rotated_threshold(s, t[:, i], weighted=weighted)
+        return stats.weighted_threshold(s, t[:, i]) if weighted and s == "down" else stats.teal_threshold(s, t[:, i])
+
+    return {s: one(i, s) for i, s in enumerate(SITES)}
 
 
 def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
@@ -415,7 +421,8 @@ def make_projection(cfg: ModelConfig, sc: SparseConfig, stats=None):
         raise SparsityError(f"method {sc.method!r}{' with thresholds' if sc.select == 'threshold' else ''} needs "
                             "calibration statistics (larosa calibrate)")
     if sc.method == "teal" or sc.select == "threshold":  # La RoSA's on the folded model's rows
-        return TealProjection(site_thresholds(stats, layer_table(cfg, sc), rotated=sc.method == "larosa"))
+        return TealProjection(site_thresholds(stats, layer_table(cfg, sc), rotated=sc.method == "larosa",
+                                              weighted=sc.weighted))
     if sc.method == "larosa":
         return RotatedTopKProjection(site_ks(cfg, sc), stats.rotations, gamma_free=stats.flavour != "faithful")
     return CatsProjection(stats.cats_threshold(sc.sparsity))

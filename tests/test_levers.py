@@ -188,13 +188,67 @@ def test_weight_aware_keeps_the_topk_of_the_weighted_magnitudes():
         want = np.zeros_like(keep_w)
         np.put_along_axis(want, ref, True, -1)
         assert (keep_w == want).mean() > 0.999, f"layer {l}"  # up to float rounding of near-ties
-    with pytest.raises(SparsityError, match="weight-aware Top-K"):
-        SparseConfig("larosa", "fused", 0.5, select="threshold", weighted=True)
+    with pytest.raises(SparsityError, match="weight-aware selection"):
+        SparseConfig("teal", "faithful", 0.5, weighted=True)
+
+
+@pytest.mark.parametrize("flavour", ["global", "identity"])
+def test_weighted_quantiles_are_those_of_the_weighted_rows(flavour):
+    """quantiles.{qkv,gate_up}_rotw and down_w: of |norm(h)·Q_l|·s and |down input|·s, s the row norms of the folded
+    weights each site reads (computed here from the definition: Q_lᵀ·diag(γ)·W), over the calibration tokens."""
+    s = stories()
+    st = stories_stats(flavour)
+    acts = capture(s.model, cal_windows())
+    for l in range(s.config.num_layers):
+        blk, q = s.model.layers[l], st.rotations[l].astype(np.float64)
+        for site, norm, lins in (("qkv", blk.attn_norm, (blk.attn.q, blk.attn.k, blk.attn.v)),
+                                 ("gate_up", blk.mlp_norm, (blk.mlp.gate, blk.mlp.up))):
+            w = np.concatenate([np.asarray(x.kernel[...], np.float64) for x in lins], axis=1)
+            sw = np.linalg.norm(q.T @ (np.asarray(norm.scale[...], np.float64)[:, None] * w), axis=1)
+            a = np.abs(acts[f"{site}.{l}.norm"].reshape(-1, s.config.hidden_size).astype(np.float64) @ q) * sw
+            for p in (0.3, 0.5, 0.7):
+                frac = float(np.mean(a <= st.rotated_threshold(site, p, weighted=True)[l]))
+                assert abs(frac - p) < 0.03, f"{site} layer {l} p={p}: {frac:.3f}"
+        sw = np.linalg.norm(np.asarray(blk.mlp.down.kernel[...], np.float64), axis=1)
+        a = np.abs(acts[f"down.{l}"].reshape(-1, s.config.intermediate_size).astype(np.float64)) * sw
+        for p in (0.3, 0.5, 0.7):
+            frac = float(np.mean(a <= st.weighted_threshold("down", p)[l]))
+            assert abs(frac - p) < 0.03, f"down layer {l} p={p}: {frac:.3f}"
+
+
+def test_weighted_thresholds_with_equal_row_norms_are_plain_thresholds():
+    """All s = 1 (unit weight rows, γ = 1, Q = I): the weighted thresholds are the plain ones (q/k/v and gate/up from
+    the same row sample exactly; down from another sample of the same entries) and the weight-aware model is the
+    same function; with the real row norms the kept entries, and the logits, change."""
+    s = stories()
+    unit = larosa_jax.load(s.ckpt)
+    for l in range(s.config.num_layers):
+        blk = unit.layers[l]
+        for norm in (blk.attn_norm, blk.mlp_norm):
+            norm.scale.set_value(jnp.ones_like(norm.scale[...]))
+        for lins in ((blk.attn.q, blk.attn.k, blk.attn.v), (blk.mlp.gate, blk.mlp.up), (blk.mlp.down,)):
+            n = np.linalg.norm(np.concatenate([np.asarray(x.kernel[...]) for x in lins], axis=1), axis=1)
+            for x in lins:
+                x.kernel.set_value(jnp.asarray(np.asarray(x.kernel[...]) / n[:, None]))
+    st = calibration.calibrate(unit, cal_windows(), flavour="identity", batch_size=4, progress=False)
+    for p in (0.3, 0.5, 0.7):
+        for site in ("qkv", "gate_up"):
+            np.testing.assert_allclose(st.rotated_threshold(site, p, weighted=True), st.rotated_threshold(site, p),
+                                       rtol=1e-5)
+        np.testing.assert_allclose(st.weighted_threshold("down", p), st.teal_threshold("down", p), rtol=0.1)
+    assert rel_err(logits(weight_aware(unit), held_windows(2, 64)), logits(unit, held_windows(2, 64))) < 1e-5
+    old = dataclasses.replace(st, quantiles={k: v for k, v in st.quantiles.items() if k not in calibration.WEIGHTED_KEYS})
+    with pytest.raises(calibration.CalibrationError, match="hold no quantiles qkv_rotw; recalibrate"):
+        sparsify(s.model, old, SparseConfig("larosa", "fused", 0.5, select="threshold", weighted=True))
+    tokens, st = held_windows(2, 64), stories_stats("identity")
+    other = [logits(sparsify(s.model, st, SparseConfig("larosa", "fused", 0.5, select="threshold", weighted=w)), tokens)
+             for w in (False, True)]
+    assert rel_err(other[1], other[0]) > 1e-3
 
 
 @pytest.mark.parametrize("flavour,select,weighted", [("joint", "topk", False), ("joint", "threshold", False),
                                                      ("global", "topk", True), ("global", "threshold", False),
-                                                     ("identity", "threshold", False)])
+                                                     ("global", "threshold", True), ("identity", "threshold", False)])
 def test_p_zero_is_dense_for_every_deployable_variant(flavour, select, weighted):
     s = stories()
     tokens = held_windows(2, 64)
