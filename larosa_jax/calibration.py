@@ -360,18 +360,22 @@ def calibrate(
     def rotated_quantiles(layer, q, rows):
         """|row·Q_l| at the rotated sites, and for the weight-aware model |row·Q_l|·s and |down row|·s (s: the
         row norms of the folded weights each site reads, as ``fusion.weight_aware`` computes them)."""
-        from .fusion import row_norms
+        from .fusion import norm_floor
+
+        def norms(m):  # on the device in float32: Q_lᵀ·diag(γ)·W is d × d × n multiply-adds (7B: ~10¹² a layer)
+            return norm_floor(np.asarray(jnp.linalg.norm(m, axis=1), np.float64))
 
         blk, out = model.layers[layer], {}
         for s, norm, lins in (("qkv", blk.attn_norm, (blk.attn.q, blk.attn.k, blk.attn.v)),
                               ("gate_up", blk.mlp_norm, (blk.mlp.gate, blk.mlp.up))):
             a = np.abs(np.concatenate(rows[s]) @ q)
-            w = np.concatenate([np.asarray(jnp.asarray(x.kernel[...], jnp.float32), np.float64) for x in lins], axis=1)
-            g = np.asarray(jnp.asarray(norm.scale[...], jnp.float32), np.float64)
+            w = jnp.concatenate([x.kernel[...].astype(jnp.float32) for x in lins], axis=1)
+            gw = norm.scale[...].astype(jnp.float32)[:, None] * w
             out[f"{s}_rot"] = np.quantile(a, grid)
-            out[f"{s}_rotw"] = np.quantile(a * row_norms(q.T @ (g[:, None] * w)), grid)
-        down = np.asarray(jnp.asarray(blk.mlp.down.kernel[...], jnp.float32), np.float64)
-        out["down_w"] = np.quantile(np.abs(np.concatenate(rows["down"])) * row_norms(down), grid)
+            out[f"{s}_rotw"] = np.quantile(a * norms(jnp.dot(jnp.asarray(q.T, jnp.float32), gw,
+                                                             precision=jax.lax.Precision.HIGHEST)), grid)
+        down = blk.mlp.down.kernel[...].astype(jnp.float32)
+        out["down_w"] = np.quantile(np.abs(np.concatenate(rows["down"])) * norms(down), grid)
         return out
 
     def layer_rotation(layer, covs, rows):

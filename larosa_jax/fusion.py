@@ -96,6 +96,9 @@ def weight_aware(model: Transformer) -> Transformer:
 
 def row_norms(w: np.ndarray) -> np.ndarray:
     """Row norms, floored so that an all-zero row (nothing to lose) keeps a finite, small scale."""
-    n = np.linalg.norm(w, axis=1)
+    return norm_floor(np.linalg.norm(w, axis=1))
+
+
+def norm_floor(n: np.ndarray) -> np.ndarray:
     return np.maximum(n, 1e-6 * max(float(n.max()), 1e-30))
 
