@@ -228,8 +228,8 @@ def _make_lm_class():
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             """The harness's own (``TemplateLM.loglikelihood``, unchanged), after every string its
             ``_encode_pair`` will encode (context + continuation and context, a trailing space moved
-            to the continuation) is encoded in one batched tokenizer call per special-token rule:
-            one string at a time, tokenizing took a third of a full-split run's host time."""
+            to the continuation) is encoded in one batched tokenizer call per special-token rule
+            (one string at a time was a large share of a full-split run's host time)."""
             groups: dict[tuple, set[str]] = {}
             for context, continuation in (req.args for req in requests):
                 if context:
@@ -431,8 +431,8 @@ def run_zeroshot(model, tok, tasks: Sequence[str], limit: int | float | None = N
 
 @contextlib.contextmanager
 def _compiled_templates():
-    """lm-eval (0.4.13) compiles a task's Jinja template anew for every document it renders, half of a
-    full-split run's host time; the same template text renders through one compiled template here (the
+    """lm-eval (0.4.13) compiles a task's Jinja template anew for every document it renders (a large share
+    of a full-split run's host time); the same template text renders through one compiled template here (the
     harness's own environment, so the same text comes out). Restored on exit."""
     from lm_eval import utils
 
